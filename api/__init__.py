@@ -1,0 +1,1 @@
+"""The FastAPI front door. Never imports torch or transformers."""

@@ -1,0 +1,59 @@
+"""The FastAPI application: wiring only; logic lives in api/serving."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI
+
+from api import errors
+from api.deps import require_api_key
+from api.live import LiveClient
+from api.middleware import BodyLimitAndMetrics
+from api.routes import embeddings, models, ops
+from api.state import AppState
+from configs.catalog import load_catalog
+from configs.settings import Settings, get_settings
+from tasks.celery_app import make_celery
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    catalog = load_catalog(settings.model_config_path)
+    catalog.served(settings.models)  # fail fast on unknown ids
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.Redis.from_url(
+            settings.effective_redis_url, socket_timeout=10, health_check_interval=10
+        )
+        celery = make_celery(settings)
+        live = LiveClient(settings, redis, celery)
+        await live.start()
+        app.state.laneway = AppState(
+            settings=settings, catalog=catalog, redis=redis, celery=celery, live=live
+        )
+        log.info("laneway API serving %s", ", ".join(settings.models))
+        try:
+            yield
+        finally:
+            await live.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="laneway", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(
+        BodyLimitAndMetrics,
+        max_bytes=settings.max_request_bytes,
+        max_file_bytes=settings.max_file_bytes,
+    )
+    auth = [Depends(require_api_key)]
+    app.include_router(embeddings.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import StateDep
+from api.protocol.models import ModelCard, ModelList
+from api.state import AppState
+from tasks.errors import ModelNotFound
+
+router = APIRouter()
+
+
+def _card(state: AppState, model_id: str) -> ModelCard:
+    entry = state.catalog.get(model_id)
+    return ModelCard(
+        id=entry.id,
+        created=state.started_at,
+        capability=entry.capability,
+        max_input_tokens=entry.max_input_tokens,
+        dimensions=entry.dimensions,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(state: StateDep) -> ModelList:
+    return ModelList(data=[_card(state, m) for m in state.settings.models])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, state: StateDep) -> ModelCard:
+    if model_id not in state.settings.models:
+        raise ModelNotFound(f"The model {model_id!r} does not exist", param="model")
+    return _card(state, model_id)

@@ -1,0 +1,61 @@
+"""Operator routes: /health and /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from api.deps import StateDep
+from api.metrics import QUEUE_DEPTH, REGISTRY, WORKER_STATS, WORKERS
+from configs.catalog import CAPABILITIES
+from tasks.names import LANES, queue_name, worker_metrics_key
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(state: StateDep) -> JSONResponse:
+    models: dict[str, Any] = {}
+    try:
+        await state.live.registry.workers(fresh=True)
+        for model in state.settings.models:
+            warm, live = await state.live.registry.model_status(model)
+            models[model] = {"warm": bool(warm), "workers": live, "warm_workers": warm}
+        broker = "ok"
+    except (RedisError, OSError) as exc:
+        broker = f"unreachable: {exc}"
+        models = {
+            m: {"warm": False, "workers": [], "warm_workers": []} for m in state.settings.models
+        }
+    ok = broker == "ok" and all(m["warm"] for m in models.values())
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "broker": broker, "models": models},
+        status_code=200 if ok else 503,
+    )
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    try:
+        queues = [queue_name(c, lane) for c in CAPABILITIES for lane in LANES]
+        pipe = state.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        depths = await pipe.execute()
+        for q, depth in zip(queues, depths, strict=True):
+            QUEUE_DEPTH.labels(queue=q).set(depth)
+        workers = await state.live.registry.workers(fresh=True)
+        WORKERS.clear()
+        for model in state.settings.models:
+            warm, live = await state.live.registry.model_status(model)
+            WORKERS.labels(model=model, warm="true").set(len(warm))
+            WORKERS.labels(model=model, warm="false").set(len(live) - len(warm))
+        keys = [worker_metrics_key(w["id"]) for w in workers]
+        WORKER_STATS.update(await state.redis.mget(keys) if keys else [])
+    except (RedisError, OSError):
+        pass  # serve what the API itself knows
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

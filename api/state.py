@@ -1,0 +1,23 @@
+"""What one API process holds: settings, catalog, Redis, Celery and the live client."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from celery import Celery
+
+from api.live import LiveClient
+from configs.catalog import Catalog
+from configs.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    catalog: Catalog
+    redis: aioredis.Redis
+    celery: Celery
+    live: LiveClient
+    started_at: int = field(default_factory=lambda: int(time.time()))

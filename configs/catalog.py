@@ -1,0 +1,143 @@
+"""The model catalog: which models exist, how to load them, and their limits.
+
+The packaged catalog (``configs/models.yaml``) is merged with an optional user catalog
+(``LANEWAY_MODEL_CONFIG``); entries of the user catalog replace packaged ones by id.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGED_CATALOG = Path(__file__).with_name("models.yaml")
+CAPABILITIES = ("embeddings",)
+
+
+class CatalogError(ValueError):
+    """The catalog or the served-model list is wrong; the message says how."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    capability: str
+    backend: str
+    source: dict[str, str]
+    max_input_tokens: int
+    batch_token_budget: int
+    dtype: str = "float32"
+    memory_mb: int = 0
+    dimensions: int | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def supports_dimensions(self) -> bool:
+        return bool(self.matryoshka_dims)
+
+    def resolve_path(self, *, auto_download: bool) -> str:
+        """Where the weights are: a local directory, a packaged directory or a hub id."""
+        if "path" in self.source:
+            path = Path(self.source["path"]).expanduser()
+            if not path.is_dir():
+                raise CatalogError(f"model {self.id!r}: local directory {path} does not exist")
+            return str(path)
+        if "package" in self.source:
+            module_name = self.source["package"]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise CatalogError(
+                    f"model {self.id!r} is packaged in {module_name!r}, which is not installed"
+                ) from exc
+            sub = self.source.get("subdir", "model")
+            return str(Path(module.__file__ or "").parent / sub)
+        if "hub" in self.source:
+            if not auto_download:
+                raise CatalogError(
+                    f"model {self.id!r} comes from the hub ({self.source['hub']}); "
+                    "set LANEWAY_AUTO_DOWNLOAD=true or point a catalog entry at a local directory"
+                )
+            return self.source["hub"]
+        raise CatalogError(f"model {self.id!r}: source needs one of path, package, hub")
+
+
+class Catalog:
+    def __init__(self, entries: dict[str, CatalogEntry]) -> None:
+        self.entries = entries
+
+    def get(self, model_id: str) -> CatalogEntry:
+        try:
+            return self.entries[model_id]
+        except KeyError:
+            raise CatalogError(
+                f"unknown model {model_id!r}; catalog ids: {', '.join(sorted(self.entries))}"
+            ) from None
+
+    def served(self, model_ids: list[str]) -> list[CatalogEntry]:
+        """The entries for LANEWAY_MODELS, failing fast on any unknown id."""
+        unknown = [m for m in model_ids if m not in self.entries]
+        if unknown:
+            raise CatalogError(
+                f"LANEWAY_MODELS names unknown model(s) {', '.join(unknown)}; "
+                f"catalog ids: {', '.join(sorted(self.entries))}"
+            )
+        return [self.entries[m] for m in model_ids]
+
+
+def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
+    try:
+        model_id = str(raw["id"])
+        capability = str(raw["capability"])
+        backend = str(raw["backend"])
+        source = raw["source"]
+    except KeyError as exc:
+        raise CatalogError(f"{origin}: catalog entry {raw!r} lacks {exc.args[0]!r}") from None
+    if capability not in CAPABILITIES:
+        raise CatalogError(
+            f"{origin}: model {model_id!r} has capability {capability!r}; "
+            f"known: {', '.join(CAPABILITIES)}"
+        )
+    if isinstance(source, str):
+        source = {"path": source} if source.startswith(("/", ".", "~")) else {"hub": source}
+    if not isinstance(source, dict):
+        raise CatalogError(f"{origin}: model {model_id!r}: source must be a mapping or a string")
+    if "path" in source and not Path(source["path"]).is_absolute():
+        source = {**source, "path": str((origin.parent / source["path"]).resolve())}
+    defaults = raw.get("defaults", {}) or {}
+    known = {"id", "capability", "backend", "source", "defaults", "memory_mb"}
+    return CatalogEntry(
+        id=model_id,
+        capability=capability,
+        backend=backend,
+        source={str(k): str(v) for k, v in source.items()},
+        max_input_tokens=int(defaults.get("max_input_tokens", 512)),
+        batch_token_budget=int(defaults.get("batch_token_budget", 16384)),
+        dtype=str(defaults.get("dtype", "float32")),
+        memory_mb=int(raw.get("memory_mb", 0)),
+        dimensions=int(defaults["dimensions"]) if defaults.get("dimensions") else None,
+        matryoshka_dims=tuple(int(d) for d in defaults.get("matryoshka_dims", []) or []),
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _read(path: Path) -> dict[str, CatalogEntry]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CatalogError(f"cannot read model catalog {path}: {exc}") from exc
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise CatalogError(f"{path}: expected a top-level 'models:' list")
+    return {e.id: e for e in (_entry(raw, path) for raw in models)}
+
+
+def load_catalog(user_catalog: Path | None = None) -> Catalog:
+    entries = _read(PACKAGED_CATALOG)
+    if user_catalog is not None:
+        entries.update(_read(Path(user_catalog)))
+    return Catalog(entries)

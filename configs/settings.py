@@ -1,0 +1,94 @@
+"""One pydantic-settings object for every process (env prefix ``LANEWAY_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything configurable, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="LANEWAY_", extra="ignore")
+
+    # where things live
+    data_dir: Path = Field(default=Path(".laneway"), description="SQLite file and file store")
+    redis_url: str | None = Field(default=None, description="unset: `laneway up` embeds one")
+    database_url: str | None = Field(default=None, description="unset: SQLite in data_dir")
+    file_store: Path | None = Field(default=None, description="unset: data_dir/files")
+
+    # what is served
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["sentence-transformers/all-MiniLM-L6-v2"]
+    )
+    model_config_path: Path | None = Field(default=None, alias="LANEWAY_MODEL_CONFIG")
+    auto_download: bool = False
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    live_queue_max: int = Field(default=1024, ge=1, description="queued live tasks per capability")
+    max_embedding_inputs: int = Field(default=2048, ge=1)
+
+    # worker
+    worker_concurrency: int = Field(default=128, ge=1, description="task threads per worker")
+    max_batch_size: int = Field(default=64, ge=1)
+    embedding_cache_size: int = Field(default=0, ge=0, description="0 turns the cache off")
+    task_events: bool = Field(default=False, description="Celery task events (for Flower)")
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    worker_ttl_s: float = Field(default=10.0, gt=0)
+
+    # Batch API
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_batch_lines: int = Field(default=50_000, ge=1)
+    chunk_lines: int = Field(default=256, ge=1, description="requests per batch chunk")
+    chunk_lease_s: float = Field(default=120.0, gt=0)
+    chunk_max_attempts: int = Field(default=5, ge=1)
+    reaper_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("LANEWAY_MODELS must name at least one catalog id")
+        return value
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "laneway.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
+
+    @property
+    def effective_file_store(self) -> Path:
+        return self.file_store or self.data_dir / "files"
+
+    @property
+    def effective_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "LANEWAY_REDIS_URL is not set (only `laneway up` starts an embedded Redis)"
+            )
+        return self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

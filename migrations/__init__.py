@@ -1,0 +1,1 @@
+"""Alembic migrations (run by ``laneway migrate`` and at start-up)."""

@@ -1,0 +1,61 @@
+"""The Celery application: broker, routing by capability and lane, reliability settings."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from configs.catalog import CAPABILITIES
+from configs.settings import Settings, get_settings
+from tasks.names import LANES, REAPER_TASK, queue_name, task_name
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    url = settings.effective_redis_url
+    app = Celery("laneway", broker=url, backend=url, set_as_current=True)
+    routes: dict[str, dict[str, str]] = {
+        task_name(cap, lane): {"queue": queue_name(cap, lane)}
+        for cap in CAPABILITIES
+        for lane in LANES
+    }
+    routes[REAPER_TASK] = {"queue": "laneway.control"}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_routes=routes,
+        task_default_queue="laneway.control",
+        task_ignore_result=True,
+        # live results go straight to the caller over pub/sub; batch results to the DB
+        task_acks_late=False,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # per-task events cost a Redis write each; Flower's task views need them
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # kombu polls the listed queues in order instead of round-robin:
+            # a worker lists `<cap>.live` before `<cap>.batch`, so live work goes first
+            "queue_order_strategy": "priority",
+            # an unacked batch chunk comes back after this; the DB reaper is faster
+            "visibility_timeout": 900,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        broker_pool_limit=32,
+        result_expires=3600,
+    )
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_celery() -> Celery:
+    """The process-wide Celery app, built from the settings on first use."""
+    global _app
+    if _app is None:
+        _app = make_celery()
+    return _app

@@ -1,0 +1,1 @@
+"""Task bodies that compute, model backends, batching, warm-up and the worker launcher."""

@@ -1,0 +1,123 @@
+"""Embeddings on Hugging Face transformers, pooled as the sentence-transformers config says."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from tasks.errors import InvalidRequest
+from workers.backends.base import ModelBackend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_pooling(model_path: str) -> tuple[str, bool]:
+    """(pooling mode, normalize) from a sentence-transformers layout; mean+normalize if absent."""
+    root = Path(model_path)
+    mode, normalize = "mean", True
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return mode, normalize
+    modules = json.loads(modules_file.read_text())
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            cfg = json.loads((root / module["path"] / "config.json").read_text())
+            if cfg.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif cfg.get("pooling_mode_lasttoken"):
+                mode = "last"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                mode = "mean"
+    return mode, normalize
+
+
+class TransformersEmbeddingBackend(ModelBackend):
+    capabilities = ("embeddings",)
+
+    tokenizer: Any
+    model: Any
+
+    def load(self) -> None:
+        self.pooling, self.normalize = read_pooling(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        dtype = _DTYPES.get(self.entry.dtype, torch.float32)
+        if self.device == "cpu" and dtype is torch.float16:
+            dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
+        self.model = AutoModel.from_pretrained(self.model_path, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._dim = int(self.model.config.hidden_size)
+        self.prefix, self.suffix = self._special_tokens()
+        log.info(
+            "loaded %s on %s (%s, pooling=%s)", self.entry.id, self.device, dtype, self.pooling
+        )
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """What the tokenizer adds around a text, so token inputs get the same framing."""
+        bare = list(self.tokenizer("laneway", add_special_tokens=False)["input_ids"])
+        framed = list(self.tokenizer("laneway", add_special_tokens=True)["input_ids"])
+        for start in range(len(framed) - len(bare) + 1):
+            if framed[start : start + len(bare)] == bare:
+                return framed[:start], framed[start + len(bare) :]
+        return [], []
+
+    @property
+    def dimensions(self) -> int:
+        return self._dim
+
+    def tokenize(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        texts = [x for x in inputs if isinstance(x, str)]
+        encoded = iter(
+            self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+            if texts
+            else []
+        )
+        out: list[list[int]] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                out.append(list(next(encoded)))
+                continue
+            bad = [t for t in item if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"input[{i}] has token id {bad[0]} outside the vocabulary "
+                    f"(0..{self.vocab_size - 1})",
+                    param="input",
+                )
+            # token inputs are vocabulary ids without special tokens: add them as text would
+            out.append([*self.prefix, *item, *self.suffix])
+        return out
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        longest = max(len(seq) for seq in batch)
+        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "last":
+            last = mask.sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        pooled = pooled.float()
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().numpy()

@@ -1,0 +1,201 @@
+"""Drain many requests into one forward pass: live first, sorted by length, within budget.
+
+Each request (a Celery task running on one of the worker's threads) submits its token
+sequences as a ``Job`` and waits on it. One scheduler thread per model takes what is
+pending, builds one forward at a time (live items first, then batch items by length) under
+the model's token budget and maximum batch size, and completes each job once all of its
+items are done. Jobs whose caller has gone or whose deadline has passed are dropped before
+compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.names import BATCH, LIVE, Lane
+from workers.backends.base import ModelBackend
+
+log = logging.getLogger(__name__)
+
+
+class Dropped(Exception):
+    """The job was dropped before compute (caller gone or deadline passed)."""
+
+
+@dataclass(eq=False)
+class Job:
+    seqs: list[list[int]]
+    lane: Lane
+    request_id: str | None = None
+    deadline: float | None = None
+    future: Future[np.ndarray] = field(default_factory=Future)
+    out: np.ndarray | None = None
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class _Item:
+    job: Job
+    index: int
+    seq: list[int]
+
+
+@dataclass
+class ForwardStats:
+    """Per-forward numbers the worker reports to the API's /metrics."""
+
+    forwards: int = 0
+    items: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def record(self, size: int) -> None:
+        self.forwards += 1
+        self.items += size
+        self.sizes.append(size)
+
+
+GoneCheck = Callable[[list[str]], set[str]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: ModelBackend,
+        *,
+        max_batch_size: int,
+        token_budget: int,
+        gone: GoneCheck | None = None,
+    ) -> None:
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.token_budget = max(token_budget, backend.max_input_tokens)
+        self.gone = gone
+        self.stats = ForwardStats()
+        self._live: deque[_Item] = deque()
+        self._batch: list[_Item] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"batcher-{backend.entry.id}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(
+        self,
+        seqs: Sequence[Sequence[int]],
+        *,
+        lane: Lane = LIVE,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> Future[np.ndarray]:
+        job = Job([list(s) for s in seqs], lane, request_id, deadline)
+        job.remaining = len(job.seqs)
+        job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
+        if not job.seqs:
+            job.future.set_result(job.out)
+            return job.future
+        items = [_Item(job, i, s) for i, s in enumerate(job.seqs)]
+        with self._cond:
+            if lane == BATCH:
+                self._batch.extend(items)
+                self._batch.sort(key=lambda it: len(it.seq))
+            else:
+                self._live.extend(items)
+            self._cond.notify()
+        return job.future
+
+    def run(self, seqs: Sequence[Sequence[int]], **kw: object) -> np.ndarray:
+        return self.submit(seqs, **kw).result()  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    # -- scheduler -----------------------------------------------------------------------
+
+    def _take(self) -> list[_Item]:
+        """One forward's worth: live items in arrival order, then batch items by length."""
+        picked: list[_Item] = []
+        longest = 0
+
+        def fits(item: _Item) -> bool:
+            new_longest = max(longest, len(item.seq))
+            return len(picked) < self.max_batch_size and (
+                not picked or (len(picked) + 1) * new_longest <= self.token_budget
+            )
+
+        while self._live and fits(self._live[0]):
+            item = self._live.popleft()
+            picked.append(item)
+            longest = max(longest, len(item.seq))
+        taken = 0
+        while taken < len(self._batch) and fits(self._batch[taken]):
+            item = self._batch[taken]
+            picked.append(item)
+            longest = max(longest, len(item.seq))
+            taken += 1
+        del self._batch[:taken]
+        return picked
+
+    def _drop_gone(self, items: list[_Item]) -> list[_Item]:
+        now = time.time()
+        jobs = {it.job for it in items}
+        dead = {j for j in jobs if j.deadline is not None and j.deadline < now}
+        if self.gone is not None:
+            ids = [j.request_id for j in jobs if j.request_id and j not in dead]
+            if ids:
+                try:
+                    gone_ids = self.gone(ids)
+                except Exception:  # a Redis hiccup must not stop compute
+                    log.exception("could not check for departed callers")
+                    gone_ids = set()
+                dead |= {j for j in jobs if j.request_id in gone_ids}
+        if not dead:
+            return items
+        for job in dead:
+            if not job.future.done():
+                job.future.set_exception(Dropped(job.request_id or "job"))
+        with self._cond:  # purge the rest of a dropped job's items
+            self._live = deque(it for it in self._live if it.job not in dead)
+            self._batch = [it for it in self._batch if it.job not in dead]
+        return [it for it in items if it.job not in dead]
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._live and not self._batch:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                items = self._take()
+            items = self._drop_gone(items)
+            if not items:
+                continue
+            try:
+                vectors = self.backend.forward([it.seq for it in items])
+            except Exception as exc:
+                log.exception("forward failed for %d items", len(items))
+                for it in items:
+                    if not it.job.future.done():
+                        it.job.future.set_exception(exc)
+                continue
+            self.stats.record(len(items))
+            for it, vec in zip(items, vectors, strict=True):
+                job = it.job
+                if job.future.done():
+                    continue
+                assert job.out is not None
+                job.out[it.index] = vec
+                job.remaining -= 1
+                if job.remaining == 0:
+                    job.future.set_result(job.out)

@@ -1,0 +1,201 @@
+"""One worker process: warm backends, their batchers, readiness and metrics in Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from configs.catalog import CatalogEntry
+from configs.settings import Settings
+from tasks.embeddings import check_dimensions
+from tasks.errors import ModelNotFound
+from tasks.names import (
+    BATCH,
+    LIVE,
+    WORKERS_KEY,
+    Lane,
+    cancelled_key,
+    queue_name,
+    worker_metrics_key,
+)
+from workers.backends import ModelBackend, backend_class
+from workers.batching import Batcher
+from workers.cache import EmbeddingCache, cache_key
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[np.ndarray]
+    prompt_tokens: int
+
+
+def encode_vector(vec: np.ndarray) -> str:
+    """Little-endian float32, base64: what OpenAI returns for encoding_format=base64."""
+    return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        capability: str,
+        device: str,
+        entries: Sequence[CatalogEntry],
+    ) -> None:
+        self.settings = settings
+        self.capability = capability
+        self.device = device
+        self.entries = {e.id: e for e in entries}
+        self.worker_id = f"{capability}-{os.getpid()}@{socket.gethostname()}"
+        self.redis = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=10)
+        self.backends: dict[str, ModelBackend] = {}
+        self.batchers: dict[str, Batcher] = {}
+        self.caches: dict[str, EmbeddingCache] = {}
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish readiness (not warm yet), then load and warm every model."""
+        self.publish_readiness()
+        self._heartbeat = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        for entry in self.entries.values():
+            started = time.perf_counter()
+            path = entry.resolve_path(auto_download=self.settings.auto_download)
+            backend = backend_class(entry)(entry, device=self.device, model_path=path)
+            backend.load()
+            backend.warmup()
+            self.backends[entry.id] = backend
+            self.caches[entry.id] = EmbeddingCache(self.settings.embedding_cache_size)
+            self.batchers[entry.id] = Batcher(
+                backend,
+                max_batch_size=self.settings.max_batch_size,
+                token_budget=entry.batch_token_budget,
+                gone=self._gone,
+            )
+            log.info("%s warm in %.1fs", entry.id, time.perf_counter() - started)
+            self.publish_readiness()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for batcher in self.batchers.values():
+            batcher.stop()
+        try:
+            self.redis.hdel(WORKERS_KEY, self.worker_id)
+            self.redis.delete(worker_metrics_key(self.worker_id))
+        except redis.RedisError:
+            log.warning("could not withdraw readiness from Redis")
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "id": self.worker_id,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "capability": self.capability,
+            "device": self.device,
+            "queues": [queue_name(self.capability, LIVE), queue_name(self.capability, BATCH)],
+            "models": {
+                mid: {"warm": mid in self.backends and self.backends[mid].warm}
+                for mid in self.entries
+            },
+            "ts": time.time(),
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        models: dict[str, Any] = {}
+        for mid, batcher in self.batchers.items():
+            sizes = np.asarray(batcher.stats.sizes, dtype=np.int64)
+            buckets = [int((sizes <= b).sum()) for b in BATCH_SIZE_BUCKETS]
+            cache = self.caches[mid]
+            models[mid] = {
+                "forwards": batcher.stats.forwards,
+                "items": batcher.stats.items,
+                "batch_size_buckets": dict(zip(map(str, BATCH_SIZE_BUCKETS), buckets, strict=True)),
+                "cache_hits": cache.hits,
+                "cache_misses": cache.misses,
+            }
+        return {"worker": self.worker_id, "device": self.device, "models": models}
+
+    def publish_readiness(self) -> None:
+        ttl = int(self.settings.worker_ttl_s) + 1
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(WORKERS_KEY, self.worker_id, json.dumps(self.readiness()))
+        pipe.set(worker_metrics_key(self.worker_id), json.dumps(self.metrics_snapshot()), ex=ttl)
+        pipe.execute()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self.publish_readiness()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _gone(self, request_ids: list[str]) -> set[str]:
+        flags = self.redis.mget([cancelled_key(r) for r in request_ids])
+        return {r for r, flag in zip(request_ids, flags, strict=True) if flag is not None}
+
+    # -- compute -------------------------------------------------------------------------
+
+    def backend(self, model: str) -> ModelBackend:
+        try:
+            return self.backends[model]
+        except KeyError:
+            raise ModelNotFound(
+                f"model {model!r} is not served by worker {self.worker_id}", param="model"
+            ) from None
+
+    def embed(
+        self,
+        model: str,
+        inputs: Sequence[str | Sequence[int]],
+        *,
+        dimensions: int | None = None,
+        lane: Lane = LIVE,
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> EmbedResult:
+        backend = self.backend(model)
+        check_dimensions(backend.entry, dimensions)
+        seqs = backend.tokenize(inputs)
+        backend.check_lengths(seqs)
+        cache = self.caches[model]
+        vectors: list[np.ndarray | None] = [None] * len(seqs)
+        keys: list[bytes] = []
+        if cache.enabled:
+            keys = [cache_key(model, item) for item in inputs]
+            vectors = [cache.get(k) for k in keys]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            computed = self.batchers[model].run(
+                [seqs[i] for i in missing], lane=lane, request_id=request_id, deadline=deadline
+            )
+            for i, vec in zip(missing, computed, strict=True):
+                vectors[i] = vec
+                if cache.enabled:
+                    cache.put(keys[i], vec.copy())
+        out: list[np.ndarray] = []
+        for vec in vectors:
+            assert vec is not None
+            if dimensions is not None and dimensions < vec.shape[0]:
+                vec = vec[:dimensions]
+                vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+            out.append(vec)
+        return EmbedResult(out, sum(len(s) for s in seqs))
