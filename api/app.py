@@ -13,11 +13,12 @@ from api import errors
 from api.deps import require_api_key
 from api.live import LiveClient
 from api.middleware import BodyLimitAndMetrics
-from api.routes import embeddings, models, ops
+from api.routes import batches, embeddings, files, models, ops
 from api.state import AppState
 from configs.catalog import load_catalog
 from configs.settings import Settings, get_settings
 from tasks.celery_app import make_celery
+from tasks.db import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        get_engine(settings)
         redis = aioredis.Redis.from_url(
             settings.effective_redis_url, socket_timeout=10, health_check_interval=10
         )
@@ -55,5 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     auth = [Depends(require_api_key)]
     app.include_router(embeddings.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
+    app.include_router(files.router, dependencies=auth)
+    app.include_router(batches.router, dependencies=auth)
     app.include_router(ops.router)
     return app

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     chunk_lines: int = Field(default=256, ge=1, description="requests per batch chunk")
     chunk_lease_s: float = Field(default=120.0, gt=0)
     chunk_max_attempts: int = Field(default=5, ge=1)
+    chunk_queue_timeout_s: float = Field(
+        default=60.0, gt=0, description="a queued chunk not started by then is sent again"
+    )
+    batch_queued_chunks: int = Field(default=4, ge=1, description="chunks queued per batch")
+    batch_chunks_in_flight: int = Field(default=2, ge=1, description="chunks a worker runs")
+    completion_window_s: int | None = Field(
+        default=None, ge=1, description="overrides the 24h window (for tests)"
+    )
     reaper_interval_s: float = Field(default=5.0, gt=0)
 
     @field_validator("models", mode="before")

@@ -1,14 +1,71 @@
-"""The embeddings request contract shared by the API (before enqueue) and the workers."""
+"""The embeddings request contract, shared by the API (live calls, before enqueue) and the
+workers (Batch API lines): one schema, one set of rules, one response shape."""
 
 from __future__ import annotations
 
 import base64
 from array import array
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from configs.catalog import CatalogEntry
-from tasks.errors import InvalidRequest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from configs.catalog import Catalog, CatalogEntry
+from tasks.errors import InvalidRequest, ModelNotFound
 
 CAPABILITY = "embeddings"
+ENDPOINT = "/v1/embeddings"
+
+TokenList = list[StrictInt]
+EmbeddingInput = StrictStr | list[StrictStr] | TokenList | list[TokenList]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: EmbeddingInput
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    user: StrictStr | None = None
+
+
+def normalise_input(request: EmbeddingRequest, max_items: int) -> list[str | list[int]]:
+    """A list of strings or token lists, with OpenAI's rules on emptiness and count."""
+    raw = request.input
+    items: list[str | list[int]]
+    if isinstance(raw, str):
+        items = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [list(raw)]  # type: ignore[arg-type]
+    else:
+        items = list(raw)  # type: ignore[arg-type]
+    if not items:
+        raise InvalidRequest("'input' must not be empty", param="input")
+    if len(items) > max_items:
+        raise InvalidRequest(
+            f"'input' has {len(items)} items; at most {max_items} are allowed", param="input"
+        )
+    for i, item in enumerate(items):
+        if len(item) == 0:
+            raise InvalidRequest(f"input[{i}] is empty", param="input")
+    return items
+
+
+def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:
+    if model not in served:
+        raise ModelNotFound(
+            f"The model {model!r} does not exist or is not served here; served: "
+            f"{', '.join(served)}",
+            param="model",
+        )
+    entry = catalog.get(model)
+    if entry.capability != CAPABILITY:
+        raise InvalidRequest(
+            f"model {model!r} is a {entry.capability} model, not an embeddings model",
+            param="model",
+        )
+    return entry
 
 
 def check_dimensions(entry: CatalogEntry, dimensions: int | None) -> None:
@@ -28,9 +85,41 @@ def check_dimensions(entry: CatalogEntry, dimensions: int | None) -> None:
         )
 
 
+def parse_body(body: Any) -> EmbeddingRequest:
+    """A Batch API line's body as a request, with the same messages as the live route."""
+    try:
+        return EmbeddingRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first.get("loc") else None
+        if first.get("type") == "missing":
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from None
+
+
 def decode_vector(b64: str) -> list[float]:
     """Little-endian float32 base64 (the wire format) to a list of floats."""
-    values = array("f", base64.b64decode(b64))
-    if array("f").itemsize != 4:  # pragma: no cover - every platform we run on
-        raise RuntimeError("float32 array type expected")
-    return values.tolist()
+    return array("f", base64.b64decode(b64)).tolist()
+
+
+def embedding_body(
+    model: str, embeddings: Sequence[list[float] | str], prompt_tokens: int
+) -> dict[str, Any]:
+    """The OpenAI response body for already-encoded embeddings (floats or base64)."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def embedding_response(
+    model: str, vectors_b64: list[str], prompt_tokens: int, encoding_format: str
+) -> dict[str, Any]:
+    """The OpenAI response body, from the worker's base64 vectors."""
+    if encoding_format == "base64":
+        return embedding_body(model, vectors_b64, prompt_tokens)
+    return embedding_body(model, [decode_vector(v) for v in vectors_b64], prompt_tokens)

@@ -1,4 +1,4 @@
-"""Job state: files, batches, their chunks and per-request results."""
+"""Job state: files, batches and their chunks (results live in the file store)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -67,6 +67,8 @@ class BatchRow(Base):
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
+    # claim on validation / finalisation work, so a crashed claimant's work is redone
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ChunkRow(Base):
@@ -83,21 +85,13 @@ class ChunkRow(Base):
     line_end: Mapped[int] = mapped_column(Integer)  # exclusive
     byte_start: Mapped[int] = mapped_column(BigInteger)
     byte_end: Mapped[int] = mapped_column(BigInteger)
+    # pending -> queued -> running -> done | failed; cancelled (see tasks/batches.py)
     state: Mapped[str] = mapped_column(String(16), default="pending")
+    # deliveries so far; also the fencing token of the current run
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_until: Mapped[float | None] = mapped_column(nullable=True)
-
-
-class ResultRow(Base):
-    """One line of the output or error file; (batch_id, line) makes writes idempotent."""
-
-    __tablename__ = "batch_results"
-
-    batch_id: Mapped[str] = mapped_column(
-        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
-    )
-    line: Mapped[int] = mapped_column(Integer, primary_key=True)
-    custom_id: Mapped[str] = mapped_column(String(512))
-    ok: Mapped[bool] = mapped_column(Boolean)
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    payload: Mapped[str] = mapped_column(Text)  # the JSON line, ready to write
+    # queued: when to send it again; running: when its lease runs out
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    result_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

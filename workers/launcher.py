@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from celery.signals import worker_shutdown
@@ -62,9 +63,12 @@ def run_worker(
     app = get_celery()
     task_bodies.register(app, runtime)
     runtime.start()
+    stop_reaper = threading.Event()
+    task_bodies.start_reaper(runtime, stop_reaper)
 
     @worker_shutdown.connect(weak=False)
     def _withdraw(**_: object) -> None:
+        stop_reaper.set()
         runtime.stop()
 
     # one log line per task costs more than the task on the live path

@@ -9,7 +9,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import redis
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.embeddings import check_dimensions
-from tasks.errors import ModelNotFound
+from tasks.errors import LanewayError, ModelNotFound
 from tasks.names import (
     BATCH,
     LIVE,
@@ -36,6 +37,12 @@ from workers.cache import EmbeddingCache, cache_key
 log = logging.getLogger(__name__)
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class EmbedCall:
+    inputs: Sequence[str | Sequence[int]]
+    dimensions: int | None = None
 
 
 @dataclass
@@ -172,30 +179,78 @@ class WorkerRuntime:
         request_id: str | None = None,
         deadline: float | None = None,
     ) -> EmbedResult:
+        [result] = self.embed_many(
+            model,
+            [EmbedCall(inputs, dimensions)],
+            lane=lane,
+            request_id=request_id,
+            deadline=deadline,
+        )
+        if isinstance(result, LanewayError):
+            raise result
+        return result
+
+    def embed_many(
+        self,
+        model: str,
+        calls: Sequence[EmbedCall],
+        *,
+        lane: Lane = LIVE,
+        request_id: str | None = None,
+        deadline: float | None = None,
+        on_wait: Callable[[], None] | None = None,
+        wait_interval_s: float = 10.0,
+    ) -> list[EmbedResult | LanewayError]:
+        """Many requests, one submission to the batcher; a bad request fails alone."""
         backend = self.backend(model)
-        check_dimensions(backend.entry, dimensions)
-        seqs = backend.tokenize(inputs)
-        backend.check_lengths(seqs)
         cache = self.caches[model]
-        vectors: list[np.ndarray | None] = [None] * len(seqs)
-        keys: list[bytes] = []
-        if cache.enabled:
-            keys = [cache_key(model, item) for item in inputs]
-            vectors = [cache.get(k) for k in keys]
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        if missing:
-            computed = self.batchers[model].run(
-                [seqs[i] for i in missing], lane=lane, request_id=request_id, deadline=deadline
+        outcomes: list[EmbedResult | LanewayError | None] = [None] * len(calls)
+        prepared: list[tuple[int, list[list[int]], list[np.ndarray | None], list[bytes]]] = []
+        for n, call in enumerate(calls):
+            try:
+                check_dimensions(backend.entry, call.dimensions)
+                seqs = backend.tokenize(call.inputs)
+                backend.check_lengths(seqs)
+            except LanewayError as exc:
+                outcomes[n] = exc
+                continue
+            keys = [cache_key(model, item) for item in call.inputs] if cache.enabled else []
+            vectors: list[np.ndarray | None] = (
+                [cache.get(k) for k in keys] if cache.enabled else [None] * len(seqs)
             )
-            for i, vec in zip(missing, computed, strict=True):
-                vectors[i] = vec
+            prepared.append((n, seqs, vectors, keys))
+        todo = [
+            (p, i)
+            for p, (_, _, vectors, _) in enumerate(prepared)
+            for i, v in enumerate(vectors)
+            if v is None
+        ]
+        if todo:
+            future = self.batchers[model].submit(
+                [prepared[p][1][i] for p, i in todo],
+                lane=lane,
+                request_id=request_id,
+                deadline=deadline,
+            )
+            while True:
+                try:
+                    computed = future.result(timeout=wait_interval_s if on_wait else None)
+                    break
+                except FutureTimeout:
+                    if on_wait is not None:
+                        on_wait()
+            for (p, i), vec in zip(todo, computed, strict=True):
+                prepared[p][2][i] = vec
                 if cache.enabled:
-                    cache.put(keys[i], vec.copy())
-        out: list[np.ndarray] = []
-        for vec in vectors:
-            assert vec is not None
-            if dimensions is not None and dimensions < vec.shape[0]:
-                vec = vec[:dimensions]
-                vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
-            out.append(vec)
-        return EmbedResult(out, sum(len(s) for s in seqs))
+                    cache.put(prepared[p][3][i], vec.copy())
+        for n, seqs, vectors, _ in prepared:
+            dims = calls[n].dimensions
+            out: list[np.ndarray] = []
+            for vec in vectors:
+                assert vec is not None
+                if dims is not None and dims < vec.shape[0]:
+                    vec = vec[:dims]
+                    vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                out.append(vec)
+            outcomes[n] = EmbedResult(out, sum(len(s) for s in seqs))
+        return [o for o in outcomes if o is not None]

@@ -1,23 +1,16 @@
-"""OpenAI /v1/embeddings request and response models."""
+"""OpenAI /v1/embeddings request and response models.
+
+The request schema is the task contract too (Batch API lines are parsed with it in the
+workers), so it lives in ``tasks/embeddings.py``; the API re-exports it here.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel
 
-TokenList = list[StrictInt]
-EmbeddingInput = StrictStr | list[StrictStr] | TokenList | list[TokenList]
-
-
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    input: EmbeddingInput
-    model: StrictStr
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
-    user: StrictStr | None = None
+from tasks.embeddings import EmbeddingRequest
 
 
 class EmbeddingData(BaseModel):
@@ -36,3 +29,6 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+
+
+__all__ = ["EmbeddingData", "EmbeddingRequest", "EmbeddingResponse", "Usage"]

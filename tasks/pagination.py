@@ -1,0 +1,51 @@
+"""Cursor pagination as OpenAI lists do it: ``after`` an id, ``has_more``, first/last ids."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from tasks.errors import InvalidRequest
+
+Row = TypeVar("Row")
+
+
+def paginate(
+    session: Session,
+    model: type[Row],
+    *,
+    where: list[Any],
+    limit: int,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> tuple[list[Row], bool]:
+    created = model.created_at  # type: ignore[attr-defined]
+    ident = model.id  # type: ignore[attr-defined]
+    query = select(model).where(*where)
+    if after:
+        anchor = session.get(model, after)
+        if anchor is None:
+            raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+        a_created, a_id = anchor.created_at, anchor.id  # type: ignore[attr-defined]
+        if order == "desc":
+            query = query.where(or_(created < a_created, and_(created == a_created, ident < a_id)))
+        else:
+            query = query.where(or_(created > a_created, and_(created == a_created, ident > a_id)))
+    if order == "desc":
+        query = query.order_by(created.desc(), ident.desc())
+    else:
+        query = query.order_by(created.asc(), ident.asc())
+    rows = list(session.scalars(query.limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def page_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
