@@ -1,0 +1,108 @@
+"""workers.runtime.WorkerRuntime.embed over the fake backend (no Redis is touched)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from configs.catalog import load_catalog
+from configs.settings import Settings
+from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from workers.backends.fake import FakeEmbeddingBackend
+from workers.batching import Batcher
+from workers.cache import EmbeddingCache
+from workers.runtime import WorkerRuntime
+
+FAKE = "laneway/fake-embeddings"
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_runtime(cache_size: int) -> WorkerRuntime:
+    entry = load_catalog().get(FAKE)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", embedding_cache_size=cache_size)
+    runtime = WorkerRuntime(settings, capability="embeddings", device="cpu", entries=[entry])
+    backend = FakeEmbeddingBackend(entry, device="cpu", model_path="/")
+    backend.load()
+    backend.warm = True
+    runtime.backends[FAKE] = backend
+    runtime.caches[FAKE] = EmbeddingCache(cache_size)
+    runtime.batchers[FAKE] = Batcher(backend, max_batch_size=8, token_budget=1024)
+    return runtime
+
+
+@pytest.fixture
+def runtime() -> Iterator[WorkerRuntime]:
+    rt = make_runtime(cache_size=16)
+    yield rt
+    for b in rt.batchers.values():
+        b.stop()
+
+
+def test_embed_counts_tokens_and_normalises(runtime: WorkerRuntime) -> None:
+    result = runtime.embed(FAKE, ["one two three", [5, 6]])
+    # the fake tokenizer adds one leading special token per input
+    assert result.prompt_tokens == 4 + 3
+    assert len(result.vectors) == 2
+    for v in result.vectors:
+        assert v.shape == (32,)
+        assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dimensions_truncate_and_renormalise(runtime: WorkerRuntime) -> None:
+    full = runtime.embed(FAKE, ["alpha beta"]).vectors[0]
+    short = runtime.embed(FAKE, ["alpha beta"], dimensions=16).vectors[0]
+    assert short.shape == (16,)
+    assert np.linalg.norm(short) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(short, full[:16] / np.linalg.norm(full[:16]), rtol=1e-5)
+    with pytest.raises(InvalidRequest):
+        runtime.embed(FAKE, ["alpha"], dimensions=12)
+
+
+def test_cache_hits_skip_compute(runtime: WorkerRuntime) -> None:
+    batcher = runtime.batchers[FAKE]
+    first = runtime.embed(FAKE, ["cached text", "other"]).vectors
+    forwards = batcher.stats.items
+    again = runtime.embed(FAKE, ["cached text", "other"]).vectors
+    assert batcher.stats.items == forwards  # nothing recomputed
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    cache = runtime.caches[FAKE]
+    assert cache.hits == 2
+    assert cache.misses == 2
+    snap = runtime.metrics_snapshot()["models"][FAKE]
+    assert (snap["cache_hits"], snap["cache_misses"]) == (2, 2)
+
+
+def test_cache_off_recomputes() -> None:
+    rt = make_runtime(cache_size=0)
+    try:
+        rt.embed(FAKE, ["x"])
+        rt.embed(FAKE, ["x"])
+        assert rt.batchers[FAKE].stats.items == 2
+        assert rt.caches[FAKE].hits == 0
+    finally:
+        rt.batchers[FAKE].stop()
+
+
+def test_too_long_input_names_the_limit(runtime: WorkerRuntime) -> None:
+    with pytest.raises(ContextLengthExceeded, match="128 tokens"):
+        runtime.embed(FAKE, [" ".join(["w"] * 200)])
+
+
+def test_token_ids_outside_the_vocabulary(runtime: WorkerRuntime) -> None:
+    with pytest.raises(InvalidRequest, match="outside"):
+        runtime.embed(FAKE, [[1, 5000]])
+
+
+def test_unknown_model(runtime: WorkerRuntime) -> None:
+    with pytest.raises(ModelNotFound):
+        runtime.embed("nope", ["x"])
+
+
+def test_readiness_reports_warm_models(runtime: WorkerRuntime) -> None:
+    info = runtime.readiness()
+    assert info["models"] == {FAKE: {"warm": True}}
+    assert info["queues"] == ["embeddings.live", "embeddings.batch"]
+    assert info["device"] == "cpu"
