@@ -59,6 +59,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
     if first.get("type") == "missing":
+        if param is None:  # no body at all
+            return "The request body is empty; send a JSON object.", None
         return f"Missing required parameter: '{param}'.", param
     if param in FIELD_HINTS:
         return FIELD_HINTS[param], param

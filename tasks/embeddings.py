@@ -49,6 +49,14 @@ def normalise_input(request: EmbeddingRequest, max_items: int) -> list[str | lis
     for i, item in enumerate(items):
         if len(item) == 0:
             raise InvalidRequest(f"input[{i}] is empty", param="input")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") breaks tokenizers
+                raise InvalidRequest(
+                    f"input[{i}] is not valid Unicode text (it holds a lone surrogate)",
+                    param="input",
+                ) from None
     return items
 
 
