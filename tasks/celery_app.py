@@ -12,7 +12,9 @@ from tasks.names import LANES, REAPER_TASK, queue_name, task_name
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url = settings.effective_redis_url
-    app = Celery("laneway", broker=url, backend=url, set_as_current=True)
+    # no result backend: live results go to the caller over pub/sub and batch results to
+    # the database, and a Redis backend would subscribe to a channel per sent task
+    app = Celery("laneway", broker=url, set_as_current=True)
     routes: dict[str, dict[str, str]] = {
         task_name(cap, lane): {"queue": queue_name(cap, lane)}
         for cap in CAPABILITIES
@@ -22,7 +24,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        result_serializer="json",
         task_routes=routes,
         task_default_queue="laneway.control",
         task_ignore_result=True,
@@ -39,13 +40,16 @@ def make_celery(settings: Settings | None = None) -> Celery:
             # kombu polls the listed queues in order instead of round-robin:
             # a worker lists `<cap>.live` before `<cap>.batch`, so live work goes first
             "queue_order_strategy": "priority",
-            # an unacked batch chunk comes back after this; the DB reaper is faster
-            "visibility_timeout": 900,
+            # no Redis-side copies of unacked messages (so no visibility timeout either):
+            # the database's reaper re-sends lost batch chunks, and kombu's restore of
+            # those copies when the connection drops raises AttributeError and kills the
+            # worker whenever Redis restarts (kombu 5.7). A warm shutdown still puts the
+            # messages it had taken back on their queues.
+            "ack_emulation": False,
             "socket_keepalive": True,
             "health_check_interval": 10,
         },
         broker_pool_limit=32,
-        result_expires=3600,
     )
     return app
 
