@@ -258,7 +258,10 @@ def request_cancel(session: Session, batch_id: str) -> BatchRow:
     row = get_batch(session, batch_id)
     if row.status in ("cancelling", "cancelled"):
         return row
-    if not transition(session, batch_id, "cancelling"):
+    # a validator's claim would hold up the finish of the cancel; its own move to
+    # in_progress fails once the batch is cancelling, so it needs no claim any more
+    release = {"lease_until": None} if row.status == "validating" else {}
+    if not transition(session, batch_id, "cancelling", **release):
         raise BatchNotCancellable(
             f"Cannot cancel a batch with status {row.status!r}.", param="batch_id"
         )
@@ -772,8 +775,10 @@ def advance(
     busy = counts.get("queued", 0) + counts.get("running", 0)
     if status == "in_progress":
         if counts.get("pending", 0) == 0 and busy == 0:
-            with session_scope() as s:
-                moved = transition(
+            with session_scope() as s:  # not while an expiring finisher holds the batch
+                moved = _claim_batch(
+                    s, batch_id, "in_progress", settings.chunk_lease_s
+                ) and transition(
                     s, batch_id, "finalizing", lease_until=_now() + settings.chunk_lease_s
                 )
             if moved:
@@ -814,7 +819,17 @@ def _pump(batch_id: str, capability: str, busy: int, settings: Settings) -> None
 
 
 def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> None:
-    """Write the output and error files from the committed chunks, then move to ``to``."""
+    """Write the output and error files from the committed chunks, then move to ``to``.
+
+    The finisher holds the batch's lease (for ``completed`` the move to finalizing took
+    it): two finishers at once would each rewrite the files, and the one that lost the
+    race would do so after the winner removed the chunk results, leaving them empty.
+    """
+    source = {"cancelled": "cancelling", "expired": "in_progress"}.get(to)
+    if source is not None:
+        with session_scope() as s:
+            if not _claim_batch(s, batch_id, source, settings.chunk_lease_s):
+                return
     with session_scope() as s:
         batch = get_batch(s, batch_id)
         if to == "expired":
