@@ -37,7 +37,7 @@ from tasks.db import session_scope
 from tasks.errors import InvalidRequest, LanewayError, NotFound
 from tasks.files import check_expires_after, expire_files, get_file, put_output_file
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, ChunkRow
+from tasks.models import BatchRow, ChunkRow, FileRow
 from tasks.names import BATCH, queue_name, task_name
 
 log = logging.getLogger(__name__)
@@ -642,7 +642,12 @@ def run_chunk(
 
 
 def get_file_key(session: Session, file_id: str) -> str:
-    return get_file(session, file_id).storage_key
+    """Where a batch's input lives. Not ``get_file``: a batch keeps reading its input after
+    the file was deleted or expired for the API (tasks.files removes it once it is over)."""
+    row = session.get(FileRow, file_id)
+    if row is None or row.deleted:
+        raise NotFound(f"No such File object: {file_id}", param="input_file_id")
+    return row.storage_key
 
 
 # -- moving batches on ---------------------------------------------------------------------
@@ -685,11 +690,11 @@ def start(batch_id: str, *, settings: Settings, catalog: Catalog, store: FileSto
         if not _claim_batch(s, batch_id, "validating", settings.chunk_lease_s):
             return
         batch = get_batch(s, batch_id)
-        try:
-            file_row = get_file(s, batch.input_file_id)
-            key, size = file_row.storage_key, file_row.bytes
-        except NotFound:
+        file_row = s.get(FileRow, batch.input_file_id)
+        if file_row is None or file_row.deleted:
             key, size = "", -1
+        else:  # also when deleted or expired for the API since the batch was created
+            key, size = file_row.storage_key, file_row.bytes
         endpoint = batch.endpoint
     if size < 0:
         v = Validation()

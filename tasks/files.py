@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge
 from tasks.filestore import FileStore
-from tasks.models import FileRow
+from tasks.models import BatchRow, FileRow
 from tasks.pagination import paginate
 
 UPLOAD_PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
@@ -134,8 +134,22 @@ def list_files(
     return paginate(session, FileRow, where=where, limit=limit, order=order, after=after)
 
 
+def _inputs_of_open_batches() -> Any:
+    from tasks.batches import OPEN_STATUSES  # tasks.batches imports this module
+
+    return select(BatchRow.input_file_id).where(BatchRow.status.in_(OPEN_STATUSES))
+
+
 def delete_file(session: Session, *, store: FileStore, file_id: str) -> None:
     row = get_file(session, file_id)
+    in_use = session.scalars(
+        _inputs_of_open_batches().where(BatchRow.input_file_id == file_id).limit(1)
+    ).first()
+    if in_use is not None:
+        # a batch still reads it: gone for the API now (expired), content removed by
+        # expire_files once no open batch needs it
+        row.expires_at = int(time.time())
+        return
     row.deleted = True
     store.delete(row.storage_key)
 
@@ -170,11 +184,15 @@ def put_output_file(
 
 
 def expire_files(session: Session, *, store: FileStore) -> int:
-    """Delete the content of files past their expiry; returns how many."""
+    """Delete the content of files past their expiry (but not the input of a batch that is
+    still running: it goes once the batch is over); returns how many."""
     now = int(time.time())
     rows = session.scalars(
         select(FileRow).where(
-            FileRow.deleted.is_(False), FileRow.expires_at.is_not(None), FileRow.expires_at <= now
+            FileRow.deleted.is_(False),
+            FileRow.expires_at.is_not(None),
+            FileRow.expires_at <= now,
+            FileRow.id.not_in(_inputs_of_open_batches()),
         )
     ).all()
     for row in rows:
