@@ -17,7 +17,6 @@ from api.routes import batches, embeddings, files, models, ops
 from api.state import AppState
 from configs.catalog import load_catalog
 from configs.settings import Settings, get_settings
-from tasks.celery_app import make_celery
 from tasks.db import get_engine
 
 log = logging.getLogger(__name__)
@@ -34,12 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = aioredis.Redis.from_url(
             settings.effective_redis_url, socket_timeout=10, health_check_interval=10
         )
-        celery = make_celery(settings)
-        live = LiveClient(settings, redis, celery)
+        live = LiveClient(settings, redis)
         await live.start()
-        app.state.laneway = AppState(
-            settings=settings, catalog=catalog, redis=redis, celery=celery, live=live
-        )
+        app.state.laneway = AppState(settings=settings, catalog=catalog, redis=redis, live=live)
         log.info("laneway API serving %s", ", ".join(settings.models))
         try:
             yield

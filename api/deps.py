@@ -1,4 +1,7 @@
-"""FastAPI dependencies, as ``Annotated`` aliases the routes declare."""
+"""FastAPI dependencies, as ``Annotated`` aliases the routes declare.
+
+All are ``async def``: FastAPI runs plain functions in a thread pool, a hop per request.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +15,16 @@ from configs.settings import Settings
 from tasks.errors import AuthenticationFailed
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.laneway
     return state
 
 
-def get_settings_dep(state: Annotated[AppState, Depends(get_state)]) -> Settings:
+async def get_settings_dep(state: Annotated[AppState, Depends(get_state)]) -> Settings:
     return state.settings
 
 
-def require_api_key(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+async def require_api_key(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
     expected = state.settings.api_key
     if not expected:
         return

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from celery import Celery
 from redis.exceptions import RedisError
 
 from configs.settings import Settings
@@ -36,10 +35,17 @@ from tasks.names import (
     result_key,
     task_name,
 )
+from tasks.publish import celery_message
 
 log = logging.getLogger(__name__)
 
 FALLBACK_POLL_S = 1.0
+# the bound check and the push in one atomic round trip: -depth when the queue is full
+BOUNDED_PUSH = """
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[2]) then return -depth end
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
 REGISTRY_CACHE_S = 0.5
 
 
@@ -97,15 +103,20 @@ class WorkerRegistry:
 
 
 class LiveClient:
-    def __init__(self, settings: Settings, redis: aioredis.Redis, celery: Celery) -> None:
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.celery = celery
         self.registry = WorkerRegistry(redis, settings.worker_ttl_s)
         self.reply_to = uuid.uuid4().hex
+        self._push = redis.register_script(BOUNDED_PUSH)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._pubsub_client = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool.from_url(
+                settings.effective_redis_url, socket_timeout=None, socket_keepalive=True
+            )
+        )
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="laneway-results")
@@ -117,12 +128,15 @@ class LiveClient:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
+        await self._pubsub_client.aclose()
 
     async def _listen(self) -> None:
         channel = RESULT_CHANNEL_PREFIX + self.reply_to
         backoff = 0.1
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            # its own connection with no read timeout: an idle subscription must not time
+            # out and resubscribe (results published in that gap would wait for the fallback)
+            pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
                 self._subscribed.set()
@@ -178,26 +192,34 @@ class LiveClient:
         self._pending[request_id] = future
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
+            message = celery_message(
+                task_name(capability, LIVE),
+                [
+                    {
+                        **payload,
+                        "id": request_id,
+                        "reply_to": self.reply_to,
+                        "deadline": deadline,
+                        "sent_at": time.time(),
+                    }
+                ],
+                queue=queue_name(capability, LIVE),
+                expires_s=timeout,
+            )
             try:
-                self.celery.send_task(
-                    task_name(capability, LIVE),
-                    args=[
-                        {
-                            **payload,
-                            "id": request_id,
-                            "reply_to": self.reply_to,
-                            "deadline": deadline,
-                        }
-                    ],
-                    queue=queue_name(capability, LIVE),
-                    expires=timeout,
-                    retry=True,
-                    retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+                depth = await self._push(
+                    keys=[queue_name(capability, LIVE)],
+                    args=[message, self.settings.live_queue_max],
                 )
-            except Exception as exc:
+            except (RedisError, OSError) as exc:
                 raise ServiceUnavailable(
                     f"could not enqueue the request: {exc}", code="broker_unavailable"
                 ) from exc
+            if depth < 0:
+                raise QueueFull(
+                    f"the {capability} live queue is full ({-depth} waiting); retry later",
+                    retry_after=1,
+                )
             reply = await self._wait(request_id, future, watcher, deadline)
         finally:
             self._pending.pop(request_id, None)

@@ -1,4 +1,4 @@
-"""What one API process holds: settings, catalog, Redis, Celery and the live client."""
+"""What one API process holds: settings, catalog, Redis and the live client."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from celery import Celery
 
 from api.live import LiveClient
 from configs.catalog import Catalog
@@ -18,6 +17,5 @@ class AppState:
     settings: Settings
     catalog: Catalog
     redis: aioredis.Redis
-    celery: Celery
     live: LiveClient
     started_at: int = field(default_factory=lambda: int(time.time()))

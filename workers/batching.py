@@ -36,6 +36,7 @@ class Job:
     lane: Lane
     request_id: str | None = None
     deadline: float | None = None
+    sent_at: float | None = None
     future: Future[np.ndarray] = field(default_factory=Future)
     out: np.ndarray | None = None
     remaining: int = 0
@@ -61,6 +62,9 @@ class ForwardStats:
         self.items += size
         self.sizes.append(size)
 
+
+# requests younger than this skip the "has the caller gone?" look-up in Redis
+FRESH_S = 0.05
 
 GoneCheck = Callable[[list[str]], set[str]]
 
@@ -95,8 +99,9 @@ class Batcher:
         lane: Lane = LIVE,
         request_id: str | None = None,
         deadline: float | None = None,
+        sent_at: float | None = None,
     ) -> Future[np.ndarray]:
-        job = Job([list(s) for s in seqs], lane, request_id, deadline)
+        job = Job([list(s) for s in seqs], lane, request_id, deadline, sent_at)
         job.remaining = len(job.seqs)
         job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
         if not job.seqs:
@@ -152,7 +157,14 @@ class Batcher:
         jobs = {it.job for it in items}
         dead = {j for j in jobs if j.deadline is not None and j.deadline < now}
         if self.gone is not None:
-            ids = [j.request_id for j in jobs if j.request_id and j not in dead]
+            # a caller cannot have hung up on a request sent moments ago: skip the round trip
+            ids = [
+                j.request_id
+                for j in jobs
+                if j.request_id
+                and j not in dead
+                and (j.sent_at is None or now - j.sent_at > FRESH_S)
+            ]
             if ids:
                 try:
                     gone_ids = self.gone(ids)

@@ -178,6 +178,7 @@ class WorkerRuntime:
         lane: Lane = LIVE,
         request_id: str | None = None,
         deadline: float | None = None,
+        sent_at: float | None = None,
     ) -> EmbedResult:
         [result] = self.embed_many(
             model,
@@ -185,6 +186,7 @@ class WorkerRuntime:
             lane=lane,
             request_id=request_id,
             deadline=deadline,
+            sent_at=sent_at,
         )
         if isinstance(result, LanewayError):
             raise result
@@ -198,6 +200,7 @@ class WorkerRuntime:
         lane: Lane = LIVE,
         request_id: str | None = None,
         deadline: float | None = None,
+        sent_at: float | None = None,
         on_wait: Callable[[], None] | None = None,
         wait_interval_s: float = 10.0,
     ) -> list[EmbedResult | LanewayError]:
@@ -231,6 +234,7 @@ class WorkerRuntime:
                 lane=lane,
                 request_id=request_id,
                 deadline=deadline,
+                sent_at=sent_at,
             )
             while True:
                 try:

@@ -40,6 +40,7 @@ def answer_live(runtime: WorkerRuntime, request: dict[str, Any]) -> dict[str, An
             lane=LIVE,
             request_id=request["id"],
             deadline=request.get("deadline"),
+            sent_at=request.get("sent_at"),
         )
     except Dropped:
         return None

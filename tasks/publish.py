@@ -1,0 +1,78 @@
+"""Put a Celery task on a Redis queue from asyncio, without Celery's producer.
+
+Celery's ``send_task`` costs about a millisecond of blocking work per call on the Redis
+transport (kombu builds a new client per publish); on the live path that is most of the
+overhead budget and it would block the API's event loop. This writes the same message a
+Celery producer writes (protocol 2, JSON body, kombu's Redis envelope) with one ``LPUSH``
+on the API's asyncio Redis client. Workers are ordinary Celery workers and cannot tell
+the difference; ``tests/unit/test_publish.py`` holds it to Celery's own encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+ORIGIN = f"laneway-api{os.getpid()}@{socket.gethostname()}"
+
+
+def celery_message(
+    task: str,
+    args: list[Any],
+    *,
+    queue: str,
+    expires_s: float | None = None,
+    task_id: str | None = None,
+) -> str:
+    """The JSON string kombu's Redis transport stores for ``send_task(task, args)``."""
+    task_id = task_id or str(uuid.uuid4())
+    expires = (
+        (datetime.now(UTC) + timedelta(seconds=expires_s)).isoformat()
+        if expires_s is not None
+        else None
+    )
+    body = json.dumps(
+        [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": expires,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "...",
+        "kwargsrepr": "{}",
+        "origin": ORIGIN,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope)
