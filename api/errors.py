@@ -56,7 +56,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request: it is not valid JSON.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # loc starts with where the value came from: body, query, path or header
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = loc[0] if loc else None
     if first.get("type") == "missing":
         if param is None:  # no body at all

@@ -375,11 +375,6 @@ def test_bad_batch_list_parameters(http: httpx.Client, params: dict[str, Any]) -
     assert_openai_error(http.get("/v1/batches", params=params), 400)  # never FastAPI's 422
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api/errors.py names the location ('query'), not the parameter, for query-string "
-    "validation errors: it strips only 'body' from the error's loc",
-)
 def test_a_bad_list_parameter_is_named(http: httpx.Client) -> None:
     error = assert_openai_error(http.get("/v1/batches", params={"limit": 0}), 400)
     assert error["param"] == "limit"
