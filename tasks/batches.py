@@ -858,7 +858,7 @@ def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> 
     completed = sum(c.completed for c in done)
     failed = sum(c.failed for c in done)
     tokens = sum(c.prompt_tokens for c in done)
-    expires_at = int(_now()) + int(out_exp) if out_exp else None
+    expires_after_s = int(out_exp) if out_exp else None
     output_id = error_id = None
     if completed:
         output_id = "file-" + hashlib.sha256(f"{batch_id}:output".encode()).hexdigest()[:24]
@@ -870,7 +870,7 @@ def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> 
                 key=f"files/{output_id}",
                 filename=f"{batch_id}_output.jsonl",
                 size=size,
-                expires_at=expires_at,
+                expires_after_s=expires_after_s,
             )
     expired_lines: Iterator[bytes] = iter(())
     expired_count = 0
@@ -896,7 +896,7 @@ def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> 
                 key=f"files/{error_id}",
                 filename=f"{batch_id}_error.jsonl",
                 size=size,
-                expires_at=expires_at,
+                expires_after_s=expires_after_s,
             )
     with session_scope() as s:
         moved = transition(

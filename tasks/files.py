@@ -161,26 +161,31 @@ def put_output_file(
     key: str,
     filename: str,
     size: int,
-    expires_at: int | None,
+    expires_after_s: int | None,
 ) -> None:
-    """Record a batch's output or error file; a second call (re-finalisation) updates it."""
+    """Record a batch's output or error file; a second call (re-finalisation) updates it.
+
+    It expires ``expires_after_s`` after its ``created_at`` (the batch's
+    ``output_expires_after``), or never."""
     row = session.get(FileRow, file_id)
     if row is None:
+        now = int(time.time())
         session.add(
             FileRow(
                 id=file_id,
                 filename=filename,
                 purpose=OUTPUT_PURPOSE,
                 bytes=size,
-                created_at=int(time.time()),
-                expires_at=expires_at,
+                created_at=now,
+                expires_at=now + expires_after_s if expires_after_s else None,
                 status="processed",
                 storage_key=key,
                 deleted=False,
             )
         )
     else:
-        row.bytes, row.storage_key, row.expires_at = size, key, expires_at
+        row.bytes, row.storage_key = size, key
+        row.expires_at = row.created_at + expires_after_s if expires_after_s else None
 
 
 def expire_files(session: Session, *, store: FileStore) -> int:

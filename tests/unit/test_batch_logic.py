@@ -934,3 +934,25 @@ def test_a_running_batch_keeps_its_input_file(
     assert len(file_lines(store, row.output_file_id)) == 6
     batches.reap(settings=settings, store=store, catalog=catalog)
     assert not store.exists(f"files/{input_id}")
+
+
+def test_output_files_expire_relative_to_their_own_creation(
+    db: None, store: FileStore, sent: Queue, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(
+        settings,
+        store,
+        jsonl(4, fail={0}),
+        output_expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    real_now = batches._now
+    monkeypatch.setattr(batches, "_now", lambda: real_now() + 1.5)  # finishing takes a while
+    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
+    drain(sent, settings, store)
+    row = batch(batch_id)
+    assert row.status == "completed"
+    with session_scope() as s:
+        for file_id in (row.output_file_id, row.error_file_id):
+            info = get_file(s, file_id or "")
+            assert info.expires_at == info.created_at + 3600
