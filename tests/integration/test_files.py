@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tasks.models import FileRow
 from tests.conftest import MAIN_MAX_REQUEST_BYTES
@@ -135,15 +135,17 @@ def test_an_expired_file_disappears_and_the_reaper_removes_its_content(
         assert_openai_error(http.delete(f"/v1/files/{made.id}"), 404)
         listed = {f["id"] for f in http.get("/v1/files").json()["data"]}
         assert made.id not in listed and kept.id in listed
+
+        def reaped() -> bool:
+            # the reaper removes the content, then commits the row: wait for both
+            with engine.connect() as conn:
+                deleted = conn.scalar(select(FileRow.deleted).where(FileRow.id == made.id))
+            return bool(deleted) and not stored(stack, made.id).exists()
+
         deadline = time.monotonic() + 30  # the workers' reaper runs every few seconds
-        while stored(stack, made.id).exists():
-            assert time.monotonic() < deadline, "the reaper did not remove the expired content"
+        while not reaped():
+            assert time.monotonic() < deadline, "the reaper did not remove the expired file"
             time.sleep(0.2)
-        with engine.connect() as conn:
-            deleted = conn.execute(
-                FileRow.__table__.select().where(FileRow.id == made.id)  # type: ignore[attr-defined]
-            ).one()
-        assert deleted.deleted is True or deleted.deleted == 1
     finally:
         engine.dispose()
     assert stored(stack, kept.id).exists()
