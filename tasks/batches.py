@@ -823,6 +823,26 @@ def _pump(batch_id: str, capability: str, busy: int, settings: Settings) -> None
     enqueue_chunks(capability, ids)
 
 
+def _result_file(
+    store: FileStore, batch_id: str, kind: str, parts: list[str], expires_after_s: int | None
+) -> str:
+    """The batch's output or error file: the parts joined in order, recorded as a File.
+
+    Its id derives from the batch, so a finisher that runs again rewrites the same file."""
+    file_id = "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
+    size = store.concat(f"files/{file_id}", parts)
+    with session_scope() as s:
+        put_output_file(
+            s,
+            file_id=file_id,
+            key=f"files/{file_id}",
+            filename=f"{batch_id}_{kind}.jsonl",
+            size=size,
+            expires_after_s=expires_after_s,
+        )
+    return file_id
+
+
 def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> None:
     """Write the output and error files from the committed chunks, then move to ``to``.
 
@@ -861,17 +881,9 @@ def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> 
     expires_after_s = int(out_exp) if out_exp else None
     output_id = error_id = None
     if completed:
-        output_id = "file-" + hashlib.sha256(f"{batch_id}:output".encode()).hexdigest()[:24]
-        size = store.concat(f"files/{output_id}", [f"{c.result_key}.out" for c in done])
-        with session_scope() as s:
-            put_output_file(
-                s,
-                file_id=output_id,
-                key=f"files/{output_id}",
-                filename=f"{batch_id}_output.jsonl",
-                size=size,
-                expires_after_s=expires_after_s,
-            )
+        output_id = _result_file(
+            store, batch_id, "output", [f"{c.result_key}.out" for c in done], expires_after_s
+        )
     expired_lines: Iterator[bytes] = iter(())
     expired_count = 0
     if to == "expired" and unfinished:
@@ -883,21 +895,15 @@ def _finish(batch_id: str, to: str, *, settings: Settings, store: FileStore) -> 
         expired_count = len(pending_requests)
         expired_lines = iter([_expired_line(batch_id, i, cid) for i, cid in pending_requests])
     if failed or expired_count:
-        error_id = "file-" + hashlib.sha256(f"{batch_id}:errors".encode()).hexdigest()[:24]
         parts_key = f"batches/{batch_id}/expired.err"
         store.write_lines(parts_key, expired_lines)
-        size = store.concat(
-            f"files/{error_id}", [f"{c.result_key}.err" for c in done] + [parts_key]
+        error_id = _result_file(
+            store,
+            batch_id,
+            "error",
+            [f"{c.result_key}.err" for c in done] + [parts_key],
+            expires_after_s,
         )
-        with session_scope() as s:
-            put_output_file(
-                s,
-                file_id=error_id,
-                key=f"files/{error_id}",
-                filename=f"{batch_id}_error.jsonl",
-                size=size,
-                expires_after_s=expires_after_s,
-            )
     with session_scope() as s:
         moved = transition(
             s,
