@@ -2,9 +2,9 @@
 
 Each request (a Celery task running on one of the worker's threads) submits its token
 sequences as a ``Job`` and waits on it. One scheduler thread per model takes what is
-pending, builds one forward at a time (live items first, then batch items by length) under
-the model's token budget and maximum batch size, and completes each job once all of its
-items are done. Jobs whose caller has gone or whose deadline has passed are dropped before
+pending, builds one forward at a time (live items alone while any wait, else batch items
+by length) under the model's token budget and maximum batch size, and completes each job
+once all of its items are done. Jobs whose caller has gone or whose deadline has passed are dropped before
 compute.
 """
 
@@ -129,7 +129,8 @@ class Batcher:
     # -- scheduler -----------------------------------------------------------------------
 
     def _take(self) -> list[_Item]:
-        """One forward's worth: live items in arrival order, then batch items by length."""
+        """One forward's worth: the live items in arrival order or, when none is waiting,
+        batch items by length."""
         picked: list[_Item] = []
         longest = 0
 
@@ -143,6 +144,10 @@ class Batcher:
             item = self._live.popleft()
             picked.append(item)
             longest = max(longest, len(item.seq))
+        if picked:
+            # a live forward carries no batch items: filled up to the batch size it would
+            # cost a live caller a whole batch forward instead of a small one
+            return picked
         taken = 0
         while taken < len(self._batch) and fits(self._batch[taken]):
             item = self._batch[taken]

@@ -124,9 +124,10 @@ def test_live_goes_before_batch(backend: RecordingBackend, make_batcher: MakeBat
     assert backend.batches[2] == [seq(2, 10), seq(2, 20)]
 
 
-def test_live_items_come_first_within_one_forward(
+def test_a_live_forward_carries_no_batch_items(
     backend: RecordingBackend, make_batcher: MakeBatcher
 ) -> None:
+    # room for both, but a live caller must not pay for a batch-sized forward
     batcher = make_batcher()
     block_scheduler(backend, batcher)
     b = batcher.submit([seq(1, 1)], lane=BATCH)
@@ -134,7 +135,8 @@ def test_live_items_come_first_within_one_forward(
     backend.release()
     b.result(5)
     live.result(5)
-    assert backend.batches[1] == [seq(7, 2), seq(1, 1)]
+    assert backend.batches[1] == [seq(7, 2)]
+    assert backend.batches[2] == [seq(1, 1)]
 
 
 def test_batch_items_sorted_by_length(backend: RecordingBackend, make_batcher: MakeBatcher) -> None:
