@@ -4,8 +4,8 @@ Each request (a Celery task running on one of the worker's threads) submits its 
 sequences as a ``Job`` and waits on it. One scheduler thread per model takes what is
 pending, builds one forward at a time (live items alone while any wait, else batch items
 by length) under the model's token budget and maximum batch size, and completes each job
-once all of its items are done. Jobs whose caller has gone or whose deadline has passed are dropped before
-compute.
+once all of its items are done. Jobs whose caller has gone or whose deadline has passed
+are dropped before compute.
 """
 
 from __future__ import annotations
