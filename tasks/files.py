@@ -52,6 +52,23 @@ def check_expires_after(anchor: str | None, seconds: int | None, *, param: str) 
     return seconds
 
 
+def _new_row(
+    file_id: str, filename: str, purpose: str, size: int, key: str, expires_after_s: int | None
+) -> FileRow:
+    now = int(time.time())
+    return FileRow(
+        id=file_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        created_at=now,
+        expires_at=now + expires_after_s if expires_after_s else None,
+        status="processed",
+        storage_key=key,
+        deleted=False,
+    )
+
+
 def find_by_idempotency_key(session: Session, key: str | None) -> FileRow | None:
     if not key:
         return None
@@ -83,19 +100,8 @@ def create_file(
         size = store.write_from(key, source, limit=max_bytes)
     except OverflowError:
         raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
-    now = int(time.time())
-    row = FileRow(
-        id=file_id,
-        filename=filename or "upload",
-        purpose=purpose,
-        bytes=size,
-        created_at=now,
-        expires_at=now + expires_after_s if expires_after_s else None,
-        status="processed",
-        storage_key=key,
-        deleted=False,
-        idempotency_key=idempotency_key or None,
-    )
+    row = _new_row(file_id, filename or "upload", purpose, size, key, expires_after_s)
+    row.idempotency_key = idempotency_key or None
     session.add(row)
     try:
         session.flush()
@@ -169,20 +175,7 @@ def put_output_file(
     ``output_expires_after``), or never."""
     row = session.get(FileRow, file_id)
     if row is None:
-        now = int(time.time())
-        session.add(
-            FileRow(
-                id=file_id,
-                filename=filename,
-                purpose=OUTPUT_PURPOSE,
-                bytes=size,
-                created_at=now,
-                expires_at=now + expires_after_s if expires_after_s else None,
-                status="processed",
-                storage_key=key,
-                deleted=False,
-            )
-        )
+        session.add(_new_row(file_id, filename, OUTPUT_PURPOSE, size, key, expires_after_s))
     else:
         row.bytes, row.storage_key = size, key
         row.expires_at = row.created_at + expires_after_s if expires_after_s else None

@@ -25,12 +25,6 @@ def stack(minilm_stack: Stack) -> Stack:
     return minilm_stack
 
 
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.http() as client:
-        yield client
-
-
 def post(http: httpx.Client, body: Any) -> httpx.Response:
     return http.post("/v1/embeddings", json=body)
 

@@ -61,17 +61,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> Any:
-    return stack.openai_client(max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.http() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def input_file(client: Any) -> str:
     return str(client.files.create(file=("in.jsonl", jsonl(requests(3))), purpose="batch").id)
 

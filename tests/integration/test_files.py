@@ -4,7 +4,6 @@ delete, expiry, idempotent retries, pagination, and every bad request in OpenAI'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,17 +24,6 @@ FILE_FIELDS = {"id", "object", "bytes", "created_at", "expires_at", "filename", 
 @pytest.fixture(scope="module")
 def stack(minilm_stack: Stack) -> Stack:
     return minilm_stack  # files need no model: any running stack will do
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Any:
-    return stack.openai_client(max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.http() as c:
-        yield c
 
 
 def stored(stack: Stack, file_id: str) -> Any:

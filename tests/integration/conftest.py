@@ -1,0 +1,26 @@
+"""Clients for the module's own ``stack`` fixture (every integration module defines one).
+
+A module that needs a different client (retries, a fresh one per test) overrides these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import Stack
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Any:
+    """The official openai client, without retries so a failure shows as it is."""
+    return stack.openai_client(max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.http() as c:
+        yield c
