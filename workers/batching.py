@@ -49,18 +49,25 @@ class _Item:
     seq: list[int]
 
 
+# upper bounds of the forward batch-size histogram the worker reports
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
 @dataclass
 class ForwardStats:
-    """Per-forward numbers the worker reports to the API's /metrics."""
+    """Per-forward numbers the worker reports to the API's /metrics: running totals and
+    cumulative histogram counts, so a long-lived worker keeps constant memory."""
 
     forwards: int = 0
     items: int = 0
-    sizes: list[int] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))
 
     def record(self, size: int) -> None:
         self.forwards += 1
         self.items += size
-        self.sizes.append(size)
+        for i, bound in enumerate(BATCH_SIZE_BUCKETS):
+            if size <= bound:
+                self.buckets[i] += 1
 
 
 # requests younger than this skip the "has the caller gone?" look-up in Redis

@@ -31,12 +31,10 @@ from tasks.names import (
     worker_metrics_key,
 )
 from workers.backends import ModelBackend, backend_class
-from workers.batching import Batcher
+from workers.batching import BATCH_SIZE_BUCKETS, Batcher
 from workers.cache import EmbeddingCache, cache_key
 
 log = logging.getLogger(__name__)
-
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -129,8 +127,7 @@ class WorkerRuntime:
     def metrics_snapshot(self) -> dict[str, Any]:
         models: dict[str, Any] = {}
         for mid, batcher in self.batchers.items():
-            sizes = np.asarray(batcher.stats.sizes, dtype=np.int64)
-            buckets = [int((sizes <= b).sum()) for b in BATCH_SIZE_BUCKETS]
+            buckets = batcher.stats.buckets
             cache = self.caches[mid]
             models[mid] = {
                 "forwards": batcher.stats.forwards,

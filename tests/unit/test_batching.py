@@ -282,4 +282,6 @@ def test_stats_count_forwards_and_items(
     batcher.run([seq(2, i) for i in range(7)])
     assert batcher.stats.forwards == 3
     assert batcher.stats.items == 7
-    assert batcher.stats.sizes == [3, 3, 1]
+    # cumulative counts per bucket bound (1, 2, 4, ...): sizes 3, 3, 1
+    assert batcher.stats.buckets[:4] == [1, 1, 3, 3]
+    assert batcher.stats.buckets[-1] == 3
