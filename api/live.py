@@ -163,16 +163,10 @@ class LiveClient:
     async def _check_capacity(self, capability: str, model: str) -> None:
         try:
             await self.registry.require_warm(capability, model)
-            depth = await self.redis.llen(queue_name(capability, LIVE))
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(
                 f"the queue broker is unreachable: {exc}", code="broker_unavailable"
             ) from exc
-        if depth >= self.settings.live_queue_max:
-            raise QueueFull(
-                f"the {capability} live queue is full ({depth} waiting); retry later",
-                retry_after=1,
-            )
 
     async def call(
         self,
