@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
-from api import errors
-from api.deps import require_api_key
+from api import errors, openapi
 from api.live import LiveClient
-from api.middleware import BodyLimitAndMetrics
+from api.middleware import Gate
+from api.responses import SafeJSONResponse
 from api.routes import batches, embeddings, files, models, ops
 from api.state import AppState
 from configs.catalog import load_catalog
@@ -43,17 +43,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await live.stop()
             await redis.aclose()
 
-    app = FastAPI(title="laneway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="laneway",
+        version="0.1.0",
+        description="OpenAI-compatible embeddings and Batch API on Celery, Redis and SQL.",
+        lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
+    )
     errors.install(app)
+    openapi.install(app, settings)
     app.add_middleware(
-        BodyLimitAndMetrics,
+        Gate,
+        api_key=settings.api_key,
+        protect_ops=settings.protect_ops,
         max_bytes=settings.max_request_bytes,
         max_file_bytes=settings.max_file_bytes,
+        served_models=settings.models,
+        routes=lambda: app.routes,
     )
-    auth = [Depends(require_api_key)]
-    app.include_router(embeddings.router, dependencies=auth)
-    app.include_router(models.router, dependencies=auth)
-    app.include_router(files.router, dependencies=auth)
-    app.include_router(batches.router, dependencies=auth)
-    app.include_router(ops.router)
+    for module in (embeddings, models, files, batches, ops):
+        app.include_router(module.router)
     return app

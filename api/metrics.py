@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -11,6 +11,25 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+# labels taken from a request are bounded: the route's template (never the raw path) and
+# a served model id (anything else the client sends counts under one fixed label)
+UNMATCHED_ROUTE = "unmatched"
+OTHER_MODEL = "other"
+
+
+def route_label(scope: Mapping[str, Any]) -> str:
+    """The matched route's template (``/v1/files/{file_id}``), or ``unmatched``."""
+    route = scope.get("route")
+    return str(getattr(route, "path", None) or UNMATCHED_ROUTE)
+
+
+def model_label(model: object, served: Collection[str]) -> str:
+    """``model`` when it is served here, else ``other``; empty when the route has none."""
+    if model is None or model == "":
+        return ""
+    return model if isinstance(model, str) and model in served else OTHER_MODEL
+
 
 REQUEST_LATENCY = Histogram(
     "laneway_request_duration_seconds",

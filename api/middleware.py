@@ -1,16 +1,28 @@
-"""ASGI middleware: body-size limit (413) and request latency metrics."""
+"""The ASGI gate in front of every route: the API key (before any byte of the body is
+read), the body-size limit (413) and the request metrics.
+
+Order matters: an unauthenticated request is answered 401 from its headers alone, so a
+stranger cannot make the API buffer a 16 MB body; a body over the limit is refused by its
+``Content-Length`` or as it streams.
+"""
 
 from __future__ import annotations
 
-import json
+import hmac
 import time
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
-from api.metrics import ERRORS, REQUEST_LATENCY
+from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, route_label
+from api.responses import dumps
+from tasks.errors import AuthenticationFailed, LanewayError, PayloadTooLarge
+
+# what the API key protects: every OpenAI route, and (a setting) the operator pages
+V1_PREFIX = "/v1/"
+OPS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")
 
 
 class _TooLarge(StarletteHTTPException):
@@ -20,32 +32,44 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"Request body is larger than the limit of {limit} bytes")
 
 
-class BodyLimitAndMetrics:
-    """Refuses bodies over the limit (by header or as they stream) and times each request.
+class Gate:
+    """Authentication, body limit and metrics for every HTTP request.
 
-    Uploads to /v1/files get their own, larger limit.
-    """
+    Uploads to /v1/files get their own, larger limit."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        protect_ops: bool,
+        max_bytes: int,
+        max_file_bytes: int,
+        served_models: Collection[str],
+        routes: Callable[[], Iterable[BaseRoute]],
+    ) -> None:
         self.app = app
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.protect_ops = protect_ops
         self.max_bytes = max_bytes
         self.max_file_bytes = max_file_bytes
+        self.served_models = frozenset(served_models)
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        # multipart framing on top of the file itself
-        limit = self.max_file_bytes + 1024 * 1024 if path == "/v1/files" else self.max_bytes
         started = time.perf_counter()
-        status = {"code": 500}
+        path: str = scope["path"]
         headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            await self._refuse(send, limit, path)
-            self._observe(scope, 413, started)
+        refusal = self._refusal(path, headers)
+        if refusal is not None:
+            await self._refuse(scope, send, refusal)
+            self._observe(scope, refusal.status_code, started)
             return
+        limit = self.max_file_bytes + 1024 * 1024 if path == "/v1/files" else self.max_bytes
+        status = {"code": 500}
         seen = 0
 
         async def limited_receive() -> Message:
@@ -62,39 +86,59 @@ class BodyLimitAndMetrics:
                 status["code"] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_wrapper)
-        except _TooLarge:
-            await self._refuse(send, limit, path)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
             status["code"] = 413
+            await self._refuse(scope, send, _too_large(limit))
+        else:
+            try:
+                await self.app(scope, limited_receive, send_wrapper)
+            except _TooLarge:
+                status["code"] = 413
+                await self._refuse(scope, send, _too_large(limit))
         self._observe(scope, status["code"], started)
 
-    async def _refuse(self, send: Send, limit: int, path: str) -> None:
-        ERRORS.labels(route=path, code="413").inc()
-        body = json.dumps(
-            error_body(
-                f"Request body is larger than the limit of {limit} bytes",
-                "invalid_request_error",
-                None,
-                "request_too_large",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> LanewayError | None:
+        """401 for a protected path without the right key, decided from headers alone."""
+        if self.api_key is None:
+            return None
+        if not (path.startswith(V1_PREFIX) or (self.protect_ops and path in OPS_PATHS)):
+            return None
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            return None
+        return AuthenticationFailed(
+            "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
         )
+
+    def _route_of(self, scope: Scope) -> str:
+        """The template of the route a request would reach (it has not been routed yet)."""
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(route, "path", UNMATCHED_ROUTE))
+        return UNMATCHED_ROUTE
+
+    async def _refuse(self, scope: Scope, send: Send, exc: LanewayError) -> None:
+        route = route_label(scope) if scope.get("route") else self._route_of(scope)
+        ERRORS.labels(route=route, code=str(exc.status_code)).inc()
+        body = dumps(exc.body())
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if isinstance(exc, AuthenticationFailed):
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
-        route: Any = scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        model = scope.get("state", {}).get("model", "")
-        REQUEST_LATENCY.labels(route=path, model=model, status=str(status)).observe(
+        route = route_label(scope) if scope.get("route") else self._route_of(scope)
+        model = model_label(scope.get("state", {}).get("model"), self.served_models)
+        REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(
             time.perf_counter() - started
         )
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes")

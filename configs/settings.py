@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, description="when set, /v1/* needs it")
+    protect_ops: bool = Field(
+        default=False, description="the API key also guards /docs, /openapi.json, /metrics"
+    )
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=60.0, gt=0)
     live_queue_max: int = Field(default=1024, ge=1, description="queued live tasks per capability")
@@ -50,13 +53,16 @@ class Settings(BaseSettings):
     max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_batch_lines: int = Field(default=50_000, ge=1)
     chunk_lines: int = Field(default=256, ge=1, description="requests per batch chunk")
-    chunk_lease_s: float = Field(default=120.0, gt=0)
-    chunk_max_attempts: int = Field(default=5, ge=1)
-    chunk_queue_timeout_s: float = Field(
-        default=60.0, gt=0, description="a queued chunk not started by then is sent again"
+    chunk_lease_s: float = Field(
+        default=120.0, gt=0, description="lease of a running chunk, validation or finalisation"
     )
-    batch_queued_chunks: int = Field(default=4, ge=1, description="chunks queued per batch")
-    batch_chunks_in_flight: int = Field(default=2, ge=1, description="chunks a worker runs")
+    chunk_max_attempts: int = Field(default=5, ge=1)
+    batch_chunks_in_flight: int = Field(
+        default=2, ge=1, description="batch runner threads per worker (jobs it runs at once)"
+    )
+    batch_poll_s: float = Field(
+        default=1.0, gt=0, description="how often an idle batch runner looks for work"
+    )
     completion_window_s: int | None = Field(
         default=None, ge=1, description="overrides the 24h window (for tests)"
     )

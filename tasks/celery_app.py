@@ -6,7 +6,7 @@ from celery import Celery
 
 from configs.catalog import CAPABILITIES
 from configs.settings import Settings, get_settings
-from tasks.names import LANES, REAPER_TASK, queue_name, task_name
+from tasks.names import LANES, queue_name, task_name
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -20,7 +20,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
         for cap in CAPABILITIES
         for lane in LANES
     }
-    routes[REAPER_TASK] = {"queue": "laneway.control"}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -11,13 +11,21 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from configs.catalog import Catalog, CatalogEntry
-from tasks.errors import InvalidRequest, ModelNotFound
+from tasks.errors import InvalidRequest, ModelNotFound, invalid_request, quote, register_field_hint
 
 CAPABILITY = "embeddings"
 ENDPOINT = "/v1/embeddings"
 
 TokenList = list[StrictInt]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenList | list[TokenList]
+
+
+# one pydantic error per member of the union says less than this
+register_field_hint(
+    "input",
+    "Invalid value for 'input': expected a string, a list of strings, a list of token ids "
+    "(integers) or a list of such lists.",
+)
 
 
 class EmbeddingRequest(BaseModel):
@@ -63,7 +71,7 @@ def normalise_input(request: EmbeddingRequest, max_items: int) -> list[str | lis
 def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:
     if model not in served:
         raise ModelNotFound(
-            f"The model {model!r} does not exist or is not served here; served: "
+            f"The model {quote(model)} does not exist or is not served here; served: "
             f"{', '.join(served)}",
             param="model",
         )
@@ -98,11 +106,7 @@ def parse_body(body: Any) -> EmbeddingRequest:
     try:
         return EmbeddingRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = str(first["loc"][0]) if first.get("loc") else None
-        if first.get("type") == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
-        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param) from None
+        raise invalid_request(exc.errors()) from None
 
 
 def decode_vector(b64: str) -> list[float]:

@@ -1,12 +1,31 @@
-"""The one exception hierarchy. ``api/errors.py`` maps it to HTTP in OpenAI's shape.
+"""The one exception hierarchy, the one OpenAI error body, the one validation translator.
 
-Workers raise these too; they travel to the API as ``to_wire()`` dicts and come back as
-the same class through ``from_wire()``.
+``api/errors.py`` maps the hierarchy to HTTP. Workers raise these too; they travel to the
+API as ``to_wire()`` dicts and come back as the same class through ``from_wire()``. Batch
+output lines carry ``exc.body()``, the same body the live route would have answered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+# how much of a client's value an error message may quote (a 1 MB model name must not
+# come back as a 1 MB message)
+QUOTE_MAX = 80
+
+
+def quote(value: object, limit: int = QUOTE_MAX) -> str:
+    """``repr(value)`` cut to ``limit`` characters: safe to put in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape: the only place it is written."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class LanewayError(Exception):
@@ -20,6 +39,9 @@ class LanewayError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "kind": type(self).__name__,
@@ -32,6 +54,19 @@ class LanewayError(Exception):
     def from_wire(data: dict[str, Any]) -> LanewayError:
         cls = _REGISTRY.get(str(data.get("kind")), LanewayError)
         return cls(str(data.get("message", "")), param=data.get("param"), code=data.get("code"))
+
+
+class InternalError(LanewayError):
+    """Something broke that is not the caller's fault. The message names only the request
+    id; the detail goes to the log of whoever caught it."""
+
+    @classmethod
+    def for_request(cls, request_id: str | None) -> InternalError:
+        suffix = f" (request id {request_id})" if request_id else ""
+        return cls(
+            "The server had an error while processing your request"
+            f"{suffix}. Retry it, or report the request id if the error persists."
+        )
 
 
 class InvalidRequest(LanewayError):
@@ -56,11 +91,6 @@ class NotFound(LanewayError):
 
 class ModelNotFound(NotFound):
     default_code = "model_not_found"
-
-
-class Conflict(LanewayError):
-    status_code = 409
-    error_type = "invalid_request_error"
 
 
 class PayloadTooLarge(LanewayError):
@@ -104,3 +134,44 @@ def _subclasses(cls: type[LanewayError]) -> list[type[LanewayError]]:
 
 
 _REGISTRY: dict[str, type[LanewayError]] = {c.__name__: c for c in _subclasses(LanewayError)}
+
+
+# -- validation errors -----------------------------------------------------------------------
+
+# union-typed fields give one pydantic error per member; a capability says what is allowed
+# instead (``register_field_hint("input", ...)`` in its contract module)
+FIELD_HINTS: dict[str, str] = {}
+# where FastAPI says a value came from; not part of the parameter's name
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def register_field_hint(param: str, message: str) -> None:
+    FIELD_HINTS[param] = message
+
+
+def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+    """The one translation of pydantic (or FastAPI) validation errors into a message.
+
+    Live routes (``RequestValidationError``) and Batch API lines (``ValidationError``)
+    both come here, so the same bad request gets the same message in both."""
+    if not errors:
+        return InvalidRequest("Invalid request body.")
+    first = errors[0]
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON."
+        )
+    loc = [str(p) for p in first.get("loc", ()) if p not in _SOURCES]
+    # the request must be an object: pydantic says so at the top level
+    if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
+        return InvalidRequest("The request body must be a JSON object.")
+    param = loc[0] if loc else None
+    if kind == "missing":
+        if param is None:
+            return InvalidRequest("The request body is empty; send a JSON object.")
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if param in FIELD_HINTS:
+        return InvalidRequest(FIELD_HINTS[param], param=param)
+    where = f"'{'.'.join(loc)}'" if loc else "the body"
+    return InvalidRequest(f"Invalid value for {where}: {first.get('msg', 'invalid')}", param=param)

@@ -10,14 +10,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge
+from tasks.db import session_scope
+from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, quote
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, FileRow
 from tasks.pagination import paginate
+from tasks.safety import check_idempotency_key, is_id, text_problem
 
 UPLOAD_PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
 OUTPUT_PURPOSE = "batch_output"
 MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 24 * 3600
+MAX_FILENAME = 512  # the column's length
 
 
 def new_file_id() -> str:
@@ -38,15 +41,19 @@ def file_object(row: FileRow) -> dict[str, Any]:
     }
 
 
-def check_expires_after(anchor: str | None, seconds: int | None, *, param: str) -> int | None:
+def check_expires_after(anchor: Any, seconds: Any, *, param: str) -> int | None:
     """Seconds after creation the object expires (None: never), with OpenAI's bounds."""
     if anchor is None and seconds is None:
         return None
     if anchor != "created_at":
         raise InvalidRequest(f"'{param}[anchor]' must be 'created_at'", param=f"{param}[anchor]")
-    if seconds is None or not MIN_EXPIRY_S <= seconds <= MAX_EXPIRY_S:
+    if (
+        not isinstance(seconds, int)
+        or isinstance(seconds, bool)
+        or not MIN_EXPIRY_S <= seconds <= MAX_EXPIRY_S
+    ):
         raise InvalidRequest(
-            f"'{param}[seconds]' must be between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}",
+            f"'{param}[seconds]' must be an integer between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}",
             param=f"{param}[seconds]",
         )
     return seconds
@@ -75,8 +82,23 @@ def find_by_idempotency_key(session: Session, key: str | None) -> FileRow | None
     return session.scalars(select(FileRow).where(FileRow.idempotency_key == key)).first()
 
 
+def check_upload(
+    *, filename: str, purpose: str, idempotency_key: str | None
+) -> tuple[str, str | None]:
+    """The upload's name and key as they will be stored; 400 for what cannot be."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"{quote(purpose)} is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'",
+            param="purpose",
+        )
+    filename = filename or "upload"
+    problem = text_problem(filename, MAX_FILENAME)
+    if problem is not None:
+        raise InvalidRequest(f"the file's name {problem}", param="file")
+    return filename, check_idempotency_key(idempotency_key)
+
+
 def create_file(
-    session: Session,
     *,
     store: FileStore,
     source: BinaryIO,
@@ -85,40 +107,50 @@ def create_file(
     max_bytes: int,
     expires_after_s: int | None = None,
     idempotency_key: str | None = None,
-) -> FileRow:
-    if purpose not in UPLOAD_PURPOSES:
-        raise InvalidRequest(
-            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'",
-            param="purpose",
-        )
-    existing = find_by_idempotency_key(session, idempotency_key)
-    if existing is not None:
-        return existing
+) -> dict[str, Any]:
+    """Store an upload and record it; returns the file object.
+
+    No database transaction is open while the bytes are copied (up to ``max_bytes``):
+    the copy comes first, then the row in one short transaction. A copy that fails leaves
+    no blob (the store writes to a temporary name); a row that cannot be written takes its
+    blob with it."""
+    filename, idempotency_key = check_upload(
+        filename=filename, purpose=purpose, idempotency_key=idempotency_key
+    )
+    if idempotency_key:
+        with session_scope() as s:
+            existing = find_by_idempotency_key(s, idempotency_key)
+            if existing is not None:
+                return file_object(existing)
     file_id = new_file_id()
     key = f"files/{file_id}"
     try:
         size = store.write_from(key, source, limit=max_bytes)
     except OverflowError:
         raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
-    row = _new_row(file_id, filename or "upload", purpose, size, key, expires_after_s)
-    row.idempotency_key = idempotency_key or None
-    session.add(row)
+    row = _new_row(file_id, filename, purpose, size, key, expires_after_s)
+    row.idempotency_key = idempotency_key
     try:
-        session.flush()
+        with session_scope() as s:
+            s.add(row)
+            s.flush()
+            return file_object(row)
     except IntegrityError:  # the same key raced us: keep the first
-        session.rollback()
         store.delete(key)
-        winner = find_by_idempotency_key(session, idempotency_key)
-        if winner is None:
-            raise
-        return winner
-    return row
+        with session_scope() as s:
+            winner = find_by_idempotency_key(s, idempotency_key)
+            if winner is None:
+                raise
+            return file_object(winner)
+    except BaseException:
+        store.delete(key)
+        raise
 
 
 def get_file(session: Session, file_id: str) -> FileRow:
-    row = session.get(FileRow, file_id)
+    row = session.get(FileRow, file_id) if is_id(file_id) else None
     if row is None or row.deleted or (row.expires_at is not None and row.expires_at <= time.time()):
-        raise NotFound(f"No such File object: {file_id}", param="file_id")
+        raise NotFound(f"No such File object: {quote(file_id)}", param="file_id")
     return row
 
 
@@ -136,12 +168,14 @@ def list_files(
         (FileRow.expires_at.is_(None)) | (FileRow.expires_at > now),
     ]
     if purpose:
+        if purpose not in (*UPLOAD_PURPOSES, OUTPUT_PURPOSE):
+            raise InvalidRequest(f"unknown purpose {quote(purpose)}", param="purpose")
         where.append(FileRow.purpose == purpose)
     return paginate(session, FileRow, where=where, limit=limit, order=order, after=after)
 
 
 def _inputs_of_open_batches() -> Any:
-    from tasks.batches import OPEN_STATUSES  # tasks.batches imports this module
+    from tasks.batches.status import OPEN_STATUSES  # tasks.batches imports this module
 
     return select(BatchRow.input_file_id).where(BatchRow.status.in_(OPEN_STATUSES))
 
@@ -168,17 +202,20 @@ def put_output_file(
     filename: str,
     size: int,
     expires_after_s: int | None,
-) -> None:
-    """Record a batch's output or error file; a second call (re-finalisation) updates it.
+) -> str | None:
+    """Record a batch's output or error file; returns the storage key it had before (a
+    re-finalisation replaces it), or None for a new file.
 
     It expires ``expires_after_s`` after its ``created_at`` (the batch's
     ``output_expires_after``), or never."""
     row = session.get(FileRow, file_id)
     if row is None:
         session.add(_new_row(file_id, filename, OUTPUT_PURPOSE, size, key, expires_after_s))
-    else:
-        row.bytes, row.storage_key = size, key
-        row.expires_at = row.created_at + expires_after_s if expires_after_s else None
+        return None
+    old = row.storage_key
+    row.bytes, row.storage_key, row.deleted = size, key, False
+    row.expires_at = row.created_at + expires_after_s if expires_after_s else None
+    return old
 
 
 def expire_files(session: Session, *, store: FileStore) -> int:

@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from configs.settings import Settings, get_settings
 
 COPY_CHUNK = 1024 * 1024
+
+
+class MissingPart(FileNotFoundError):
+    """A part to assemble is not in the store: the whole would be short, so nothing is
+    written."""
 
 
 class FileStore:
@@ -61,18 +66,22 @@ class FileStore:
             tmp.unlink(missing_ok=True)
         return written
 
-    def concat(self, key: str, parts: list[str]) -> int:
-        """``key`` = the parts one after another (missing parts count as empty)."""
+    def concat(self, key: str, parts: Iterable[str]) -> int:
+        """``key`` = the parts one after another. A missing part raises ``MissingPart``
+        and leaves ``key`` as it was: a short file is never written."""
         tmp = self._tmp(key)
         written = 0
         try:
             with tmp.open("wb") as out:
                 for part in parts:
-                    path = self.path(part)
-                    if path.exists():
-                        with path.open("rb") as src:
-                            shutil.copyfileobj(src, out, COPY_CHUNK)
-                        written += path.stat().st_size
+                    try:
+                        src = self.path(part).open("rb")
+                    except FileNotFoundError:
+                        raise MissingPart(part) from None
+                    with src:
+                        while piece := src.read(COPY_CHUNK):
+                            out.write(piece)
+                            written += len(piece)
             os.replace(tmp, self.path(key))
         finally:
             tmp.unlink(missing_ok=True)
@@ -81,10 +90,17 @@ class FileStore:
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")
 
-    def read_range(self, key: str, start: int, end: int) -> bytes:
+    def iter_lines(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """The lines in bytes [start, end), read one at a time."""
         with self.path(key).open("rb") as f:
             f.seek(start)
-            return f.read(end - start)
+            left = end - start
+            while left > 0:
+                line = f.readline(left)
+                if not line:
+                    return
+                left -= len(line)
+                yield line
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         with self.path(key).open("rb") as f:
@@ -99,6 +115,18 @@ class FileStore:
 
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def siblings(self, key: str) -> list[str]:
+        """Keys in ``key``'s directory whose name starts with ``key``'s name."""
+        path = self.path(key)
+        if not path.parent.is_dir():
+            return []
+        parent = key.rpartition("/")[0]
+        return [
+            f"{parent}/{p.name}" if parent else p.name
+            for p in path.parent.iterdir()
+            if p.name.startswith(path.name)
+        ]
 
 
 def get_file_store(settings: Settings | None = None) -> FileStore:

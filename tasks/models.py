@@ -33,7 +33,6 @@ class FileRow(Base):
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="processed")
     storage_key: Mapped[str] = mapped_column(String(256))
-    lines: Mapped[int | None] = mapped_column(Integer, nullable=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
 
@@ -67,8 +66,11 @@ class BatchRow(Base):
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
-    # claim on validation / finalisation work, so a crashed claimant's work is redone
+    # claim on validation / finalisation work: whoever holds ``lease_token`` renews
+    # ``lease_until`` while it works; a claimant whose lease ran out is replaced, and every
+    # write it would still make is fenced by the token (see tasks/batches/status.py)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class ChunkRow(Base):
@@ -82,14 +84,13 @@ class ChunkRow(Base):
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
     line_start: Mapped[int] = mapped_column(Integer)
-    line_end: Mapped[int] = mapped_column(Integer)  # exclusive
     byte_start: Mapped[int] = mapped_column(BigInteger)
     byte_end: Mapped[int] = mapped_column(BigInteger)
-    # pending -> queued -> running -> done | failed; cancelled (see tasks/batches.py)
+    # pending -> running -> done | failed; cancelled (see tasks/batches/chunks.py)
     state: Mapped[str] = mapped_column(String(16), default="pending")
-    # deliveries so far; also the fencing token of the current run
+    # claims so far; also the fencing token of the current run
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # queued: when to send it again; running: when its lease runs out
+    # running: when its lease runs out (its holder renews it while it works)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     result_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     completed: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,8 +9,6 @@ LIVE: Lane = "live"
 BATCH: Lane = "batch"
 LANES: tuple[Lane, ...] = (LIVE, BATCH)
 
-REAPER_TASK = "laneway.batches.reap"
-
 
 def queue_name(capability: str, lane: Lane) -> str:
     """``embeddings.live``: one Redis list per capability and lane."""

@@ -7,7 +7,8 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from tasks.errors import InvalidRequest
+from tasks.errors import InvalidRequest, quote
+from tasks.safety import is_id
 
 Row = TypeVar("Row")
 
@@ -25,9 +26,9 @@ def paginate(
     ident = model.id  # type: ignore[attr-defined]
     query = select(model).where(*where)
     if after:
-        anchor = session.get(model, after)
+        anchor = session.get(model, after) if is_id(after) else None
         if anchor is None:
-            raise InvalidRequest(f"no object with id {after!r} to page after", param="after")
+            raise InvalidRequest(f"no object with id {quote(after)} to page after", param="after")
         a_created, a_id = anchor.created_at, anchor.id  # type: ignore[attr-defined]
         if order == "desc":
             query = query.where(or_(created < a_created, and_(created == a_created, ident < a_id)))

@@ -108,13 +108,34 @@ class Batcher:
         deadline: float | None = None,
         sent_at: float | None = None,
     ) -> Future[np.ndarray]:
-        job = Job([list(s) for s in seqs], lane, request_id, deadline, sent_at)
-        job.remaining = len(job.seqs)
-        job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
-        if not job.seqs:
-            job.future.set_result(job.out)
-            return job.future
-        items = [_Item(job, i, s) for i, s in enumerate(job.seqs)]
+        """One job: its token sequences, computed together or failed together."""
+        [future] = self.submit_many(
+            [seqs], lane=lane, request_id=request_id, deadline=deadline, sent_at=sent_at
+        )
+        return future
+
+    def submit_many(
+        self,
+        jobs: Sequence[Sequence[Sequence[int]]],
+        *,
+        lane: Lane = LIVE,
+        request_id: str | None = None,
+        deadline: float | None = None,
+        sent_at: float | None = None,
+    ) -> list[Future[np.ndarray]]:
+        """Several jobs at once (one lock, one sort): each succeeds or fails on its own."""
+        futures: list[Future[np.ndarray]] = []
+        items: list[_Item] = []
+        for seqs in jobs:
+            job = Job([list(s) for s in seqs], lane, request_id, deadline, sent_at)
+            job.remaining = len(job.seqs)
+            job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
+            futures.append(job.future)
+            if not job.seqs:
+                job.future.set_result(job.out)
+            items.extend(_Item(job, i, s) for i, s in enumerate(job.seqs))
+        if not items:
+            return futures
         with self._cond:
             if lane == BATCH:
                 self._batch.extend(items)
@@ -122,7 +143,7 @@ class Batcher:
             else:
                 self._live.extend(items)
             self._cond.notify()
-        return job.future
+        return futures
 
     def run(self, seqs: Sequence[Sequence[int]], **kw: object) -> np.ndarray:
         return self.submit(seqs, **kw).result()  # type: ignore[arg-type]
@@ -202,24 +223,37 @@ class Batcher:
                 if self._stopped:
                     return
                 items = self._take()
-            items = self._drop_gone(items)
-            if not items:
+            # a job that already failed (or was dropped) needs none of its other items
+            items = [it for it in self._drop_gone(items) if not it.job.future.done()]
+            if items:
+                self._forward(items)
+
+    def _forward(self, items: list[_Item]) -> None:
+        """One forward; when it raises, split it in halves and run each again, so the
+        item that breaks it fails its own job alone and every other job still gets its
+        vectors (a bad request costs about 2·log2(batch) extra forwards)."""
+        try:
+            vectors = self.backend.forward([it.seq for it in items])
+        except Exception as exc:
+            if len(items) == 1:
+                job = items[0].job
+                log.exception("forward failed for request %s", job.request_id or "(batch)")
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                return
+            half = len(items) // 2
+            for part in (items[:half], items[half:]):
+                part = [it for it in part if not it.job.future.done()]
+                if part:
+                    self._forward(part)
+            return
+        self.stats.record(len(items))
+        for it, vec in zip(items, vectors, strict=True):
+            job = it.job
+            if job.future.done():
                 continue
-            try:
-                vectors = self.backend.forward([it.seq for it in items])
-            except Exception as exc:
-                log.exception("forward failed for %d items", len(items))
-                for it in items:
-                    if not it.job.future.done():
-                        it.job.future.set_exception(exc)
-                continue
-            self.stats.record(len(items))
-            for it, vec in zip(items, vectors, strict=True):
-                job = it.job
-                if job.future.done():
-                    continue
-                assert job.out is not None
-                job.out[it.index] = vec
-                job.remaining -= 1
-                if job.remaining == 0:
-                    job.future.set_result(job.out)
+            assert job.out is not None
+            job.out[it.index] = vec
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.future.set_result(job.out)

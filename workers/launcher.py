@@ -60,15 +60,18 @@ def run_worker(
         raise SystemExit(f"none of the served models has capability {capability!r}")
     device = pin_device(device)
     runtime = WorkerRuntime(settings, capability=capability, device=device, entries=entries)
+    runner = task_bodies.make_batch_runner(runtime)
     app = get_celery()
-    task_bodies.register(app, runtime)
+    task_bodies.register(app, runtime, runner)
     runtime.start()
+    runner.start()
     stop_reaper = threading.Event()
-    task_bodies.start_reaper(runtime, stop_reaper)
+    task_bodies.start_reaper(runtime, runner, stop_reaper)
 
     @worker_shutdown.connect(weak=False)
     def _withdraw(**_: object) -> None:
         stop_reaper.set()
+        runner.stop()
         runtime.stop()
 
     # one log line per task costs more than the task on the live path

@@ -9,8 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +176,7 @@ class WorkerRuntime:
         deadline: float | None = None,
         sent_at: float | None = None,
     ) -> EmbedResult:
+        """One request; raises what failed it (``Dropped`` when its caller went away)."""
         [result] = self.embed_many(
             model,
             [EmbedCall(inputs, dimensions)],
@@ -185,7 +185,7 @@ class WorkerRuntime:
             deadline=deadline,
             sent_at=sent_at,
         )
-        if isinstance(result, LanewayError):
+        if isinstance(result, BaseException):
             raise result
         return result
 
@@ -198,13 +198,12 @@ class WorkerRuntime:
         request_id: str | None = None,
         deadline: float | None = None,
         sent_at: float | None = None,
-        on_wait: Callable[[], None] | None = None,
-        wait_interval_s: float = 10.0,
-    ) -> list[EmbedResult | LanewayError]:
-        """Many requests, one submission to the batcher; a bad request fails alone."""
+    ) -> list[EmbedResult | BaseException]:
+        """Many requests in one submission to the batcher, one job each: a bad request
+        (a ``LanewayError`` before compute, or whatever broke its forward) fails alone."""
         backend = self.backend(model)
         cache = self.caches[model]
-        outcomes: list[EmbedResult | LanewayError | None] = [None] * len(calls)
+        outcomes: list[EmbedResult | BaseException | None] = [None] * len(calls)
         prepared: list[tuple[int, list[list[int]], list[np.ndarray | None], list[bytes]]] = []
         for n, call in enumerate(calls):
             try:
@@ -219,39 +218,34 @@ class WorkerRuntime:
                 [cache.get(k) for k in keys] if cache.enabled else [None] * len(seqs)
             )
             prepared.append((n, seqs, vectors, keys))
-        todo = [
-            (p, i)
-            for p, (_, _, vectors, _) in enumerate(prepared)
-            for i, v in enumerate(vectors)
-            if v is None
-        ]
-        if todo:
-            future = self.batchers[model].submit(
-                [prepared[p][1][i] for p, i in todo],
-                lane=lane,
-                request_id=request_id,
-                deadline=deadline,
-                sent_at=sent_at,
-            )
-            while True:
-                try:
-                    computed = future.result(timeout=wait_interval_s if on_wait else None)
-                    break
-                except FutureTimeout:
-                    if on_wait is not None:
-                        on_wait()
-            for (p, i), vec in zip(todo, computed, strict=True):
-                prepared[p][2][i] = vec
+        missing = [[i for i, v in enumerate(p[2]) if v is None] for p in prepared]
+        futures = self.batchers[model].submit_many(
+            [[p[1][i] for i in todo] for p, todo in zip(prepared, missing, strict=True)],
+            lane=lane,
+            request_id=request_id,
+            deadline=deadline,
+            sent_at=sent_at,
+        )
+        for (n, seqs, vectors, keys), todo, future in zip(prepared, missing, futures, strict=True):
+            try:
+                computed = future.result()
+            except Exception as exc:
+                outcomes[n] = exc
+                continue
+            for i, vec in zip(todo, computed, strict=True):
+                vectors[i] = vec
                 if cache.enabled:
-                    cache.put(prepared[p][3][i], vec.copy())
-        for n, seqs, vectors, _ in prepared:
-            dims = calls[n].dimensions
-            out: list[np.ndarray] = []
-            for vec in vectors:
-                assert vec is not None
-                if dims is not None and dims < vec.shape[0]:
-                    vec = vec[:dims]
-                    vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
-                out.append(vec)
-            outcomes[n] = EmbedResult(out, sum(len(s) for s in seqs))
+                    cache.put(keys[i], vec.copy())
+            outcomes[n] = EmbedResult(
+                [_cut(v, calls[n].dimensions) for v in vectors if v is not None],
+                sum(len(s) for s in seqs),
+            )
         return [o for o in outcomes if o is not None]
+
+
+def _cut(vec: np.ndarray, dims: int | None) -> np.ndarray:
+    """A Matryoshka prefix of ``dims`` values, renormalised (the vector as is without)."""
+    if dims is None or dims >= vec.shape[0]:
+        return vec
+    out = vec[:dims]
+    return out / max(float(np.linalg.norm(out)), 1e-12)

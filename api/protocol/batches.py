@@ -1,10 +1,32 @@
-"""OpenAI /v1/batches request bodies (responses are built by tasks.batches.batch_object)."""
+"""OpenAI /v1/batches request and response models.
+
+The request model is what the route parses (wrong JSON types are a 400 here); the
+response models describe the batch object for the OpenAPI document only: the route
+passes ``tasks.batches.service.batch_object`` through without re-validating it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from tasks.batches.service import MAX_METADATA_KEY, MAX_METADATA_PAIRS, MAX_METADATA_VALUE
+
+Metadata = Annotated[
+    dict[
+        Annotated[StrictStr, Field(max_length=MAX_METADATA_KEY)],
+        Annotated[StrictStr, Field(max_length=MAX_METADATA_VALUE)],
+    ],
+    Field(max_length=MAX_METADATA_PAIRS),
+]
+
+
+class ExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    anchor: Literal["created_at"]
+    seconds: StrictInt
 
 
 class CreateBatchRequest(BaseModel):
@@ -13,5 +35,76 @@ class CreateBatchRequest(BaseModel):
     input_file_id: StrictStr
     endpoint: StrictStr
     completion_window: StrictStr
-    metadata: dict[str, Any] | None = None
-    output_expires_after: dict[str, Any] | None = None
+    metadata: Metadata | None = None
+    output_expires_after: ExpiresAfter | None = None
+
+
+class BatchError(BaseModel):
+    code: str | None
+    line: int | None
+    message: str | None
+    param: str | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class Batch(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    model: str | None
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating",
+        "failed",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    ]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+    usage: BatchUsage
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+__all__ = ["Batch", "BatchList", "CreateBatchRequest", "ExpiresAfter"]

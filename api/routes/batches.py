@@ -6,13 +6,18 @@ from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep
-from api.protocol.batches import CreateBatchRequest
+from api.protocol.batches import Batch, BatchList, CreateBatchRequest
+from api.protocol.errors import error_responses
 from api.serving import batches as serving
 
 router = APIRouter()
 
 
-@router.post("/v1/batches")
+@router.post(
+    "/v1/batches",
+    response_model=None,
+    responses={200: {"model": Batch}, **error_responses(400, 401, 404, 413)},
+)
 async def create_batch(
     body: CreateBatchRequest,
     settings: SettingsDep,
@@ -21,18 +26,30 @@ async def create_batch(
     return await run_in_threadpool(serving.create, settings, body, idempotency_key)
 
 
-@router.get("/v1/batches")
+@router.get(
+    "/v1/batches",
+    response_model=None,
+    responses={200: {"model": BatchList}, **error_responses(400, 401)},
+)
 async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> Any:
     return await run_in_threadpool(serving.listing, limit=limit, after=after)
 
 
-@router.get("/v1/batches/{batch_id}")
+@router.get(
+    "/v1/batches/{batch_id}",
+    response_model=None,
+    responses={200: {"model": Batch}, **error_responses(401, 404)},
+)
 async def retrieve_batch(batch_id: str) -> Any:
     return await run_in_threadpool(serving.retrieve, batch_id)
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
+@router.post(
+    "/v1/batches/{batch_id}/cancel",
+    response_model=None,
+    responses={200: {"model": Batch}, **error_responses(400, 401, 404)},
+)
 async def cancel_batch(batch_id: str) -> Any:
     return await run_in_threadpool(serving.cancel, batch_id)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from api.deps import StateDep, wait_disconnect
 from api.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from api.protocol.errors import error_responses
 from api.serving.embeddings import create_embeddings
 
 router = APIRouter()
@@ -14,7 +15,10 @@ router = APIRouter()
 @router.post(
     "/v1/embeddings",
     response_model=None,
-    responses={200: {"model": EmbeddingResponse}},
+    responses={
+        200: {"model": EmbeddingResponse},
+        **error_responses(400, 401, 404, 413, 429, 503, 504),
+    },
 )
 async def embeddings(body: EmbeddingRequest, request: Request, state: StateDep) -> Response:
     request.state.model = body.model

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import quote as url_quote
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -8,13 +9,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import SettingsDep
+from api.protocol.errors import error_responses
+from api.protocol.files import UPLOAD_SCHEMA, FileDeleted, FileList, FileObject, Purpose
 from api.serving import files as serving
 from tasks.errors import InvalidRequest
 
 router = APIRouter()
 
 
-@router.post("/v1/files")
+@router.post(
+    "/v1/files",
+    response_model=None,
+    responses={200: {"model": FileObject}, **error_responses(400, 401, 413)},
+    openapi_extra=UPLOAD_SCHEMA,
+)
 async def upload_file(
     request: Request,
     settings: SettingsDep,
@@ -41,9 +49,13 @@ async def upload_file(
         )
 
 
-@router.get("/v1/files")
+@router.get(
+    "/v1/files",
+    response_model=None,
+    responses={200: {"model": FileList}, **error_responses(400, 401)},
+)
 async def list_files(
-    purpose: str | None = None,
+    purpose: Purpose | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
@@ -53,21 +65,49 @@ async def list_files(
     )
 
 
-@router.get("/v1/files/{file_id}")
+@router.get(
+    "/v1/files/{file_id}",
+    response_model=None,
+    responses={200: {"model": FileObject}, **error_responses(401, 404)},
+)
 async def retrieve_file(file_id: str) -> Any:
     return await run_in_threadpool(serving.retrieve, file_id)
 
 
-@router.get("/v1/files/{file_id}/content")
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII ``filename`` for old clients and the real name as UTF-8 in
+    ``filename*`` (HTTP headers are Latin-1: a raw non-Latin-1 name cannot be sent)."""
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "_" for c in filename)
+    encoded = url_quote(filename.encode("utf-8", "surrogatepass"), safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+
+
+@router.get(
+    "/v1/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "The file's bytes",
+        },
+        **error_responses(401, 404),
+    },
+)
 async def file_content(file_id: str, settings: SettingsDep) -> StreamingResponse:
     chunks, name = await run_in_threadpool(serving.content, settings, file_id)
     return StreamingResponse(
         chunks,
         media_type="application/octet-stream",
-        headers={"content-disposition": f'attachment; filename="{name}"'},
+        headers={"content-disposition": content_disposition(name)},
     )
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete(
+    "/v1/files/{file_id}",
+    response_model=None,
+    responses={200: {"model": FileDeleted}, **error_responses(401, 404)},
+)
 async def delete_file(file_id: str, settings: SettingsDep) -> Any:
     return await run_in_threadpool(serving.delete, settings, file_id)

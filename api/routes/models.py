@@ -3,9 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import StateDep
+from api.protocol.errors import error_responses
 from api.protocol.models import ModelCard, ModelList
 from api.state import AppState
-from tasks.errors import ModelNotFound
+from tasks.errors import ModelNotFound, quote
 
 router = APIRouter()
 
@@ -21,13 +22,15 @@ def _card(state: AppState, model_id: str) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=[_card(state, m) for m in state.settings.models])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get(
+    "/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404)
+)
 async def get_model(model_id: str, state: StateDep) -> ModelCard:
     if model_id not in state.settings.models:
-        raise ModelNotFound(f"The model {model_id!r} does not exist", param="model")
+        raise ModelNotFound(f"The model {quote(model_id)} does not exist", param="model")
     return _card(state, model_id)

@@ -11,13 +11,15 @@ from redis.exceptions import RedisError
 
 from api.deps import StateDep
 from api.metrics import QUEUE_DEPTH, REGISTRY, WORKER_STATS, WORKERS
+from api.protocol.errors import error_responses
+from api.protocol.ops import HEALTH_RESPONSES, METRICS_RESPONSES
 from configs.catalog import CAPABILITIES
 from tasks.names import LANES, queue_name, worker_metrics_key
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_class=JSONResponse, responses=HEALTH_RESPONSES)
 async def health(state: StateDep) -> JSONResponse:
     models: dict[str, Any] = {}
     try:
@@ -27,7 +29,7 @@ async def health(state: StateDep) -> JSONResponse:
             models[model] = {"warm": bool(warm), "workers": live, "warm_workers": warm}
         broker = "ok"
     except (RedisError, OSError) as exc:
-        broker = f"unreachable: {exc}"
+        broker = f"unreachable: {type(exc).__name__}"
         models = {
             m: {"warm": False, "workers": [], "warm_workers": []} for m in state.settings.models
         }
@@ -38,7 +40,9 @@ async def health(state: StateDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_class=Response, responses={**METRICS_RESPONSES, **error_responses(401)}
+)
 async def metrics(state: StateDep) -> Response:
     try:
         queues = [queue_name(c, lane) for c in CAPABILITIES for lane in LANES]

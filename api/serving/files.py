@@ -33,18 +33,15 @@ def upload(
     expires_after_s: int | None,
     idempotency_key: str | None,
 ) -> dict[str, Any]:
-    with session_scope() as s:
-        row = files.create_file(
-            s,
-            store=get_file_store(settings),
-            source=source,
-            filename=filename,
-            purpose=purpose,
-            max_bytes=settings.max_file_bytes,
-            expires_after_s=expires_after_s,
-            idempotency_key=idempotency_key,
-        )
-        return files.file_object(row)
+    return files.create_file(
+        store=get_file_store(settings),
+        source=source,
+        filename=filename,
+        purpose=purpose,
+        max_bytes=settings.max_file_bytes,
+        expires_after_s=expires_after_s,
+        idempotency_key=idempotency_key,
+    )
 
 
 def retrieve(file_id: str) -> dict[str, Any]:

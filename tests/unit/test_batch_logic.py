@@ -1,18 +1,15 @@
-"""Batch API logic without processes: status transitions, input validation, pagination,
-chunk fencing and finalisation, run in-process over a SQLite file.
+"""Batch API logic without processes: status transitions, creation, cancellation, input
+validation, pagination, files and the file store, over a SQLite file.
 
-Celery is never reached: ``enqueue_chunks``/``enqueue_advance`` are replaced by a recorder,
-and the tests play the worker by calling ``run_chunk`` for each recorded chunk id.
-"""
+The engine itself (claims, leases, finalisers) runs in tests/integration/test_batch_engine.py,
+on SQLite and Postgres."""
 
 from __future__ import annotations
 
 import io
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +20,15 @@ from sqlalchemy.orm import sessionmaker
 import tasks.db
 from configs.catalog import Catalog, load_catalog
 from configs.settings import Settings
-from tasks import batches
-from tasks.batches import (
-    LEGAL,
-    TIMESTAMP_FIELD,
+from tasks.batches.lifecycle import BatchJob, validate_batch
+from tasks.batches.service import (
     BatchNotCancellable,
-    Outcome,
     check_metadata,
     create_batch,
     request_cancel,
-    transition,
-    validate_input,
 )
+from tasks.batches.status import LEGAL, TIMESTAMP_FIELD, claim, transition
+from tasks.batches.validation import MAX_ERRORS_REPORTED, Validation, validate_input
 from tasks.db import make_engine, session_scope
 from tasks.errors import InvalidRequest, LanewayError, NotFound
 from tasks.files import (
@@ -45,7 +39,7 @@ from tasks.files import (
     get_file,
     list_files,
 )
-from tasks.filestore import FileStore
+from tasks.filestore import FileStore, MissingPart
 from tasks.models import Base, BatchRow, ChunkRow, FileRow
 from tasks.pagination import page_object, paginate
 
@@ -89,22 +83,6 @@ def make_settings(**kw: Any) -> Settings:
     return Settings(**values)
 
 
-@dataclass
-class Queue:
-    """What the code under test would have sent to Celery."""
-
-    chunks: list[int] = field(default_factory=list)
-    advances: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> Queue:
-    queue = Queue()
-    monkeypatch.setattr(batches, "enqueue_chunks", lambda cap, ids: queue.chunks.extend(ids))
-    monkeypatch.setattr(batches, "enqueue_advance", lambda cap, bid: queue.advances.append(bid))
-    return queue
-
-
 def line(custom_id: Any, text: str = "hello", *, model: str = FAKE, **over: Any) -> bytes:
     obj: dict[str, Any] = {
         "custom_id": custom_id,
@@ -122,29 +100,14 @@ def jsonl(n: int, *, fail: set[int] | None = None) -> bytes:
 
 
 def upload(store: FileStore, content: bytes, *, purpose: str = "batch") -> str:
-    with session_scope() as s:
-        row = create_file(
-            s,
-            store=store,
-            source=io.BytesIO(content),
-            filename="in.jsonl",
-            purpose=purpose,
-            max_bytes=10**9,
-        )
-        return row.id
-
-
-def fake_execute(model: str, bodies: list[dict[str, Any]], renew: Any) -> list[Outcome]:
-    """200 with a one-number 'embedding' per body, 400 for the input 'FAIL'."""
-    out = []
-    for body in bodies:
-        if body["input"] == "FAIL":
-            error = {"message": "no", "type": "invalid_request_error", "param": None, "code": "x"}
-            out.append(Outcome(400, {"error": error}))
-        else:
-            tokens = len(body["input"].split())
-            out.append(Outcome(200, {"object": "list", "data": [body["input"]]}, tokens))
-    return out
+    row = create_file(
+        store=store,
+        source=io.BytesIO(content),
+        filename="in.jsonl",
+        purpose=purpose,
+        max_bytes=10**9,
+    )
+    return str(row["id"])
 
 
 def new_batch(settings: Settings, store: FileStore, content: bytes, **kw: Any) -> str:
@@ -180,30 +143,6 @@ def chunks(batch_id: str) -> list[ChunkRow]:
         for row in rows:
             s.expunge(row)
         return rows
-
-
-def drain(
-    sent: Queue,
-    settings: Settings,
-    store: FileStore,
-    execute: Callable[..., list[Outcome]] = fake_execute,
-    limit: int | None = None,
-) -> int:
-    """Play the worker: run every chunk message sent so far (and those they send)."""
-    ran = 0
-    while sent.chunks and (limit is None or ran < limit):
-        chunk_id = sent.chunks.pop(0)
-        batches.run_chunk(chunk_id, settings=settings, store=store, execute=execute)
-        ran += 1
-    return ran
-
-
-def file_lines(store: FileStore, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    with session_scope() as s:
-        key = get_file(s, file_id).storage_key
-    return [json.loads(x) for x in store.path(key).read_bytes().splitlines()]
 
 
 def make_row(status: str, **kw: Any) -> str:
@@ -272,12 +211,21 @@ def test_transition_of_a_missing_batch_is_false(db: None) -> None:
         assert transition(s, "batch_nope", "in_progress") is False
 
 
-def test_cancel_moves_pending_and_queued_chunks_but_not_running_ones(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
+def validated(settings: Settings, store: FileStore, catalog: Catalog, content: bytes) -> str:
+    batch_id = new_batch(settings, store, content)
+    with session_scope() as s:
+        token = claim(s, batch_id, "validating", 60)
+    assert token is not None
+    job = BatchJob(batch_id, "validating", token)
+    assert validate_batch(job, settings=settings, catalog=catalog, store=store) == "in_progress"
+    return batch_id
+
+
+def test_cancel_moves_pending_chunks_but_not_running_ones(
+    db: None, store: FileStore, catalog: Catalog
 ) -> None:
-    settings = make_settings(batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(12))
-    batches.start(batch_id, settings=settings, catalog=catalog, store=store)
+    settings = make_settings()
+    batch_id = validated(settings, store, catalog, jsonl(12))
     with session_scope() as s:  # one chunk is being computed right now
         s.execute(
             update(ChunkRow)
@@ -391,9 +339,7 @@ def test_expires_after_bounds() -> None:
 # -- validate_input() ------------------------------------------------------------------------
 
 
-def validate(
-    store: FileStore, catalog: Catalog, content: bytes, **settings: Any
-) -> batches.Validation:
+def validate(store: FileStore, catalog: Catalog, content: bytes, **settings: Any) -> Validation:
     store.path("files/v").parent.mkdir(parents=True, exist_ok=True)
     store.path("files/v").write_bytes(content)
     return validate_input(
@@ -414,7 +360,7 @@ def test_a_valid_file_is_cut_into_chunks_at_line_boundaries(
     v = validate(store, catalog, content, chunk_lines=4)
     assert v.errors == []
     assert v.total == 6 and v.model == FAKE
-    assert [(c.line_start, c.line_end) for c in v.chunks] == [(0, 4), (4, 6)]
+    assert [c.line_start for c in v.chunks] == [0, 4]
     assert v.chunks[0].byte_start == 0 and v.chunks[-1].byte_end == len(content)
     assert v.chunks[0].byte_end == v.chunks[1].byte_start
     ids = []
@@ -505,8 +451,8 @@ def test_an_empty_file_fails(store: FileStore, catalog: Catalog) -> None:
 def test_every_bad_line_is_listed_up_to_a_cap(store: FileStore, catalog: Catalog) -> None:
     v = validate(store, catalog, b"{x\n" * 5)
     assert [e["line"] for e in v.errors] == [1, 2, 3, 4, 5]
-    v = validate(store, catalog, b"{x\n" * (batches.MAX_ERRORS_REPORTED + 50))
-    assert len(v.errors) == batches.MAX_ERRORS_REPORTED
+    v = validate(store, catalog, b"{x\n" * (MAX_ERRORS_REPORTED + 50))
+    assert len(v.errors) == MAX_ERRORS_REPORTED
 
 
 # -- pagination -------------------------------------------------------------------------------
@@ -604,16 +550,16 @@ def test_file_listing_hides_deleted_and_expired_files(db: None, store: FileStore
 
 def test_file_idempotency_key(db: None, store: FileStore) -> None:
     def make(key: str) -> str:
-        with session_scope() as s:
-            return create_file(
-                s,
+        return str(
+            create_file(
                 store=store,
                 source=io.BytesIO(b"a\n"),
                 filename="a",
                 purpose="batch",
                 max_bytes=100,
                 idempotency_key=key,
-            ).id
+            )["id"]
+        )
 
     assert make("k") == make("k")
     assert make("k") != make("other")
@@ -630,329 +576,31 @@ def test_store_write_limit_leaves_nothing_behind(store: FileStore) -> None:
     assert store.write_from("files/ok", io.BytesIO(b"x" * 99), limit=99) == 99
 
 
-def test_store_concat_skips_missing_parts_and_rejects_escapes(store: FileStore) -> None:
+def test_store_concat_joins_parts_in_order(store: FileStore) -> None:
     store.write_lines("a/1", iter([b"one\n"]))
-    store.write_lines("a/2", iter([b"two\n"]))
-    assert store.concat("out", ["a/1", "a/missing", "a/2"]) == 8
-    assert store.path("out").read_bytes() == b"one\ntwo\n"
+    store.write_lines("a/2", iter([b"two\n", b"three\n"]))
+    assert store.concat("out", ["a/1", "a/2"]) == 14
+    assert store.path("out").read_bytes() == b"one\ntwo\nthree\n"
+
+
+def test_store_concat_refuses_a_missing_part_and_keeps_what_was_there(store: FileStore) -> None:
+    """Assembling with a part missing must fail loudly, never write a short file."""
+    store.write_lines("a/1", iter([b"one\n"]))
+    store.write_lines("out", iter([b"complete output\n"]))
+    with pytest.raises(MissingPart, match="a/missing"):
+        store.concat("out", ["a/1", "a/missing"])
+    assert store.path("out").read_bytes() == b"complete output\n"
+    assert sorted(p.name for p in store.root.iterdir()) == ["a", "out"]  # no temporary left
+
+
+def test_store_rejects_escapes(store: FileStore) -> None:
     for bad in ("../x", "/etc/passwd", "a/../../x"):
         with pytest.raises(ValueError):
             store.path(bad)
 
 
-# -- running batches in-process ----------------------------------------------------------------
-
-
-def run_to_end(
-    settings: Settings,
-    store: FileStore,
-    sent: Queue,
-    catalog: Catalog,
-    content: bytes,
-    execute: Callable[..., list[Outcome]] = fake_execute,
-) -> BatchRow:
-    batch_id = new_batch(settings, store, content)
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store, execute)
-    return batch(batch_id)
-
-
-def test_a_batch_runs_chunk_by_chunk_and_keeps_input_order(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings(chunk_lines=3, batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(10, fail={4, 9}), metadata={"k": "v"})
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    row = batch(batch_id)
-    assert row.status == "in_progress" and row.request_total == 10 and row.model == FAKE
-    assert len(chunks(batch_id)) == 4
-    assert len(sent.chunks) == 2  # only batch_queued_chunks go to Redis at once
-    drain(sent, settings, store, limit=1)
-    row = batch(batch_id)
-    assert (row.request_completed, row.request_failed) == (3, 0)  # counts move while it runs
-    drain(sent, settings, store)
-    row = batch(batch_id)
-    assert row.status == "completed"
-    assert row.in_progress_at and row.finalizing_at and row.completed_at
-    assert (row.request_total, row.request_completed, row.request_failed) == (10, 8, 2)
-    assert row.metadata_ == {"k": "v"}
-    out, err = file_lines(store, row.output_file_id), file_lines(store, row.error_file_id)
-    assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(10) if i not in {4, 9}]
-    assert [e["custom_id"] for e in err] == ["req-4", "req-9"]
-    for entry in out:
-        assert set(entry) == {"id", "custom_id", "response", "error"}
-        assert entry["id"].startswith("batch_req_") and entry["error"] is None
-        assert entry["response"]["status_code"] == 200
-        assert entry["response"]["request_id"].startswith("req_")
-        assert entry["response"]["body"]["data"] == [f"text {entry['custom_id'][4:]}"]
-    assert all(e["response"]["status_code"] == 400 for e in err)
-    assert len({e["id"] for e in out + err}) == 10
-    assert row.prompt_tokens == 16  # two words for each of the 8 that succeeded
-    assert batches.batch_object(row)["usage"]["input_tokens"] == 16
-    assert not store.path(f"batches/{batch_id}").exists()  # chunk parts cleaned up
-
-
-def test_a_batch_where_everything_fails_is_completed_without_output(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    row = run_to_end(make_settings(), store, sent, catalog, jsonl(5, fail=set(range(5))))
-    assert row.status == "completed"
-    assert row.output_file_id is None
-    assert len(file_lines(store, row.error_file_id)) == 5
-    assert (row.request_completed, row.request_failed) == (0, 5)
-
-
-def test_a_batch_where_nothing_fails_has_no_error_file(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    row = run_to_end(make_settings(), store, sent, catalog, jsonl(4))
-    assert row.status == "completed" and row.error_file_id is None
-    assert len(file_lines(store, row.output_file_id)) == 4
-
-
-def test_a_bad_file_fails_the_batch_with_every_error_listed(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    content = line("a") + b"{oops\n" + line("a") + line("b", method="GET")
-    row = run_to_end(make_settings(), store, sent, catalog, content)
-    assert row.status == "failed" and row.failed_at is not None
-    obj = batches.batch_object(row)
-    assert obj["errors"]["object"] == "list"
-    assert [(e["code"], e["line"]) for e in obj["errors"]["data"]] == [
-        ("invalid_json_line", 2),
-        ("duplicate_custom_id", 3),
-        ("invalid_method", 4),
-    ]
-    assert chunks(row.id) == [] and sent.chunks == []
-
-
-def test_a_stale_run_never_commits(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    """A run whose lease was taken over (attempts moved on) discards its results."""
-    settings = make_settings(chunk_lines=10)
-    batch_id = new_batch(settings, store, jsonl(3))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    (chunk_id,) = sent.chunks
-
-    def overtaken(model: str, bodies: list[dict[str, Any]], renew: Any) -> list[Outcome]:
-        with session_scope() as s:  # the reaper re-sent it and another worker claimed it
-            s.execute(update(ChunkRow).where(ChunkRow.id == chunk_id).values(attempts=2))
-        return fake_execute(model, bodies, renew)
-
-    drain(sent, settings, store, overtaken)
-    (chunk,) = chunks(batch_id)
-    assert chunk.state == "running" and chunk.attempts == 2 and chunk.result_key is None
-    row = batch(batch_id)
-    assert row.status == "in_progress" and row.request_completed == 0
-    assert list(store.path(f"batches/{batch_id}").iterdir()) == []
-    # a redelivery while the new owner's lease runs does nothing either
-    batches.run_chunk(chunk_id, settings=settings, store=store, execute=fake_execute)
-    assert chunks(batch_id)[0].attempts == 2
-    # once that lease runs out the reaper sends it again and it completes, counted once
-    with session_scope() as s:
-        s.execute(update(ChunkRow).where(ChunkRow.id == chunk_id).values(lease_until=0))
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    assert sent.chunks == [chunk_id]
-    drain(sent, settings, store)
-    row = batch(batch_id)
-    assert row.status == "completed" and row.request_completed == 3
-    assert [o["custom_id"] for o in file_lines(store, row.output_file_id)] == [
-        "req-0",
-        "req-1",
-        "req-2",
-    ]
-
-
-def test_a_chunk_delivered_too_often_fails_its_requests(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings(chunk_lines=10, chunk_max_attempts=2)
-    batch_id = new_batch(settings, store, jsonl(3))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    with session_scope() as s:
-        s.execute(update(ChunkRow).where(ChunkRow.batch_id == batch_id).values(attempts=2))
-
-    def poison(model: str, bodies: list[dict[str, Any]], renew: Any) -> list[Outcome]:
-        raise AssertionError("a chunk past its attempts must not run again")
-
-    drain(sent, settings, store, poison)
-    row = batch(batch_id)
-    assert row.status == "completed" and row.output_file_id is None
-    err = file_lines(store, row.error_file_id)
-    assert [e["response"]["body"]["error"]["code"] for e in err] == ["chunk_failed"] * 3
-    assert chunks(batch_id)[0].state == "failed"
-
-
-def test_reaper_resends_queued_chunks_whose_message_was_lost(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings(chunk_lines=2, batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(6))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    lost = list(sent.chunks)
-    sent.chunks.clear()  # Redis was flushed
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    assert sent.chunks == []  # their queue lease has not run out yet
-    with session_scope() as s:
-        s.execute(update(ChunkRow).where(ChunkRow.id.in_(lost)).values(lease_until=0))
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    assert sorted(sent.chunks) == sorted(lost)
-    drain(sent, settings, store)
-    row = batch(batch_id)
-    assert row.status == "completed" and row.request_completed == 6
-
-
-def test_reaper_starts_a_batch_whose_advance_message_was_lost(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings()
-    batch_id = new_batch(settings, store, jsonl(4))
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    assert batch(batch_id).status == "in_progress"
-    drain(sent, settings, store)
-    assert batch(batch_id).status == "completed"
-
-
-def test_cancel_keeps_finished_chunks_and_true_counts(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings(chunk_lines=2, batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(8, fail={1}))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store, limit=1)
-    with session_scope() as s:
-        request_cancel(s, batch_id)
-    drain(sent, settings, store)  # what was still queued stops without running
-    batches.advance(batch_id, settings=settings, store=store)
-    row = batch(batch_id)
-    assert row.status == "cancelled" and row.cancelled_at and row.cancelling_at
-    assert (row.request_total, row.request_completed, row.request_failed) == (8, 1, 1)
-    assert [o["custom_id"] for o in file_lines(store, row.output_file_id)] == ["req-0"]
-    assert [o["custom_id"] for o in file_lines(store, row.error_file_id)] == ["req-1"]
-
-
-def test_cancel_while_validating(db: None, store: FileStore, sent: Queue, catalog: Catalog) -> None:
-    settings = make_settings()
-    batch_id = new_batch(settings, store, jsonl(4))
-    with session_scope() as s:
-        assert batches._claim_batch(s, batch_id, "validating", 60)  # a validator is at work
-    with session_scope() as s:
-        request_cancel(s, batch_id)
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    row = batch(batch_id)
-    assert row.status == "cancelled", "a validator's claim must not hold up the cancel"
-    assert row.output_file_id is None and row.error_file_id is None
-    assert chunks(batch_id) == []
-
-
-def test_expiry_sends_unfinished_requests_to_the_error_file(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog
-) -> None:
-    settings = make_settings(chunk_lines=2, batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(7, fail={0}))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store, limit=1)
-    with session_scope() as s:
-        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=0))
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    row = batch(batch_id)
-    assert row.status == "expired" and row.expired_at is not None
-    assert (row.request_total, row.request_completed, row.request_failed) == (7, 1, 6)
-    assert [o["custom_id"] for o in file_lines(store, row.output_file_id)] == ["req-1"]
-    err = file_lines(store, row.error_file_id)
-    assert [e["custom_id"] for e in err] == [f"req-{i}" for i in (0, 2, 3, 4, 5, 6)]
-    assert err[0]["response"]["status_code"] == 400
-    for entry in err[1:]:
-        assert entry["response"] is None
-        assert entry["error"]["code"] == "batch_expired"
-    drain(sent, settings, store)  # late messages for expired chunks change nothing
-    assert batch(batch_id).request_completed == 1
-
-
-def test_concurrent_finishers_write_the_output_once(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two workers see the last chunk of a cancelled batch stop at the same moment and both
-    finish it: the output file must still hold every finished line."""
-    settings = make_settings(chunk_lines=2, batch_queued_chunks=4)
-    batch_id = new_batch(settings, store, jsonl(8))
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store, limit=2)
-    with session_scope() as s:
-        request_cancel(s, batch_id)
-
-    real_concat = FileStore.concat
-    interleaved = threading.Event()
-
-    def concat(self: FileStore, key: str, parts: list[str]) -> int:
-        if not interleaved.is_set():  # the other finisher runs to the end right here
-            interleaved.set()
-            batches.advance(batch_id, settings=settings, store=store)
-        return real_concat(self, key, parts)
-
-    monkeypatch.setattr(FileStore, "concat", concat)
-    batches.advance(batch_id, settings=settings, store=store)
-    assert interleaved.is_set()
-    row = batch(batch_id)
-    assert row.status == "cancelled"
-    out = file_lines(store, row.output_file_id)
-    assert [o["custom_id"] for o in out] == ["req-0", "req-1", "req-2", "req-3"]
-    with session_scope() as s:
-        assert (
-            get_file(s, row.output_file_id or "").bytes
-            == store.path(f"files/{row.output_file_id}").stat().st_size
-        )
-
-
-@pytest.mark.parametrize("how", ["deleted", "expired"])
-def test_a_running_batch_keeps_its_input_file(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog, how: str
-) -> None:
-    """The input file is deleted (or expires) while its batch runs: the batch still
-    finishes; the file is gone for the API at once, its content once the batch is done."""
-    settings = make_settings(chunk_lines=2, batch_queued_chunks=2)
-    batch_id = new_batch(settings, store, jsonl(6))
-    input_id = batch(batch_id).input_file_id
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store, limit=1)
-    with session_scope() as s:
-        if how == "deleted":
-            delete_file(s, store=store, file_id=input_id)
-        else:
-            s.execute(update(FileRow).where(FileRow.id == input_id).values(expires_at=1))
-    with session_scope() as s:
-        with pytest.raises(NotFound):
-            get_file(s, input_id)
-        listed, _ = list_files(s, purpose=None, limit=100, order="asc", after=None)
-        assert input_id not in {r.id for r in listed}
-    batches.reap(settings=settings, store=store, catalog=catalog)  # expires files too
-    assert store.exists(f"files/{input_id}")  # not while the batch needs it
-    drain(sent, settings, store)
-    row = batch(batch_id)
-    assert row.status == "completed"
-    assert len(file_lines(store, row.output_file_id)) == 6
-    batches.reap(settings=settings, store=store, catalog=catalog)
-    assert not store.exists(f"files/{input_id}")
-
-
-def test_output_files_expire_relative_to_their_own_creation(
-    db: None, store: FileStore, sent: Queue, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = make_settings()
-    batch_id = new_batch(
-        settings,
-        store,
-        jsonl(4, fail={0}),
-        output_expires_after={"anchor": "created_at", "seconds": 3600},
-    )
-    real_now = batches._now
-    monkeypatch.setattr(batches, "_now", lambda: real_now() + 1.5)  # finishing takes a while
-    batches.advance(batch_id, settings=settings, store=store, catalog=catalog)
-    drain(sent, settings, store)
-    row = batch(batch_id)
-    assert row.status == "completed"
-    with session_scope() as s:
-        for file_id in (row.output_file_id, row.error_file_id):
-            info = get_file(s, file_id or "")
-            assert info.expires_at == info.created_at + 3600
+def test_store_iter_lines_reads_a_byte_range(store: FileStore) -> None:
+    store.write_lines("f", iter([b"a\n", b"bb\n", b"ccc\n", b"tail"]))
+    assert list(store.iter_lines("f", 2, 9)) == [b"bb\n", b"ccc\n"]
+    assert list(store.iter_lines("f", 9, 13)) == [b"tail"]
+    assert list(store.iter_lines("f", 0, 0)) == []

@@ -249,21 +249,56 @@ def test_gone_check_failure_does_not_stop_compute(
     assert out.shape == (1, backend.dimensions)
 
 
-def test_forward_exception_reaches_every_future(
+def test_a_failing_item_fails_its_own_job_alone(
     backend: RecordingBackend, make_batcher: MakeBatcher
 ) -> None:
+    """One forward holds three jobs; the forward raises because of one item: the forward
+    is split until that item is found, and the other jobs still get their vectors."""
     batcher = make_batcher()
     first = block_scheduler(backend, batcher)
-    a = batcher.submit([seq(3, 1)])
-    b = batcher.submit([seq(3, 2), seq(3, 3)])
+    good = batcher.submit([seq(3, 2), seq(3, 3)])
+    bad = batcher.submit([seq(3, 4), seq(3, 1)])  # its second item breaks any forward
+    other = batcher.submit([seq(5, 7)])
     backend.fail_if = lambda batch: seq(3, 1) in batch
     backend.release()
     first.result(5)
-    for f in (a, b):  # one forward held both jobs: both see the error
-        with pytest.raises(RuntimeError, match="out of memory"):
-            f.result(5)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bad.result(5)
+    assert good.result(5).shape == (2, backend.dimensions)
+    assert other.result(5).shape == (1, backend.dimensions)
+    np.testing.assert_allclose(good.result()[0], batcher.run([seq(3, 2)])[0], atol=1e-6)
+    # the split costs forwards logarithmic in the batch, not one per item
+    assert len(backend.batches) <= 1 + 2 * 3 + 1 + 1
     backend.fail_if = None
     assert batcher.run([seq(2, 9)]).shape == (1, backend.dimensions)  # still serving
+
+
+def test_a_forward_that_always_fails_fails_every_job(
+    backend: RecordingBackend, make_batcher: MakeBatcher
+) -> None:
+    batcher = make_batcher()
+    backend.fail_if = lambda batch: True
+    futures = batcher.submit_many([[seq(3, i)] for i in range(4)], lane=BATCH)
+    for f in futures:
+        with pytest.raises(RuntimeError):
+            f.result(5)
+    backend.fail_if = None
+    assert batcher.run([seq(2, 9)]).shape == (1, backend.dimensions)
+
+
+def test_items_of_a_failed_job_are_not_computed_again(
+    backend: RecordingBackend, make_batcher: MakeBatcher
+) -> None:
+    """A job whose first item failed has nothing to gain from its others' forwards."""
+    batcher = make_batcher(max_batch_size=1)
+    backend.hold()
+    bad = batcher.submit([seq(3, 1), seq(3, 2), seq(3, 3)], lane=BATCH)
+    backend.fail_if = lambda batch: seq(3, 1) in batch
+    backend.release()
+    with pytest.raises(RuntimeError):
+        bad.result(5)
+    time.sleep(0.1)
+    assert backend.batches == [[seq(3, 1)]]
 
 
 def test_empty_submit_resolves_at_once(

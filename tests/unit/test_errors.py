@@ -16,7 +16,7 @@ ALL = [
     errors.AuthenticationFailed,
     errors.NotFound,
     errors.ModelNotFound,
-    errors.Conflict,
+    errors.InternalError,
     errors.PayloadTooLarge,
     errors.QueueFull,
     errors.ClientGone,
@@ -83,3 +83,58 @@ def test_queue_full_retry_after() -> None:
 def test_context_length_is_an_invalid_request() -> None:
     assert issubclass(errors.ContextLengthExceeded, errors.InvalidRequest)
     assert errors.ContextLengthExceeded("x").code == "context_length_exceeded"
+
+
+def test_the_error_body_is_openais_shape() -> None:
+    assert errors.InvalidRequest("bad", param="input", code="c").body() == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": "input", "code": "c"}
+    }
+
+
+def test_an_internal_error_names_the_request_and_nothing_else() -> None:
+    exc = errors.InternalError.for_request("req_123")
+    assert exc.status_code == 500 and exc.error_type == "server_error"
+    assert "req_123" in exc.message
+    assert "req_" not in errors.InternalError.for_request(None).message
+
+
+def test_quote_bounds_what_a_message_echoes() -> None:
+    assert errors.quote("short") == "'short'"
+    long = errors.quote("x" * 10**6)
+    assert len(long) <= errors.QUOTE_MAX and long.startswith("'xxx") and long.endswith("...'")
+
+
+def _pydantic_errors(body: object) -> list[dict[str, object]]:
+    from pydantic import ValidationError
+
+    from tasks.embeddings import EmbeddingRequest
+
+    try:
+        EmbeddingRequest.model_validate(body)
+    except ValidationError as exc:
+        return [dict(e) for e in exc.errors()]
+    raise AssertionError("expected a validation error")
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "contains"),
+    [
+        ({"input": "x"}, "model", "Missing required parameter: 'model'."),
+        ({"model": "m", "input": 5}, "input", "a list of token ids"),
+        ({"model": "m", "input": "x", "dimensions": "8"}, "dimensions", "'dimensions'"),
+        ({"model": "m", "input": "x", "encoding_format": "hex"}, "encoding_format", "'float'"),
+        ([], None, "must be a JSON object"),
+    ],
+)
+def test_one_translation_for_live_routes_and_batch_lines(
+    body: object, param: str | None, contains: str
+) -> None:
+    """FastAPI prefixes locations with where the value came from ('body'); a batch line's
+    pydantic error does not. Both must give the same message."""
+    batch = errors.invalid_request(_pydantic_errors(body))
+    live = errors.invalid_request(
+        [{**e, "loc": ("body", *e["loc"])} for e in _pydantic_errors(body)]  # type: ignore[misc]
+    )
+    assert (batch.message, batch.param) == (live.message, live.param)
+    assert batch.param == param
+    assert contains in batch.message, batch.message

@@ -1,0 +1,366 @@
+"""The life of a batch after it is created: validation, the move to ``finalizing``, and
+finalisation (the output and error files) into completed, cancelled or expired.
+
+Validation and finalisation are jobs a worker claims with the batch's lease
+(``claim_batch_job``) and holds with a heartbeat while it works. Each ends in one fenced
+transaction: the rows it writes and the status move commit together, and only while the
+job's token is still the batch's. A finaliser writes its files under names of its own
+(``files/<id>-<token>``) and only its fenced commit points the File rows at them, so a
+finaliser that lost its lease (it froze past ``chunk_lease_s`` and another took over)
+can never replace a finished batch's output, and parts are deleted only by the finaliser
+whose commit won.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from configs.catalog import Catalog
+from configs.settings import Settings
+from tasks.batches import status
+from tasks.batches.chunks import UNFINISHED
+from tasks.batches.leases import Heartbeat
+from tasks.batches.lines import expired_line, iter_requests
+from tasks.batches.status import now, transition
+from tasks.batches.validation import ChunkSpec, Validation, validate_input
+from tasks.db import session_scope
+from tasks.files import put_output_file
+from tasks.filestore import FileStore
+from tasks.models import BatchRow, ChunkRow, FileRow
+
+log = logging.getLogger(__name__)
+
+# the status a batch job is claimed in -> where finalising it leads
+FINALISE_TO = {"finalizing": "completed", "cancelling": "cancelled", "in_progress": "expired"}
+CLAIM_CANDIDATES = 4
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """A claimed validation (``status == "validating"``) or finalisation."""
+
+    batch_id: str
+    status: str
+    token: str
+
+    def __str__(self) -> str:
+        what = "validation" if self.status == "validating" else "finalisation"
+        return f"{what} of {self.batch_id}"
+
+
+# -- cheap moves ------------------------------------------------------------------------------
+
+
+def advance(batch_id: str | None = None) -> int:
+    """The moves that need no claim, judged from the database alone, for one batch or
+    every open one: in progress with no chunk left to run -> ``finalizing``; still
+    validating past its window -> ``expired``. Returns how many batches moved."""
+    t = now()
+    unfinished = select(ChunkRow.batch_id).where(ChunkRow.state.in_(UNFINISHED))
+    ready = select(BatchRow.id).where(
+        BatchRow.status == "in_progress", BatchRow.id.not_in(unfinished)
+    )
+    late = select(BatchRow.id).where(BatchRow.status == "validating", BatchRow.expires_at <= t)
+    if batch_id is not None:
+        ready, late = ready.where(BatchRow.id == batch_id), late.where(BatchRow.id == batch_id)
+    moved = 0
+    with session_scope() as s:
+        for bid in s.scalars(ready).all():
+            moved += transition(s, bid, "finalizing")
+        for bid in s.scalars(late).all():
+            moved += transition(s, bid, "expired")
+    return moved
+
+
+# -- claiming a job -----------------------------------------------------------------------------
+
+
+def claim_batch_job(*, settings: Settings, capability: str) -> BatchJob | None:
+    """The oldest batch of ``capability`` that needs a validator or a finaliser and has
+    none (no lease, or a lapsed one), claimed; None when there is none."""
+    t = now()
+    running = select(ChunkRow.batch_id).where(ChunkRow.state == "running")
+    needs_work = or_(
+        and_(
+            BatchRow.status == "validating",
+            or_(BatchRow.expires_at.is_(None), BatchRow.expires_at > t),
+        ),
+        BatchRow.status == "finalizing",
+        and_(BatchRow.status == "cancelling", BatchRow.id.not_in(running)),
+        and_(BatchRow.status == "in_progress", BatchRow.expires_at <= t),
+    )
+    with session_scope() as s:
+        rows = s.execute(
+            select(BatchRow.id, BatchRow.status)
+            .where(
+                BatchRow.capability == capability,
+                or_(BatchRow.lease_until.is_(None), BatchRow.lease_until < t),
+                needs_work,
+            )
+            .order_by(BatchRow.created_at, BatchRow.id)
+            .limit(CLAIM_CANDIDATES)
+        ).all()
+    for batch_id, batch_status in rows:
+        with session_scope() as s:
+            token = status.claim(s, batch_id, batch_status, settings.chunk_lease_s)
+        if token is not None:
+            return BatchJob(batch_id, batch_status, token)
+    return None
+
+
+def _heartbeat(job: BatchJob, settings: Settings) -> Heartbeat:
+    def renew() -> bool:
+        with session_scope() as s:
+            return status.renew(s, job.batch_id, job.token, settings.chunk_lease_s)
+
+    return Heartbeat(renew, settings.chunk_lease_s / 3, str(job))
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def validate_batch(
+    job: BatchJob, *, settings: Settings, catalog: Catalog, store: FileStore
+) -> str | None:
+    """validating -> in_progress (chunk rows recorded) or failed (errors listed); returns
+    the new status, or None when the job was no longer ours (cancelled, expired, or
+    taken over)."""
+    with _heartbeat(job, settings):
+        with session_scope() as s:
+            batch = s.get(BatchRow, job.batch_id)
+            if batch is None:
+                return None
+            file_row = s.get(FileRow, batch.input_file_id)
+            endpoint = batch.endpoint
+            # also when deleted or expired for the API since the batch was created
+            found = file_row is not None and not file_row.deleted
+            key, size = (file_row.storage_key, file_row.bytes) if found and file_row else ("", 0)
+        if found:
+            v = validate_input(
+                settings=settings,
+                catalog=catalog,
+                store=store,
+                storage_key=key,
+                size=size,
+                endpoint=endpoint,
+            )
+        else:
+            v = Validation()
+            v.error("file_not_found", None, "the input file was deleted before validation")
+        with session_scope() as s:
+            return _record_validation(s, job, v)
+
+
+def _record_validation(s: Session, job: BatchJob, v: Validation) -> str | None:
+    if v.errors:
+        moved = transition(
+            s, job.batch_id, "failed", fence=job.token, errors=v.errors, request_total=v.total
+        )
+        return "failed" if moved else None
+    s.add_all(_chunk_row(job.batch_id, i, spec) for i, spec in enumerate(v.chunks))
+    s.flush()
+    if transition(
+        s, job.batch_id, "in_progress", fence=job.token, model=v.model, request_total=v.total
+    ):
+        return "in_progress"
+    s.rollback()  # cancelled, expired or taken over meanwhile: no chunks wanted
+    return None
+
+
+def _chunk_row(batch_id: str, index: int, spec: ChunkSpec) -> ChunkRow:
+    return ChunkRow(
+        batch_id=batch_id,
+        index=index,
+        line_start=spec.line_start,
+        byte_start=spec.byte_start,
+        byte_end=spec.byte_end,
+        state="pending",
+        attempts=0,
+        completed=0,
+        failed=0,
+        prompt_tokens=0,
+    )
+
+
+# -- finalisation ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What a finaliser assembles: the committed chunks and, when expiring, the rest."""
+
+    input_key: str
+    expires_after_s: int | None
+    done: list[ChunkRow] = field(default_factory=list)
+    unfinished: list[ChunkRow] = field(default_factory=list)
+
+    @property
+    def completed(self) -> int:
+        return sum(c.completed for c in self.done)
+
+    @property
+    def failed(self) -> int:
+        return sum(c.failed for c in self.done)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.done)
+
+
+def result_file_id(batch_id: str, kind: str) -> str:
+    """The id of a batch's output or error file: the same for every finaliser."""
+    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
+
+
+def _plan(job: BatchJob, to: str) -> _Plan | None:
+    """Read what to assemble; when expiring, first stop every unfinished chunk (fenced:
+    None when the batch is no longer ours)."""
+    with session_scope() as s:
+        batch = s.get(BatchRow, job.batch_id)
+        if batch is None or batch.lease_token != job.token:
+            return None
+        if to == "expired":
+            s.execute(
+                update(ChunkRow)
+                .where(ChunkRow.batch_id == job.batch_id, ChunkRow.state.in_(UNFINISHED))
+                .values(state="cancelled", lease_until=None)
+            )
+        input_row = s.get(FileRow, batch.input_file_id)
+        seconds = (batch.output_expires_after or {}).get("seconds")
+        plan = _Plan(
+            input_key=input_row.storage_key if input_row is not None else "",
+            expires_after_s=int(seconds) if seconds else None,
+        )
+        for chunk in s.scalars(
+            select(ChunkRow).where(ChunkRow.batch_id == job.batch_id).order_by(ChunkRow.index)
+        ):
+            finished = chunk.state in ("done", "failed") and chunk.result_key
+            (plan.done if finished else plan.unfinished).append(chunk)
+            s.expunge(chunk)
+    return plan
+
+
+def _expired_lines(
+    store: FileStore, job: BatchJob, plan: _Plan, count: list[int]
+) -> Iterator[bytes]:
+    """A ``batch_expired`` line for every request of an unfinished chunk, streamed from
+    the input file (never all in memory)."""
+    for chunk in plan.unfinished:
+        requests = iter_requests(store, plan.input_key, chunk.byte_start, chunk.byte_end)
+        for i, request in enumerate(requests):
+            count[0] += 1
+            yield expired_line(job.batch_id, chunk.line_start + i, request["custom_id"])
+
+
+@dataclass
+class _Written:
+    """The files a finaliser wrote: (file id, storage key, size) by kind."""
+
+    files: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    expired: int = 0
+
+    def storage_keys(self) -> list[str]:
+        return [key for _, key, _ in self.files.values()]
+
+
+def _write_files(store: FileStore, job: BatchJob, to: str, plan: _Plan) -> _Written:
+    written = _Written()
+
+    def assemble(kind: str, parts: list[str]) -> None:
+        file_id = result_file_id(job.batch_id, kind)
+        key = f"files/{file_id}-{job.token[:16]}"
+        written.files[kind] = (file_id, key, 0)  # recorded first: removed if concat fails
+        written.files[kind] = (file_id, key, store.concat(key, parts))
+
+    if plan.completed:
+        assemble("output", [f"{c.result_key}.out" for c in plan.done])
+    err_parts = [f"{c.result_key}.err" for c in plan.done]
+    if to == "expired" and plan.unfinished:
+        count = [0]
+        expired_key = f"batches/{job.batch_id}/expired-{job.token[:16]}.err"
+        store.write_lines(expired_key, _expired_lines(store, job, plan, count))
+        written.expired = count[0]
+        err_parts.append(expired_key)
+    if plan.failed or written.expired:
+        assemble("error", err_parts)
+    return written
+
+
+def _commit_finalisation(
+    job: BatchJob, to: str, plan: _Plan, written: _Written
+) -> list[str] | None:
+    """Point the File rows at the new files and move the batch, in one fenced
+    transaction; returns the storage keys the rows pointed at before (to delete), or None
+    when the batch was no longer ours."""
+    superseded: list[str] = []
+    with session_scope() as s:
+        for kind, (file_id, key, size) in written.files.items():
+            old = put_output_file(
+                s,
+                file_id=file_id,
+                key=key,
+                filename=f"{job.batch_id}_{kind}.jsonl",
+                size=size,
+                expires_after_s=plan.expires_after_s,
+            )
+            if old is not None and old != key:
+                superseded.append(old)
+        moved = transition(
+            s,
+            job.batch_id,
+            to,
+            fence=job.token,
+            output_file_id=written.files.get("output", (None,))[0],
+            error_file_id=written.files.get("error", (None,))[0],
+            request_completed=plan.completed,
+            request_failed=plan.failed + written.expired,
+            prompt_tokens=plan.prompt_tokens,
+        )
+        if not moved:
+            s.rollback()
+            return None
+    return superseded
+
+
+def finalize(job: BatchJob, *, store: FileStore, settings: Settings) -> bool:
+    """Write the output and error files from the committed chunks, then move the batch to
+    completed, cancelled or expired; returns whether this finaliser's commit won."""
+    to = FINALISE_TO[job.status]
+    written = _Written()
+    plan: _Plan | None = None
+    superseded: list[str] | None = None
+    try:
+        with _heartbeat(job, settings) as beat:
+            plan = _plan(job, to)
+            if plan is not None:
+                written = _write_files(store, job, to, plan)
+                if not beat.lost:
+                    superseded = _commit_finalisation(job, to, plan, written)
+    finally:
+        if superseded is None:  # lost, taken over or broken: what we wrote never counted
+            for key in written.storage_keys():
+                store.delete(key)
+    if superseded is None or plan is None:
+        log.warning("%s: the batch was no longer ours; nothing written", job)
+        return False
+    store.delete_tree(f"batches/{job.batch_id}")
+    for key in superseded:
+        store.delete(key)
+    for file_id, key, _ in written.files.values():  # a crashed finaliser's leftovers
+        for other in store.siblings(f"files/{file_id}-"):
+            if other != key:
+                store.delete(other)
+    log.info(
+        "batch %s %s: %d completed, %d failed",
+        job.batch_id,
+        to,
+        plan.completed,
+        plan.failed + written.expired,
+    )
+    return True

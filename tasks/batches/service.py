@@ -1,0 +1,236 @@
+"""What the API asks of batches: create, retrieve, list, cancel, and the batch object.
+
+Everything here is short database work; the heavy lifting (validation, chunks,
+finalisation) happens in the workers, which ``notify`` wakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from configs.settings import Settings
+from tasks.batches.endpoints import BATCH_ENDPOINTS
+from tasks.batches.status import transition
+from tasks.errors import InvalidRequest, NotFound, quote
+from tasks.files import check_expires_after, get_file
+from tasks.models import BatchRow, ChunkRow
+from tasks.names import BATCH, queue_name, task_name
+from tasks.pagination import paginate
+from tasks.safety import check_idempotency_key, is_id, text_problem
+
+log = logging.getLogger(__name__)
+
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+class BatchNotCancellable(InvalidRequest):
+    default_code = "batch_not_cancellable"
+
+
+def batch_object(row: BatchRow) -> dict[str, Any]:
+    tokens = int(row.prompt_tokens or 0)
+    return {
+        "id": row.id,
+        "object": "batch",
+        "endpoint": row.endpoint,
+        "model": row.model,
+        "errors": {"object": "list", "data": row.errors} if row.errors else None,
+        "input_file_id": row.input_file_id,
+        "completion_window": row.completion_window,
+        "status": row.status,
+        "output_file_id": row.output_file_id,
+        "error_file_id": row.error_file_id,
+        "created_at": row.created_at,
+        "in_progress_at": row.in_progress_at,
+        "expires_at": row.expires_at,
+        "finalizing_at": row.finalizing_at,
+        "completed_at": row.completed_at,
+        "failed_at": row.failed_at,
+        "expired_at": row.expired_at,
+        "cancelling_at": row.cancelling_at,
+        "cancelled_at": row.cancelled_at,
+        "request_counts": {
+            "total": row.request_total,
+            "completed": row.request_completed,
+            "failed": row.request_failed,
+        },
+        "metadata": row.metadata_,
+        "usage": {
+            "input_tokens": tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 0,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": tokens,
+        },
+    }
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """OpenAI's limits: at most 16 pairs, keys of 64 and values of 512 characters."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("'metadata' must be an object of strings", param="metadata")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(
+            f"'metadata' may have at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequest(
+                f"metadata keys and values must be strings; {quote(key)} is not",
+                param="metadata",
+            )
+        for what, text, limit in (
+            ("key", key, MAX_METADATA_KEY),
+            ("value", value, MAX_METADATA_VALUE),
+        ):
+            problem = text_problem(text, limit)
+            if problem is not None:
+                raise InvalidRequest(
+                    f"metadata {what} {quote(text if what == 'key' else key)} {problem}",
+                    param="metadata",
+                )
+    return dict(metadata)
+
+
+def _by_idempotency_key(session: Session, key: str) -> BatchRow | None:
+    return session.scalars(select(BatchRow).where(BatchRow.idempotency_key == key)).first()
+
+
+def _checked_expiry(output_expires_after: Any) -> dict[str, Any] | None:
+    if output_expires_after is None:
+        return None
+    if not isinstance(output_expires_after, dict):
+        raise InvalidRequest(
+            "'output_expires_after' must be an object", param="output_expires_after"
+        )
+    seconds = check_expires_after(
+        output_expires_after.get("anchor"),
+        output_expires_after.get("seconds"),
+        param="output_expires_after",
+    )
+    return {"anchor": "created_at", "seconds": seconds} if seconds else None
+
+
+def create_batch(
+    session: Session,
+    *,
+    settings: Settings,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: Any = None,
+    output_expires_after: Any = None,
+    idempotency_key: str | None = None,
+) -> tuple[BatchRow, bool]:
+    """A new batch in ``validating`` (or the one created earlier with the same key).
+
+    Returns (row, created)."""
+    idempotency_key = check_idempotency_key(idempotency_key)
+    if idempotency_key:
+        found = _by_idempotency_key(session, idempotency_key)
+        if found is not None:
+            return found, False
+    if endpoint not in BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint {quote(endpoint)} is not supported; supported: {', '.join(BATCH_ENDPOINTS)}",
+            param="endpoint",
+            code="invalid_endpoint",
+        )
+    if completion_window not in COMPLETION_WINDOWS:
+        raise InvalidRequest(
+            f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}",
+            param="completion_window",
+        )
+    metadata = check_metadata(metadata)
+    expiry = _checked_expiry(output_expires_after)
+    try:
+        file_row = get_file(session, input_file_id)
+    except NotFound:
+        raise NotFound(
+            f"No such File object: {quote(input_file_id)}", param="input_file_id"
+        ) from None
+    if file_row.purpose != "batch":
+        raise InvalidRequest(
+            f"file {input_file_id} has purpose {file_row.purpose!r}; batches need 'batch'",
+            param="input_file_id",
+        )
+    now = int(time.time())
+    row = BatchRow(
+        id=f"batch_{uuid.uuid4().hex[:24]}",
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        status="validating",
+        capability=BATCH_ENDPOINTS[endpoint],
+        created_at=now,
+        expires_at=now + (settings.completion_window_s or COMPLETION_WINDOWS[completion_window]),
+        metadata_=metadata,
+        output_expires_after=expiry,
+        idempotency_key=idempotency_key,
+        request_total=0,
+        request_completed=0,
+        request_failed=0,
+        prompt_tokens=0,
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:  # the same key raced us: keep the first
+        session.rollback()
+        found = _by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        if found is None:
+            raise
+        return found, False
+    return row, True
+
+
+def get_batch(session: Session, batch_id: str) -> BatchRow:
+    row = session.get(BatchRow, batch_id) if is_id(batch_id) else None
+    if row is None:
+        raise NotFound(f"No such Batch object: {quote(batch_id)}", param="batch_id")
+    return row
+
+
+def list_batches(session: Session, *, limit: int, after: str | None) -> tuple[list[BatchRow], bool]:
+    return paginate(session, BatchRow, where=[], limit=limit, order="desc", after=after)
+
+
+def request_cancel(session: Session, batch_id: str) -> BatchRow:
+    """Move the batch to ``cancelling`` and stop every chunk not yet running; a worker
+    finishes the cancel (``cancelled``, with what did finish) once none runs."""
+    row = get_batch(session, batch_id)
+    if row.status in ("cancelling", "cancelled"):
+        return row
+    if not transition(session, batch_id, "cancelling"):
+        raise BatchNotCancellable(
+            f"Cannot cancel a batch with status {row.status!r}.", param="batch_id"
+        )
+    session.execute(
+        update(ChunkRow)
+        .where(ChunkRow.batch_id == batch_id, ChunkRow.state == "pending")
+        .values(state="cancelled", lease_until=None)
+    )
+    session.flush()
+    session.refresh(row)
+    return row
+
+
+def notify(capability: str, batch_id: str) -> None:
+    """Wake a worker of ``capability``: this batch has work (a hint; workers also look in
+    the database on their own, so a lost hint only costs a poll interval)."""
+    from tasks.celery_app import get_celery
+
+    get_celery().send_task(
+        task_name(capability, BATCH), args=[batch_id], queue=queue_name(capability, BATCH)
+    )

@@ -1,0 +1,106 @@
+"""The batch status machine: the legal moves, the one function that makes them, and the
+fenced lease a validator or finaliser holds while it works.
+
+::
+
+    validating ──> in_progress ──> finalizing ──> completed
+        │  │            │  │
+        │  └─> failed   │  └─> expired      (past completion_window)
+        └──────────> cancelling ──> cancelled
+
+Validation and finalisation are claimed with a lease: ``claim()`` writes a fresh
+``lease_token`` and ``lease_until``; the holder renews ``lease_until`` while it works
+(``renew()``, from a heartbeat thread) and makes its final move with ``transition(...,
+fence=token)``. Someone whose lease ran out may find the work claimed by another; every
+write it would still make carries its token, so it changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from tasks.models import BatchRow
+
+OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+FINISHED_STATUSES = ("completed", "failed", "expired", "cancelled")
+LEGAL: dict[str, set[str]] = {
+    "validating": {"in_progress", "failed", "cancelling", "expired"},
+    "in_progress": {"finalizing", "cancelling", "expired"},
+    "finalizing": {"completed"},
+    "cancelling": {"cancelled"},
+}
+TIMESTAMP_FIELD = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "expired": "expired_at",
+    "cancelling": "cancelling_at",
+    "cancelled": "cancelled_at",
+}
+
+
+def now() -> float:
+    return time.time()
+
+
+def transition(
+    session: Session, batch_id: str, to: str, *, fence: str | None = None, **values: Any
+) -> bool:
+    """The one way a batch changes status: compare-and-set from a legal source status.
+
+    With ``fence``, only while that lease token is still the batch's. Every move ends
+    whatever claim was on the batch (its lease is cleared), so a validator still at work
+    on a batch that was cancelled stops renewing, and the next step can be claimed at
+    once. Returns False (and changes nothing) when the batch is not in a status that may
+    move to ``to`` or the fence does not hold; raises ValueError for an unknown status.
+    """
+    if to not in TIMESTAMP_FIELD:
+        raise ValueError(f"unknown batch status {to!r}")
+    sources = [src for src, targets in LEGAL.items() if to in targets]
+    where = [BatchRow.id == batch_id, BatchRow.status.in_(sources)]
+    if fence is not None:
+        where.append(BatchRow.lease_token == fence)
+    values.setdefault("lease_until", None)
+    values.setdefault("lease_token", None)
+    result = session.execute(
+        update(BatchRow)
+        .where(*where)
+        .values(status=to, **{TIMESTAMP_FIELD[to]: int(time.time())}, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def claim(session: Session, batch_id: str, status: str, lease_s: float) -> str | None:
+    """Take the batch's lease for the work its ``status`` needs (validation or
+    finalisation); returns the new token, or None while someone else holds it."""
+    t = now()
+    token = uuid.uuid4().hex
+    result = session.execute(
+        update(BatchRow)
+        .where(
+            BatchRow.id == batch_id,
+            BatchRow.status == status,
+            (BatchRow.lease_until.is_(None)) | (BatchRow.lease_until < t),
+        )
+        .values(lease_until=t + lease_s, lease_token=token)
+        .execution_options(synchronize_session=False)
+    )
+    return token if result.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+def renew(session: Session, batch_id: str, token: str, lease_s: float) -> bool:
+    """Push the lease out while its holder works; False once the token is not ours."""
+    result = session.execute(
+        update(BatchRow)
+        .where(BatchRow.id == batch_id, BatchRow.lease_token == token)
+        .values(lease_until=now() + lease_s)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -1,0 +1,67 @@
+"""Batch work as a worker sees it: find the next job, do it.
+
+A worker's batch runners (``workers/batch_runner.py``) loop over ``BatchWork.next_job``
+and ``BatchWork.run``: validations and finalisations first (they unblock whole batches),
+then chunks, oldest batch first. Nothing is pushed at a worker; it takes a job only when
+it has a runner free, so no job waits in a worker and none is ever sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from configs.catalog import Catalog
+from configs.settings import Settings
+from tasks.batches.chunks import ChunkClaim, Executor, claim_chunk, run_chunk
+from tasks.batches.lifecycle import BatchJob, advance, claim_batch_job, finalize, validate_batch
+from tasks.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+Job = BatchJob | ChunkClaim
+
+
+@dataclass
+class BatchWork:
+    settings: Settings
+    store: FileStore
+    catalog: Catalog
+    capability: str
+    models: list[str]
+    execute: Executor
+    # tells the other workers of the capability that a batch has chunks to run
+    notify: Callable[[str, str], None]
+
+    def next_job(self) -> Job | None:
+        return claim_batch_job(settings=self.settings, capability=self.capability) or (
+            claim_chunk(settings=self.settings, capability=self.capability, models=self.models)
+        )
+
+    def run(self, job: Job) -> None:
+        if isinstance(job, ChunkClaim):
+            run_chunk(job, settings=self.settings, store=self.store, execute=self.execute)
+            advance(job.batch_id)  # the last chunk moves its batch to finalizing
+        elif job.status == "validating":
+            moved = validate_batch(
+                job, settings=self.settings, catalog=self.catalog, store=self.store
+            )
+            if moved == "in_progress":
+                try:
+                    self.notify(self.capability, job.batch_id)
+                except Exception as exc:  # a hint only: other workers poll anyway
+                    log.warning("could not announce batch %s: %s", job.batch_id, exc)
+        else:
+            finalize(job, store=self.store, settings=self.settings)
+
+    def drain(self, limit: int | None = None) -> int:
+        """Run jobs until none is left (or ``limit`` ran); returns how many ran."""
+        ran = 0
+        while limit is None or ran < limit:
+            job = self.next_job()
+            if job is None:
+                break
+            self.run(job)
+            ran += 1
+        return ran

@@ -1,0 +1,790 @@
+"""The batch engine in-process, against a real database (SQLite, or a fresh Postgres
+database with LANEWAY_TEST_DATABASE_URL) and a real file store: claims, fenced commits,
+leases and their heartbeats, finalisers racing each other, expiry and cancellation.
+
+Here the tests play the workers: ``BatchWork.drain()`` is what a worker's batch runners
+do, one job at a time, and an executor stands in for the model. The same engine runs
+under real Celery workers in test_batches.py, test_batch_faults.py and
+test_batch_load.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+import tasks.db
+from configs.catalog import Catalog, load_catalog
+from configs.settings import Settings
+from tasks.batches import lifecycle, status
+from tasks.batches.chunks import claim_chunk, run_chunk
+from tasks.batches.leases import Heartbeat
+from tasks.batches.lifecycle import BatchJob, claim_batch_job, finalize
+from tasks.batches.lines import Outcome
+from tasks.batches.reaper import reap
+from tasks.batches.service import batch_object, create_batch, request_cancel
+from tasks.batches.work import BatchWork
+from tasks.db import make_engine, migrate, session_scope
+from tasks.files import create_file, delete_file, get_file, list_files
+from tasks.filestore import FileStore
+from tasks.models import BatchRow, ChunkRow, FileRow
+from tests.harness import TestDatabase
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+FAKE = "laneway/fake-embeddings"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ENDPOINT = "/v1/embeddings"
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_server_url: str | None
+) -> Iterator[TestDatabase]:
+    """``tasks.db.session_scope`` bound to a fresh, migrated database."""
+    database = TestDatabase(tmp_path / "db", postgres_server_url)
+    migrate(database.url)
+    engine = make_engine(database.url)
+    monkeypatch.setattr(tasks.db, "_engine", engine)
+    monkeypatch.setattr(tasks.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
+    try:
+        yield database
+    finally:
+        engine.dispose()
+        database.drop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    root = tmp_path / "files"
+    root.mkdir()
+    return FileStore(root)
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return load_catalog(None)
+
+
+def make_settings(**kw: Any) -> Settings:
+    values: dict[str, Any] = {"models": [FAKE, MINILM], "chunk_lines": 3}
+    values.update(kw)
+    return Settings(**values)
+
+
+def line(custom_id: Any, text: str = "hello", *, model: str = FAKE, **over: Any) -> bytes:
+    obj: dict[str, Any] = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": ENDPOINT,
+        "body": {"model": model, "input": text},
+    }
+    obj.update(over)
+    return json.dumps(obj).encode() + b"\n"
+
+
+def jsonl(n: int, *, fail: set[int] | None = None) -> bytes:
+    fail = fail or set()
+    return b"".join(line(f"req-{i}", "FAIL" if i in fail else f"text {i}") for i in range(n))
+
+
+def fake_execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    """200 with a one-number 'embedding' per body, 400 for the input 'FAIL'."""
+    out = []
+    for body in bodies:
+        if body["input"] == "FAIL":
+            error = {"message": "no", "type": "invalid_request_error", "param": None, "code": "x"}
+            out.append(Outcome(400, {"error": error}))
+        else:
+            tokens = len(body["input"].split())
+            out.append(Outcome(200, {"object": "list", "data": [body["input"]]}, tokens))
+    return out
+
+
+class Hints:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def __call__(self, capability: str, batch_id: str) -> None:
+        self.sent.append(batch_id)
+
+
+def work(
+    settings: Settings,
+    store: FileStore,
+    catalog: Catalog,
+    execute: Callable[..., list[Outcome]] = fake_execute,
+) -> BatchWork:
+    return BatchWork(
+        settings=settings,
+        store=store,
+        catalog=catalog,
+        capability="embeddings",
+        models=[FAKE, MINILM],
+        execute=execute,
+        notify=Hints(),
+    )
+
+
+def upload(store: FileStore, content: bytes, *, purpose: str = "batch") -> str:
+    obj = create_file(
+        store=store,
+        source=io.BytesIO(content),
+        filename="in.jsonl",
+        purpose=purpose,
+        max_bytes=10**9,
+    )
+    return str(obj["id"])
+
+
+def new_batch(settings: Settings, store: FileStore, content: bytes, **kw: Any) -> str:
+    file_id = upload(store, content)
+    with session_scope() as s:
+        row, created = create_batch(
+            s,
+            settings=settings,
+            input_file_id=file_id,
+            endpoint=ENDPOINT,
+            completion_window="24h",
+            **kw,
+        )
+        assert created
+        return row.id
+
+
+def batch(batch_id: str) -> BatchRow:
+    with session_scope() as s:
+        row = s.get(BatchRow, batch_id)
+        assert row is not None
+        s.expunge(row)
+        return row
+
+
+def chunks(batch_id: str) -> list[ChunkRow]:
+    with session_scope() as s:
+        rows = list(
+            s.scalars(
+                select(ChunkRow).where(ChunkRow.batch_id == batch_id).order_by(ChunkRow.index)
+            )
+        )
+        for row in rows:
+            s.expunge(row)
+        return rows
+
+
+def file_lines(store: FileStore, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    with session_scope() as s:
+        key = get_file(s, file_id).storage_key
+    return [json.loads(x) for x in store.path(key).read_bytes().splitlines()]
+
+
+def ids_of(lines: Iterable[dict[str, Any]]) -> list[str]:
+    return [x["custom_id"] for x in lines]
+
+
+def assert_counts_match_files(store: FileStore, row: BatchRow) -> None:
+    out, err = file_lines(store, row.output_file_id), file_lines(store, row.error_file_id)
+    assert (row.request_completed, row.request_failed) == (len(out), len(err))
+    assert sorted(ids_of(out + err)) == sorted(set(ids_of(out + err)))  # each once
+    for file_id in (row.output_file_id, row.error_file_id):
+        if file_id is not None:
+            with session_scope() as s:
+                info = get_file(s, file_id)
+                assert info.bytes == store.path(info.storage_key).stat().st_size
+
+
+# -- a batch from start to end ------------------------------------------------------------------
+
+
+def test_a_batch_runs_chunk_by_chunk_and_keeps_input_order(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=3)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(10, fail={4, 9}), metadata={"k": "v"})
+    assert w.drain(limit=1) == 1  # the validation
+    row = batch(batch_id)
+    assert row.status == "in_progress" and row.request_total == 10 and row.model == FAKE
+    assert len(chunks(batch_id)) == 4
+    assert w.notify.sent == [batch_id]  # type: ignore[attr-defined]
+    w.drain(limit=1)
+    row = batch(batch_id)
+    assert (row.request_completed, row.request_failed) == (3, 0)  # counts move while it runs
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "completed"
+    assert row.in_progress_at and row.finalizing_at and row.completed_at
+    assert (row.request_total, row.request_completed, row.request_failed) == (10, 8, 2)
+    assert row.metadata_ == {"k": "v"}
+    out, err = file_lines(store, row.output_file_id), file_lines(store, row.error_file_id)
+    assert ids_of(out) == [f"req-{i}" for i in range(10) if i not in {4, 9}]
+    assert ids_of(err) == ["req-4", "req-9"]
+    for entry in out:
+        assert set(entry) == {"id", "custom_id", "response", "error"}
+        assert entry["id"].startswith("batch_req_") and entry["error"] is None
+        assert entry["response"]["status_code"] == 200
+        assert entry["response"]["request_id"].startswith("req_")
+        assert entry["response"]["body"]["data"] == [f"text {entry['custom_id'][4:]}"]
+    assert all(e["response"]["status_code"] == 400 for e in err)
+    assert len({e["id"] for e in out + err}) == 10
+    assert row.prompt_tokens == 16  # two words for each of the 8 that succeeded
+    assert batch_object(row)["usage"]["input_tokens"] == 16
+    assert not store.path(f"batches/{batch_id}").exists()  # chunk parts cleaned up
+    assert all(c.attempts == 1 for c in chunks(batch_id))
+    assert_counts_match_files(store, row)
+
+
+def test_a_batch_where_everything_fails_is_completed_without_output(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(settings, store, jsonl(5, fail=set(range(5))))
+    work(settings, store, catalog).drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.output_file_id is None
+    assert len(file_lines(store, row.error_file_id)) == 5
+    assert (row.request_completed, row.request_failed) == (0, 5)
+
+
+def test_a_batch_where_nothing_fails_has_no_error_file(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(settings, store, jsonl(4))
+    work(settings, store, catalog).drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.error_file_id is None
+    assert len(file_lines(store, row.output_file_id)) == 4
+
+
+def test_a_bad_file_fails_the_batch_with_every_error_listed(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    content = line("a") + b"{oops\n" + line("a") + line("b", method="GET")
+    batch_id = new_batch(settings, store, content)
+    w = work(settings, store, catalog)
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "failed" and row.failed_at is not None
+    obj = batch_object(row)
+    assert obj["errors"]["object"] == "list"
+    assert [(e["code"], e["line"]) for e in obj["errors"]["data"]] == [
+        ("invalid_json_line", 2),
+        ("duplicate_custom_id", 3),
+        ("invalid_method", 4),
+    ]
+    assert chunks(row.id) == [] and w.notify.sent == []  # type: ignore[attr-defined]
+
+
+def test_an_unexpected_failure_in_one_request_is_one_generic_error_line(
+    db: TestDatabase, store: FileStore, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The executor reports a request that broke in the model as ``Outcome.internal``:
+    its line says which request, never what broke; the rest of the chunk is fine."""
+    settings = make_settings(chunk_lines=10)
+
+    def execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+        return [
+            Outcome.internal(rid) if b["input"] == "text 1" else fake_execute(model, [b], [rid])[0]
+            for b, rid in zip(bodies, ids, strict=True)
+        ]
+
+    batch_id = new_batch(settings, store, jsonl(3))
+    work(settings, store, catalog, execute).drain()
+    row = batch(batch_id)
+    assert (row.status, row.request_completed, row.request_failed) == ("completed", 2, 1)
+    [err] = file_lines(store, row.error_file_id)
+    assert err["custom_id"] == "req-1" and err["response"]["status_code"] == 500
+    error = err["response"]["body"]["error"]
+    assert error["type"] == "server_error"
+    assert err["response"]["request_id"] in error["message"]
+
+
+# -- claims, fences and leases --------------------------------------------------------------------
+
+
+def test_a_stale_run_never_commits(db: TestDatabase, store: FileStore, catalog: Catalog) -> None:
+    """A run whose chunk was claimed again meanwhile (its lease lapsed: the worker froze)
+    discards its results; the later run's count is the only one."""
+    settings = make_settings(chunk_lines=10)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(3))
+    w.drain(limit=1)  # validation
+    (chunk,) = chunks(batch_id)
+
+    def overtaken(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+        with session_scope() as s:  # the reaper put it back and another worker claimed it
+            s.execute(update(ChunkRow).where(ChunkRow.id == chunk.id).values(attempts=2))
+        return fake_execute(model, bodies, ids)
+
+    claim = claim_chunk(settings=settings, capability="embeddings", models=[FAKE])
+    assert claim is not None and claim.attempt == 1
+    assert not run_chunk(claim, settings=settings, store=store, execute=overtaken)
+    (chunk,) = chunks(batch_id)
+    assert chunk.state == "running" and chunk.attempts == 2 and chunk.result_key is None
+    row = batch(batch_id)
+    assert row.status == "in_progress" and row.request_completed == 0
+    assert list(store.path(f"batches/{batch_id}").iterdir()) == []
+    assert w.drain() == 0  # the new owner's lease runs: nobody else may take it
+    with session_scope() as s:  # that owner dies: its lease runs out
+        s.execute(update(ChunkRow).where(ChunkRow.id == chunk.id).values(lease_until=0))
+    assert reap(store=store) == 1
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.request_completed == 3
+    assert ids_of(file_lines(store, row.output_file_id)) == ["req-0", "req-1", "req-2"]
+    assert chunks(batch_id)[0].attempts == 3
+
+
+def test_a_chunk_delivered_too_often_fails_its_requests(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=10, chunk_max_attempts=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(3))
+    w.drain(limit=1)
+    with session_scope() as s:
+        s.execute(update(ChunkRow).where(ChunkRow.batch_id == batch_id).values(attempts=2))
+
+    def poison(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+        raise AssertionError("a chunk past its attempts must not run again")
+
+    work(settings, store, catalog, poison).drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.output_file_id is None
+    err = file_lines(store, row.error_file_id)
+    assert [e["response"]["body"]["error"]["code"] for e in err] == ["chunk_failed"] * 3
+    assert chunks(batch_id)[0].state == "failed"
+
+
+def test_a_run_that_breaks_gives_its_chunk_back_at_once(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=10, chunk_max_attempts=3)
+    batch_id = new_batch(settings, store, jsonl(2))
+    calls = []
+
+    def flaky(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the executor broke once")
+        return fake_execute(model, bodies, ids)
+
+    work(settings, store, catalog, flaky).drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.request_completed == 2
+    assert chunks(batch_id)[0].attempts == 2
+
+
+def test_a_chunk_whose_worker_died_runs_again_once_its_lease_runs_out(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=2, chunk_lease_s=0.5)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(6))
+    w.drain(limit=1)
+    lost = claim_chunk(settings=settings, capability="embeddings", models=[FAKE])
+    assert lost is not None  # claimed by a worker that then died: nobody renews it
+    assert reap(store=store) == 0  # its lease has not run out yet
+    time.sleep(0.6)
+    assert reap(store=store) == 1
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.request_completed == 6
+    assert [c.attempts for c in chunks(batch_id)] == [2, 1, 1]
+
+
+def test_a_batch_is_found_without_any_hint(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(settings, store, jsonl(4))  # nobody told a worker
+    work(settings, store, catalog).drain()
+    assert batch(batch_id).status == "completed"
+
+
+def test_batches_run_oldest_first(db: TestDatabase, store: FileStore, catalog: Catalog) -> None:
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    first = new_batch(settings, store, jsonl(4))
+    time.sleep(1.01)  # created_at is in seconds
+    second = new_batch(settings, store, jsonl(4))
+    w.drain(limit=2)  # both validations first: they unblock whole batches
+    assert batch(first).status == batch(second).status == "in_progress"
+    w.drain(limit=3)  # two chunks of the first, then its finalisation
+    assert batch(first).status == "completed"
+    assert batch(second).request_completed == 0
+
+
+def test_a_slow_chunk_keeps_its_lease_for_its_whole_run(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    """Compute (and tokenising, encoding, committing) that takes longer than the lease:
+    the heartbeat renews it the whole time, so the reaper never takes the chunk back."""
+    settings = make_settings(chunk_lines=10, chunk_lease_s=0.6)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(3))
+    w.drain(limit=1)
+    reaped: list[int] = []
+
+    def slow(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+        for _ in range(6):  # 1.8 s, three leases, with the reaper looking all along
+            time.sleep(0.3)
+            reaped.append(reap(store=store))
+        return fake_execute(model, bodies, ids)
+
+    work(settings, store, catalog, slow).drain()
+    row = batch(batch_id)
+    assert row.status == "completed" and row.request_completed == 3
+    assert reaped == [0] * 6
+    assert chunks(batch_id)[0].attempts == 1
+
+
+def test_a_heartbeat_whose_fence_fails_says_so(db: TestDatabase) -> None:
+    answers = iter([True, False])
+    with Heartbeat(lambda: next(answers), 0.05, "test") as beat:
+        time.sleep(0.3)
+    assert beat.lost and beat.renewals == 1
+
+
+# -- cancel and expiry --------------------------------------------------------------------------
+
+
+def test_cancel_keeps_finished_chunks_and_true_counts(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(8, fail={1}))
+    w.drain(limit=2)  # validation, first chunk
+    with session_scope() as s:
+        request_cancel(s, batch_id)
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "cancelled" and row.cancelled_at and row.cancelling_at
+    assert (row.request_total, row.request_completed, row.request_failed) == (8, 1, 1)
+    assert ids_of(file_lines(store, row.output_file_id)) == ["req-0"]
+    assert ids_of(file_lines(store, row.error_file_id)) == ["req-1"]
+    assert [c.state for c in chunks(batch_id)] == ["done", "cancelled", "cancelled", "cancelled"]
+
+
+def test_a_cancel_waits_for_the_running_chunk_and_keeps_its_lines(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(6))
+    w.drain(limit=1)
+    claim = claim_chunk(settings=settings, capability="embeddings", models=[FAKE])
+    assert claim is not None
+    with session_scope() as s:
+        request_cancel(s, batch_id)
+    assert w.drain() == 0  # not while a chunk still runs
+    assert run_chunk(claim, settings=settings, store=store, execute=fake_execute)
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "cancelled" and row.request_completed == 2
+    assert ids_of(file_lines(store, row.output_file_id)) == ["req-0", "req-1"]
+
+
+def test_cancel_while_validating(db: TestDatabase, store: FileStore, catalog: Catalog) -> None:
+    settings = make_settings()
+    batch_id = new_batch(settings, store, jsonl(4))
+    with session_scope() as s:
+        assert status.claim(s, batch_id, "validating", 60)  # a validator is at work
+    with session_scope() as s:
+        request_cancel(s, batch_id)
+    work(settings, store, catalog).drain()
+    row = batch(batch_id)
+    assert row.status == "cancelled", "a validator's claim must not hold up the cancel"
+    assert row.output_file_id is None and row.error_file_id is None
+    assert chunks(batch_id) == []
+
+
+def test_expiry_sends_unfinished_requests_to_the_error_file(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(7, fail={0}))
+    w.drain(limit=2)
+    running = claim_chunk(settings=settings, capability="embeddings", models=[FAKE])
+    assert running is not None  # a chunk still computing when the window closes
+    with session_scope() as s:
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=0))
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "expired" and row.expired_at is not None
+    assert (row.request_total, row.request_completed, row.request_failed) == (7, 1, 6)
+    assert ids_of(file_lines(store, row.output_file_id)) == ["req-1"]
+    err = file_lines(store, row.error_file_id)
+    assert ids_of(err) == [f"req-{i}" for i in (0, 2, 3, 4, 5, 6)]
+    assert err[0]["response"]["status_code"] == 400
+    for entry in err[1:]:
+        assert entry["response"] is None
+        assert entry["error"]["code"] == "batch_expired"
+    # the chunk that was running when the batch expired commits nothing
+    assert not run_chunk(running, settings=settings, store=store, execute=fake_execute)
+    assert batch(batch_id).request_completed == 1
+    assert_counts_match_files(store, batch(batch_id))
+
+
+def test_a_validating_batch_past_its_window_expires(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(settings, store, jsonl(4))
+    with session_scope() as s:
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=0))
+    assert work(settings, store, catalog).drain() == 0
+    assert reap(store=store) == 1
+    assert batch(batch_id).status == "expired"
+
+
+def test_expiry_streams_the_unfinished_requests(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    """A large batch expires with nothing done: its 12 MB error file is streamed from the
+    input, so the finaliser's memory stays far below the size of what it writes (what it
+    holds is about one 1 MiB copy buffer, whatever the size)."""
+    n = 50_000
+    settings = make_settings(chunk_lines=1000, max_batch_lines=n)
+    content = b"".join(line(f"request-{i:06d}-" + "x" * 40, f"t {i}") for i in range(n))
+    batch_id = new_batch(settings, store, content)
+    work(settings, store, catalog).drain(limit=1)  # validated; no chunk runs
+    with session_scope() as s:
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=0))
+    job = claim_batch_job(settings=settings, capability="embeddings")
+    assert job is not None and job.status == "in_progress"
+    tracemalloc.start()
+    try:
+        assert finalize(job, store=store, settings=settings)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    row = batch(batch_id)
+    with session_scope() as s:
+        size = get_file(s, row.error_file_id or "").bytes
+    assert row.status == "expired" and row.request_failed == n
+    assert size > 10_000_000
+    assert peak < size / 4, f"peak {peak / 1e6:.1f} MB while writing {size / 1e6:.1f} MB"
+
+
+# -- finalisers ---------------------------------------------------------------------------------
+
+
+class SlowStore(FileStore):
+    """A file store whose assembly of result files stops between parts while ``gate`` is
+    clear: a finaliser as slow as we like, frozen exactly where the race is."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.inside = threading.Event()
+
+    def concat(self, key: str, parts: Iterable[str]) -> int:
+        def slowly() -> Iterator[str]:
+            for part in parts:
+                self.inside.set()
+                assert self.gate.wait(30)
+                yield part
+
+        return super().concat(key, slowly())
+
+
+def ready_to_finalise(settings: Settings, store: FileStore, catalog: Catalog, n: int) -> str:
+    batch_id = new_batch(settings, store, jsonl(n, fail={1}))
+    w = work(settings, store, catalog)
+    while batch(batch_id).status != "finalizing":
+        assert w.drain(limit=1) == 1
+    return batch_id
+
+
+def test_a_slow_finaliser_keeps_its_lease_and_nobody_else_starts(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    """The finaliser takes three leases' time: its heartbeat renews the lease, so other
+    workers looking for work all along never start a second finaliser."""
+    store = SlowStore(tmp_path / "slow")
+    settings = make_settings(chunk_lines=2, chunk_lease_s=0.6)
+    batch_id = ready_to_finalise(settings, store, catalog, 8)
+    job = claim_batch_job(settings=settings, capability="embeddings")
+    assert job is not None and job.status == "finalizing"
+    store.gate.clear()
+    finished: list[bool] = []
+    first = threading.Thread(
+        target=lambda: finished.append(finalize(job, store=store, settings=settings))
+    )
+    first.start()
+    assert store.inside.wait(10)
+    others = work(settings, store, catalog)
+    for _ in range(9):  # 1.8 s: three leases
+        time.sleep(0.2)
+        assert reap(store=store) == 0
+        assert others.next_job() is None, "a second finaliser started"
+    store.gate.set()
+    first.join(10)
+    assert finished == [True]
+    row = batch(batch_id)
+    assert row.status == "completed"
+    assert len(file_lines(store, row.output_file_id)) == 7
+    assert_counts_match_files(store, row)
+
+
+def test_a_finaliser_that_lost_its_lease_never_writes(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finaliser freezes mid-assembly (its heartbeat stops, as in a paused process) past
+    its lease; another worker finalises the batch and removes the parts. When the first
+    wakes up it must not shorten or replace the finished output."""
+    store = SlowStore(tmp_path / "slow")
+    settings = make_settings(chunk_lines=2, chunk_lease_s=0.5)
+    batch_id = ready_to_finalise(settings, store, catalog, 10)
+    frozen = claim_batch_job(settings=settings, capability="embeddings")
+    assert frozen is not None
+
+    real_heartbeat = lifecycle._heartbeat
+
+    def heartbeat(job: BatchJob, s: Settings) -> Heartbeat:
+        if job == frozen:  # a frozen process renews nothing
+            return Heartbeat(lambda: True, 3600, "frozen")
+        return real_heartbeat(job, s)
+
+    monkeypatch.setattr(lifecycle, "_heartbeat", heartbeat)
+    store.gate.clear()
+    outcome: list[Any] = []
+
+    def run_frozen() -> None:
+        try:
+            outcome.append(finalize(frozen, store=store, settings=settings))
+        except Exception as exc:
+            outcome.append(exc)
+
+    first = threading.Thread(target=run_frozen)
+    first.start()
+    assert store.inside.wait(10)
+    time.sleep(0.6)  # its lease runs out
+    second = claim_batch_job(settings=settings, capability="embeddings")
+    assert second is not None and second.token != frozen.token
+    store.gate.set()  # both go on: whichever way they interleave, only the second counts
+    assert finalize(second, store=store, settings=settings)
+    first.join(10)
+    # the first lost: its fenced commit refused it, or a part it still needed was gone
+    assert outcome and outcome[0] is not True, outcome
+    row = batch(batch_id)
+    assert row.status == "completed"
+    out, err = file_lines(store, row.output_file_id), file_lines(store, row.error_file_id)
+    assert ids_of(out) == [f"req-{i}" for i in range(10) if i != 1]
+    assert ids_of(err) == ["req-1"]
+    assert_counts_match_files(store, row)
+    assert not store.path(f"batches/{batch_id}").exists()
+    leftovers = [p.name for p in store.path("files").iterdir() if "-" in p.name[5:]]
+    assert sorted(leftovers) == sorted(
+        get_key(f) for f in (row.output_file_id, row.error_file_id)
+    ), "the loser's files were not removed"
+
+
+def get_key(file_id: str | None) -> str:
+    with session_scope() as s:
+        return get_file(s, file_id or "").storage_key.rpartition("/")[2]
+
+
+def test_concurrent_finishers_write_the_output_once(
+    db: TestDatabase, store: FileStore, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers look for work at the moment the last chunk of a cancelled batch stops:
+    only one may finalise it, and the output holds every finished line."""
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(8))
+    w.drain(limit=3)
+    with session_scope() as s:
+        request_cancel(s, batch_id)
+    real_concat = FileStore.concat
+    interleaved = threading.Event()
+
+    def concat(self: FileStore, key: str, parts: Iterable[str]) -> int:
+        if not interleaved.is_set():  # the other worker looks for work right here
+            interleaved.set()
+            assert work(settings, store, catalog).drain() == 0
+        return real_concat(self, key, parts)
+
+    monkeypatch.setattr(FileStore, "concat", concat)
+    w.drain()
+    assert interleaved.is_set()
+    row = batch(batch_id)
+    assert row.status == "cancelled"
+    assert ids_of(file_lines(store, row.output_file_id)) == ["req-0", "req-1", "req-2", "req-3"]
+    assert_counts_match_files(store, row)
+
+
+# -- files and batches ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "expired"])
+def test_a_running_batch_keeps_its_input_file(
+    db: TestDatabase, store: FileStore, catalog: Catalog, how: str
+) -> None:
+    """The input file is deleted (or expires) while its batch runs: the batch still
+    finishes; the file is gone for the API at once, its content once the batch is done."""
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(6))
+    input_id = batch(batch_id).input_file_id
+    w.drain(limit=2)
+    with session_scope() as s:
+        if how == "deleted":
+            delete_file(s, store=store, file_id=input_id)
+        else:
+            s.execute(update(FileRow).where(FileRow.id == input_id).values(expires_at=1))
+    with session_scope() as s:
+        with pytest.raises(Exception, match="No such File"):
+            get_file(s, input_id)
+        listed, _ = list_files(s, purpose=None, limit=100, order="asc", after=None)
+        assert input_id not in {r.id for r in listed}
+    reap(store=store)  # expires files too
+    assert store.exists(f"files/{input_id}")  # not while the batch needs it
+    w.drain()
+    row = batch(batch_id)
+    assert row.status == "completed"
+    assert len(file_lines(store, row.output_file_id)) == 6
+    reap(store=store)
+    assert not store.exists(f"files/{input_id}")
+
+
+def test_output_files_expire_relative_to_their_own_creation(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    settings = make_settings()
+    batch_id = new_batch(
+        settings,
+        store,
+        jsonl(4, fail={0}),
+        output_expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    time.sleep(1.1)  # finishing takes a while
+    work(settings, store, catalog).drain()
+    row = batch(batch_id)
+    assert row.status == "completed"
+    with session_scope() as s:
+        for file_id in (row.output_file_id, row.error_file_id):
+            info = get_file(s, file_id or "")
+            assert info.expires_at == info.created_at + 3600
+            assert info.created_at > row.created_at
