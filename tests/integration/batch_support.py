@@ -21,8 +21,10 @@ SLOW_FAKE = "test/slow-fake"
 FINISHED = ("completed", "failed", "expired", "cancelled")
 
 
-def fake_entry(model_id: str, forward_delay_s: float) -> dict[str, Any]:
-    """A copy of the catalog's fake backend whose every forward pass takes a while."""
+def fake_entry(model_id: str, forward_delay_s: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """A copy of the catalog's fake backend: ``forward_delay_s`` makes every forward take
+    a while; ``extra`` takes the backend's other knobs (``tokenize_delay_s``,
+    ``poison_token``; see workers/backends/fake.py)."""
     return {
         "id": model_id,
         "capability": "embeddings",
@@ -31,19 +33,21 @@ def fake_entry(model_id: str, forward_delay_s: float) -> dict[str, Any]:
         "defaults": {"max_input_tokens": 128, "batch_token_budget": 8192, "dimensions": 32},
         "memory_mb": 1,
         "forward_delay_s": forward_delay_s,
+        **extra,
     }
 
 
-def slow_fake_stack(
+def fake_stack(
     root: Path,
     *,
+    entries: list[dict[str, Any]],
     env: dict[str, str],
-    delays: dict[str, float],
     api_env: dict[str, str] | None = None,
 ) -> Stack:
-    """Redis, SQLite, one worker serving the plain fake model and slow copies, the API."""
-    catalog = write_catalog(root / "catalog.yaml", [fake_entry(m, d) for m, d in delays.items()])
-    stack = Stack(root, models=[*delays, FAKE], model_config=catalog, env=env)
+    """Redis, the database, one worker serving the plain fake model and ``entries``, the
+    API; all healthy."""
+    catalog = write_catalog(root / "catalog.yaml", entries)
+    stack = Stack(root, models=[*(e["id"] for e in entries), FAKE], model_config=catalog, env=env)
     try:
         stack.start()
         stack.start_worker(timeout=120)
@@ -53,6 +57,18 @@ def slow_fake_stack(
         stack.close()
         raise
     return stack
+
+
+def slow_fake_stack(
+    root: Path,
+    *,
+    env: dict[str, str],
+    delays: dict[str, float],
+    api_env: dict[str, str] | None = None,
+) -> Stack:
+    """``fake_stack`` with slow copies of the fake model (id -> forward delay)."""
+    entries = [fake_entry(m, d) for m, d in delays.items()]
+    return fake_stack(root, entries=entries, env=env, api_env=api_env)
 
 
 def request(custom_id: str, text: Any, *, model: str = FAKE, **body: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import write_catalog
 from tests.harness import Stack, wait_until
+from tests.integration.batch_support import fake_entry
 from tests.integration.helpers import (
     assert_openai_error,
     assert_still_serving,
@@ -34,17 +35,6 @@ FAST = "test/fake-fast"
 SLOW = "test/fake-slow"
 SLOW_FORWARD_S = 1.5
 WORKER_TTL_S = 2
-
-
-def fake_entry(model_id: str, delay: float) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "capability": "embeddings",
-        "backend": "workers.backends.fake:FakeEmbeddingBackend",
-        "source": {"path": "/"},
-        "defaults": {"max_input_tokens": 128, "batch_token_budget": 8192, "dimensions": 32},
-        "forward_delay_s": delay,
-    }
 
 
 @pytest.fixture(scope="module")
