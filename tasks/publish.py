@@ -5,7 +5,8 @@ transport (kombu builds a new client per publish); on the live path that is most
 overhead budget and it would block the API's event loop. This writes the same message a
 Celery producer writes (protocol 2, JSON body, kombu's Redis envelope) with one ``LPUSH``
 on the API's asyncio Redis client. Workers are ordinary Celery workers and cannot tell
-the difference; ``tests/unit/test_publish.py`` holds it to Celery's own encoding.
+the difference; ``tests/integration/test_publish.py`` holds it to Celery's own encoding
+(against a real redis-server, and a real worker consumes it).
 """
 
 from __future__ import annotations
@@ -60,19 +61,29 @@ def celery_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    properties: dict[str, Any] = {
+        "correlation_id": task_id,
+        "reply_to": "",
+        "delivery_mode": 2,
+    }
+    if expires_s is not None:
+        # send_task(expires=...) also passes the TTL to kombu as a per-message
+        # expiration, which kombu writes in milliseconds as a string (a past expiry
+        # becomes 0); the worker itself goes by the `expires` header
+        properties["expiration"] = str(int(max(expires_s, 0) * 1000))
+    properties.update(
+        {
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        }
+    )
     envelope = {
         "body": base64.b64encode(body.encode()).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
+        "properties": properties,
     }
     return json.dumps(envelope)
