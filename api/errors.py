@@ -7,11 +7,19 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from api.metrics import ERRORS, route_label
 from api.responses import json_response
-from tasks.errors import InternalError, LanewayError, QueueFull, error_body, invalid_request
+from tasks.errors import (
+    ClientGone,
+    InternalError,
+    LanewayError,
+    QueueFull,
+    error_body,
+    invalid_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,13 @@ def install(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # the caller hung up while sending its body (an upload cut short): nobody reads
+        # this answer, but it is counted as 499, not as a server error
+        log.info("client hung up during %s %s", request.method, route_label(request.scope))
+        return error_response(ClientGone("client closed the request"), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
