@@ -4,60 +4,50 @@ the API. Not part of the tests."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from laneway.embedded_redis import free_port, start_redis
+from laneway.embedded_redis import free_port
+from laneway.stack import Processes, wait_healthy
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class BenchStack:
+    """Redis, migrations, one CPU worker and the API, through laneway.stack (the launcher
+    `laneway up` and the tests use); each process logs under ``root/logs``."""
+
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
-        self.redis, url = start_redis(root / "redis")
-        self.port = free_port()
-        self.env = {
+        base = {
             **os.environ,
-            "LANEWAY_REDIS_URL": url,
             "LANEWAY_DATA_DIR": str(root),
             "LANEWAY_DATABASE_URL": f"sqlite:///{root}/laneway.db",
             "LANEWAY_MODELS": MODEL,
             "LANEWAY_LOG_LEVEL": "WARNING",
             **env,
         }
-        me = [sys.executable, "-m", "laneway"]
-        subprocess.run([*me, "migrate"], env=self.env, check=True, capture_output=True)
-        logs = root / "logs"
-        logs.mkdir()
-        self.worker = subprocess.Popen(
-            [*me, "worker", "--capability", "embeddings", "--device", "cpu"],
-            env=self.env,
-            stdout=(logs / "worker.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.api = subprocess.Popen(
-            [*me, "api", "--port", str(self.port), "--no-migrate"],
-            env=self.env,
-            stdout=(logs / "api.log").open("w"),
-            stderr=subprocess.STDOUT,
-        )
+        self.procs = Processes(base, log_dir=root / "logs", cwd=root)
+        self.redis, url = self.procs.redis(root / "redis")
+        self.procs.env["LANEWAY_REDIS_URL"] = url
+        self.env = self.procs.env
+        self.procs.migrate()
+        self.port = free_port()
+        self.worker = self.procs.worker("embeddings", device="cpu")
+        self.api = self.procs.api(host="127.0.0.1", port=self.port)
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.close()
-        raise RuntimeError(f"stack did not become healthy; logs in {logs}")
+
+        def alive() -> None:
+            for proc in (self.worker, self.api):
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited; logs in {root / 'logs'}")
+
+        try:
+            wait_healthy(self.base, 180, check=alive)
+        except BaseException:
+            self.close()
+            raise
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.api, self.worker, self.redis)]
@@ -71,14 +61,7 @@ class BenchStack:
         return total
 
     def close(self) -> None:
-        for proc in (self.api, self.worker, self.redis):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.api, self.worker, self.redis):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        self.procs.stop_all(timeout=20)
 
 
 def _busy_jiffies() -> tuple[int, int]:

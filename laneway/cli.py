@@ -6,13 +6,14 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import FrameType
 
 from pydantic import ValidationError
+
+from laneway.stack import Processes
 
 log = logging.getLogger("laneway")
 
@@ -96,35 +97,26 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-class Stack:
-    """The child processes of `laneway up`, stopped in order on Ctrl-C or SIGTERM."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.argv: dict[str, list[str]] = {}
-        self.stopping = False
-
-    def spawn(self, name: str, argv: list[str]) -> None:
-        self.argv[name] = argv
-        self.procs[name] = subprocess.Popen(argv, start_new_session=True)
-        log.info("started %s (pid %d)", name, self.procs[name].pid)
-
-    def stop(self, *_: object) -> None:
-        if self.stopping:
-            return
-        self.stopping = True
-        # API first (no new work), then workers, then Redis
-        order = sorted(self.procs, key=lambda n: (n != "api", n == "redis"))
-        for name in order:
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in time; killing it", name)
-                    proc.kill()
-                    proc.wait()
+def _supervise(procs: Processes) -> int:
+    """Restart a worker that dies (at most 5 times a minute); stop everything when the
+    API or Redis dies. Returns the exit code of `laneway up`."""
+    restarts: dict[str, list[float]] = {}
+    while True:
+        time.sleep(0.5)
+        for name, proc in list(procs.procs.items()):
+            code = proc.popen.poll()
+            if code is None:
+                continue
+            if not name.startswith("worker-"):
+                log.error("%s exited with %s; stopping the stack", name, code)
+                return 1
+            recent = [t for t in restarts.get(name, []) if time.time() - t < 60]
+            if len(recent) >= 5:
+                log.error("%s keeps dying (exit %s); stopping", name, code)
+                return 1
+            restarts[name] = [*recent, time.time()]
+            log.warning("%s exited with %s; restarting it", name, code)
+            procs.spawn(name, proc.argv, proc.env_overrides)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -135,56 +127,38 @@ def cmd_up(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     capabilities = _check_catalog()
     settings = _settings()
-    stack = Stack()
-    if not settings.redis_url:
-        from laneway.embedded_redis import start_redis
+    procs = Processes(os.environ)
+    stopping = False
 
-        redis_proc, url = start_redis(settings.data_dir / "redis")
-        stack.procs["redis"] = redis_proc
-        os.environ["LANEWAY_REDIS_URL"] = url
-        log.info("embedded redis-server at %s", url)
-    get_settings.cache_clear()
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            procs.stop_all()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("stopping laneway (signal %d)", signum)
-        stack.stop()
+        stop()
         sys.exit(0)
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
+        if not settings.redis_url:
+            _, url = procs.redis(settings.data_dir / "redis")
+            os.environ["LANEWAY_REDIS_URL"] = procs.env["LANEWAY_REDIS_URL"] = url
+            log.info("embedded redis-server at %s", url)
+        get_settings.cache_clear()
         cmd_migrate(args)
-        me = [sys.executable, "-m", "laneway"]
         for cap in capabilities:
-            stack.spawn(
-                f"worker-{cap}", [*me, "worker", "--capability", cap, "--device", args.device]
-            )
+            procs.worker(cap, device=args.device)
         host = args.host or settings.host
         port = args.port or settings.port
-        stack.spawn("api", [*me, "api", "--host", host, "--port", str(port), "--no-migrate"])
+        procs.api(host=host, port=port)
         log.info("laneway up: http://%s:%d (Ctrl-C stops everything)", host, port)
-        restarts: dict[str, list[float]] = {}
-        while True:
-            time.sleep(0.5)
-            for name, proc in list(stack.procs.items()):
-                code = proc.poll()
-                if code is None or stack.stopping:
-                    continue
-                if name.startswith("worker-"):
-                    recent = [t for t in restarts.get(name, []) if time.time() - t < 60]
-                    if len(recent) >= 5:
-                        log.error("%s keeps dying (exit %s); stopping", name, code)
-                        stack.stop()
-                        return 1
-                    restarts[name] = [*recent, time.time()]
-                    log.warning("%s exited with %s; restarting it", name, code)
-                    stack.spawn(name, stack.argv[name])
-                else:
-                    log.error("%s exited with %s; stopping the stack", name, code)
-                    stack.stop()
-                    return 1
+        return _supervise(procs)
     finally:
-        stack.stop()
+        stop()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from configs.catalog import Catalog, load_catalog
+from tasks.filestore import FileStore
 from tests.harness import Stack, active_stacks
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -105,3 +107,15 @@ def reference_model() -> Any:
 @pytest.fixture(scope="session")
 def postgres_server_url() -> str | None:
     return os.environ.get("LANEWAY_TEST_DATABASE_URL") or None
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    root = tmp_path / "files"
+    root.mkdir()
+    return FileStore(root)
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return load_catalog(None)

@@ -9,7 +9,8 @@ their tails, and ``tests/conftest.py`` attaches them to the report of a failing 
 process outlives the test session, even when a test fails or times out.
 
 Nothing here fakes a part: the only way to make the API answer is a worker that really
-loaded its models and published its readiness through Redis.
+loaded its models and published its readiness through Redis. The processes are started
+by ``laneway.stack.Processes``, the same launcher `laneway up` and the benches use.
 """
 
 from __future__ import annotations
@@ -19,20 +20,18 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
 
-from laneway.embedded_redis import free_port, start_redis
+from laneway.embedded_redis import free_port
+from laneway.stack import Proc, Processes, stop_order
 from tasks.names import LIVE, WORKERS_KEY, Lane, queue_name
 
 # test settings must not leak in from the developer's shell
@@ -107,48 +106,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
-
-
-@dataclass
-class Proc:
-    """One child process in its own session (so signals reach only what we mean)."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    argv: list[str]
-    env_overrides: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def send(self, sig: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Send ``sig`` and wait; SIGKILL the whole process group if it lingers."""
-        self.send(sig)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.send(signal.SIGKILL)
-            return self.popen.wait(timeout=10)
-        finally:
-            # anything the process left in its group (it should leave nothing)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 class StackError(RuntimeError):
@@ -230,7 +187,7 @@ class Stack:
         self.workers: list[Proc] = []
         self.api: Proc | None = None
         self.api_port: int | None = None
-        self._seq = 0
+        self.launcher = Processes({}, log_dir=self.log_dir, cwd=self.root)
         self._closed = False
         _ACTIVE.append(self)
 
@@ -255,10 +212,7 @@ class Stack:
         migrate(self.database_url)
 
     def start_redis(self, port: int | None = None) -> str:
-        proc, url = start_redis(self.root / "redis", port=port or self.redis_port)
-        # start_redis logs to <dir>/redis.log itself
-        argv = [str(a) for a in cast(list[Any], proc.args)]
-        self.redis_proc = Proc("redis", proc, self.root / "redis" / "redis.log", argv)
+        self.redis_proc, url = self.launcher.redis(self.root / "redis", port or self.redis_port)
         self.redis_url = url
         self.redis_port = int(urlsplit(url).port or 0)
         return url
@@ -319,20 +273,10 @@ class Stack:
         env.update(overrides or {})
         return env
 
-    def _spawn(self, name: str, argv: list[str], overrides: Mapping[str, str] | None) -> Proc:
-        self._seq += 1
-        log_path = self.log_dir / f"{self._seq:02d}-{name}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                argv,
-                env=self.env(overrides),
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return Proc(name, popen, log_path, argv, dict(overrides or {}))
+    def _launcher(self) -> Processes:
+        """The launcher, with the environment as it is now (Redis may have moved)."""
+        self.launcher.env = self.env()
+        return self.launcher
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -346,11 +290,13 @@ class Stack:
         timeout: float = 120.0,
     ) -> Proc:
         """``laneway worker`` for the stack's capability; waits until its models are warm."""
-        argv = [sys.executable, "-m", "laneway", "worker", "--capability", self.capability]
-        argv += ["--device", device]
-        if models:
-            argv += ["--models", ",".join(models)]
-        proc = self._spawn(f"worker{len(self.workers)}", argv, env)
+        proc = self._launcher().worker(
+            self.capability,
+            device=device,
+            models=models,
+            name=f"worker{len(self.workers)}",
+            overrides=env,
+        )
         self.workers.append(proc)
         if wait:
             self.wait_worker_warm(proc, timeout=timeout)
@@ -410,8 +356,7 @@ class Stack:
         old = self._worker(index)
         old.stop(sig)
         overrides = old.env_overrides if env is None else env
-        argv = old.argv
-        new = self._spawn(old.name, argv, overrides)
+        new = self._launcher().spawn(old.name, old.argv, overrides)
         self.workers[index] = new
         if wait:
             self.wait_worker_warm(new, timeout=timeout)
@@ -438,9 +383,7 @@ class Stack:
         if self.api is not None and self.api.alive():
             raise StackError("the API is already running")
         self.api_port = port or self.api_port or free_port()
-        argv = [sys.executable, "-m", "laneway", "api", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.api_port), "--no-migrate"]
-        self.api = self._spawn("api", argv, env)
+        self.api = self._launcher().api(host="127.0.0.1", port=self.api_port, overrides=env)
         if healthy:
             self.wait_healthy(timeout)
         elif wait:
@@ -513,7 +456,7 @@ class Stack:
         """The tail of every log file this stack wrote (old processes included)."""
         parts = []
         paths = sorted(self.log_dir.glob("*.log"))
-        if self.redis_proc is not None:
+        if self.redis_proc is not None and self.redis_proc.log_path is not None:
             paths.append(self.redis_proc.log_path)
         for path in paths:
             parts.append(f"----- {path.name} (last {lines} lines) -----\n{tail(path, lines)}")
@@ -525,7 +468,7 @@ class Stack:
             return
         self._closed = True
         try:
-            for proc in list(self.processes()):
+            for proc in sorted(self.processes(), key=lambda p: stop_order(p.name)):
                 with contextlib.suppress(Exception):
                     proc.stop(signal.SIGTERM, timeout=15)
             if self.db is not None:

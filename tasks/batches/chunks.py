@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 
 from configs.settings import Settings
 from tasks.batches.leases import Heartbeat
@@ -123,34 +123,31 @@ def _try_claim(chunk_id: int, attempts: int, settings: Settings) -> ChunkClaim |
         )
 
 
+def _owned(claim: ChunkClaim) -> tuple[ColumnElement[bool], ...]:
+    """The fence: the chunk is still running this run's attempt."""
+    return (
+        ChunkRow.id == claim.chunk_id,
+        ChunkRow.attempts == claim.attempt,
+        ChunkRow.state == "running",
+    )
+
+
+def _while_owned(claim: ChunkClaim, **values: object) -> bool:
+    """Update the chunk only while this run still owns it; False once another does."""
+    with session_scope() as s:
+        moved = s.execute(update(ChunkRow).where(*_owned(claim)).values(**values)).rowcount  # type: ignore[attr-defined]
+    return bool(moved == 1)
+
+
 def renew_chunk(claim: ChunkClaim, settings: Settings) -> bool:
     """Push the chunk's lease out; False once another run owns the chunk."""
-    with session_scope() as s:
-        moved = s.execute(
-            update(ChunkRow)
-            .where(
-                ChunkRow.id == claim.chunk_id,
-                ChunkRow.attempts == claim.attempt,
-                ChunkRow.state == "running",
-            )
-            .values(lease_until=now() + settings.chunk_lease_s)
-        ).rowcount  # type: ignore[attr-defined]
-    return bool(moved == 1)
+    return _while_owned(claim, lease_until=now() + settings.chunk_lease_s)
 
 
 def release_chunk(claim: ChunkClaim) -> None:
     """Give a claimed chunk back at once (its run broke): the next claim retries it, and
     ``attempts`` keeps counting toward ``chunk_max_attempts``."""
-    with session_scope() as s:
-        s.execute(
-            update(ChunkRow)
-            .where(
-                ChunkRow.id == claim.chunk_id,
-                ChunkRow.attempts == claim.attempt,
-                ChunkRow.state == "running",
-            )
-            .values(state="pending", lease_until=None)
-        )
+    _while_owned(claim, state="pending", lease_until=None)
 
 
 # -- compute --------------------------------------------------------------------------------
@@ -215,11 +212,7 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
     with session_scope() as s:
         committed = s.execute(
             update(ChunkRow)
-            .where(
-                ChunkRow.id == claim.chunk_id,
-                ChunkRow.attempts == claim.attempt,
-                ChunkRow.state == "running",
-            )
+            .where(*_owned(claim))
             .values(
                 state="done" if claim.attempt <= settings.chunk_max_attempts else "failed",
                 result_key=claim.part_key,
@@ -229,7 +222,7 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
                 prompt_tokens=result.prompt_tokens,
             )
         ).rowcount  # type: ignore[attr-defined]
-        if committed == 1:
+        if committed == 1:  # the batch's counts move in the same transaction
             s.execute(
                 update(BatchRow)
                 .where(BatchRow.id == claim.batch_id)

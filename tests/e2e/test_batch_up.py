@@ -5,24 +5,17 @@ the one the live endpoint returns for the same input."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import openai
 import pytest
 
 from laneway.embedded_redis import free_port
-from tests.harness import descendants, tail
+from tests.e2e.up import Up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -31,56 +24,11 @@ ENDPOINT = "/v1/embeddings"
 FINISHED = ("completed", "failed", "expired", "cancelled")
 
 
-class LanewayUp:
-    """`laneway up` in its own session; every process it started is killed at the end."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.port = root, free_port()
-        self.log = root / "up.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LANEWAY_")}
-        self.env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env})
-        self.seen: set[int] = set()
-        argv = [sys.executable, "-m", "laneway", "up", "--data-dir", str(root / "data")]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*argv, "--port", str(self.port)],
-                env=self.env,
-                cwd=root,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.seen |= descendants(self.proc.pid)
-            assert self.proc.poll() is None, f"laneway up exited\n{tail(self.log, 80)}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise AssertionError(f"not healthy within {timeout}s\n{tail(self.log, 80)}")
-
-    def stop(self) -> None:
-        self.seen |= descendants(self.proc.pid)
-        self.proc.send_signal(signal.SIGINT)  # Ctrl-C
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)
-        for pid in {self.proc.pid, *self.seen}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LanewayUp]:
-    stack = LanewayUp(tmp_path_factory.mktemp("batch-up"), {"LANEWAY_CHUNK_LINES": "8"})
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    root = tmp_path_factory.mktemp("batch-up")
+    env = {"HF_HUB_OFFLINE": "1", "LANEWAY_CHUNK_LINES": "8"}
+    stack = Up(root / "data", free_port(), root / "up.log", env).start()
     try:
         stack.wait_healthy(timeout=180)
         yield stack
@@ -89,7 +37,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LanewayUp]:
 
 
 @pytest.fixture(scope="module")
-def client(up: LanewayUp) -> Any:
+def client(up: Up) -> Any:
     return openai.OpenAI(base_url=f"{up.base_url}/v1", api_key="unused", timeout=60)
 
 

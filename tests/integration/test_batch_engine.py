@@ -10,7 +10,6 @@ test_batch_load.py.
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 import tasks.db
-from configs.catalog import Catalog, load_catalog
+from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches import lifecycle, status
 from tasks.batches.chunks import claim_chunk, run_chunk
@@ -32,19 +31,25 @@ from tasks.batches.leases import Heartbeat
 from tasks.batches.lifecycle import BatchJob, claim_batch_job, finalize
 from tasks.batches.lines import Outcome
 from tasks.batches.reaper import reap
-from tasks.batches.service import batch_object, create_batch, request_cancel
+from tasks.batches.service import batch_object, request_cancel
 from tasks.batches.work import BatchWork
 from tasks.db import make_engine, migrate, session_scope
-from tasks.files import create_file, delete_file, get_file, list_files
+from tasks.files import delete_file, get_file, list_files
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
+from tests.batch_rows import (
+    FAKE,
+    MINILM,
+    batch,
+    chunks,
+    jsonl,
+    line,
+    make_settings,
+    new_batch,
+)
 from tests.harness import TestDatabase
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-FAKE = "laneway/fake-embeddings"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-ENDPOINT = "/v1/embeddings"
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -65,40 +70,6 @@ def db(
     finally:
         engine.dispose()
         database.drop()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> FileStore:
-    root = tmp_path / "files"
-    root.mkdir()
-    return FileStore(root)
-
-
-@pytest.fixture
-def catalog() -> Catalog:
-    return load_catalog(None)
-
-
-def make_settings(**kw: Any) -> Settings:
-    values: dict[str, Any] = {"models": [FAKE, MINILM], "chunk_lines": 3}
-    values.update(kw)
-    return Settings(**values)
-
-
-def line(custom_id: Any, text: str = "hello", *, model: str = FAKE, **over: Any) -> bytes:
-    obj: dict[str, Any] = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": ENDPOINT,
-        "body": {"model": model, "input": text},
-    }
-    obj.update(over)
-    return json.dumps(obj).encode() + b"\n"
-
-
-def jsonl(n: int, *, fail: set[int] | None = None) -> bytes:
-    fail = fail or set()
-    return b"".join(line(f"req-{i}", "FAIL" if i in fail else f"text {i}") for i in range(n))
 
 
 def fake_execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
@@ -137,52 +108,6 @@ def work(
         execute=execute,
         notify=Hints(),
     )
-
-
-def upload(store: FileStore, content: bytes, *, purpose: str = "batch") -> str:
-    obj = create_file(
-        store=store,
-        source=io.BytesIO(content),
-        filename="in.jsonl",
-        purpose=purpose,
-        max_bytes=10**9,
-    )
-    return str(obj["id"])
-
-
-def new_batch(settings: Settings, store: FileStore, content: bytes, **kw: Any) -> str:
-    file_id = upload(store, content)
-    with session_scope() as s:
-        row, created = create_batch(
-            s,
-            settings=settings,
-            input_file_id=file_id,
-            endpoint=ENDPOINT,
-            completion_window="24h",
-            **kw,
-        )
-        assert created
-        return row.id
-
-
-def batch(batch_id: str) -> BatchRow:
-    with session_scope() as s:
-        row = s.get(BatchRow, batch_id)
-        assert row is not None
-        s.expunge(row)
-        return row
-
-
-def chunks(batch_id: str) -> list[ChunkRow]:
-    with session_scope() as s:
-        rows = list(
-            s.scalars(
-                select(ChunkRow).where(ChunkRow.batch_id == batch_id).order_by(ChunkRow.index)
-            )
-        )
-        for row in rows:
-            s.expunge(row)
-        return rows
 
 
 def file_lines(store: FileStore, file_id: str | None) -> list[dict[str, Any]]:

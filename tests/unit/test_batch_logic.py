@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 import tasks.db
-from configs.catalog import Catalog, load_catalog
+from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.lifecycle import BatchJob, validate_batch
 from tasks.batches.service import (
@@ -42,10 +42,19 @@ from tasks.files import (
 from tasks.filestore import FileStore, MissingPart
 from tasks.models import Base, BatchRow, ChunkRow, FileRow
 from tasks.pagination import page_object, paginate
+from tests.batch_rows import (
+    ENDPOINT,
+    FAKE,
+    MINILM,
+    batch,
+    chunks,
+    jsonl,
+    line,
+    make_settings,
+    new_batch,
+    upload,
+)
 
-FAKE = "laneway/fake-embeddings"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-ENDPOINT = "/v1/embeddings"
 STATUSES = [*TIMESTAMP_FIELD, "validating"]
 
 
@@ -63,86 +72,6 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> FileStore:
-    root = tmp_path / "files"
-    root.mkdir()
-    return FileStore(root)
-
-
-@pytest.fixture
-def catalog() -> Catalog:
-    return load_catalog(None)
-
-
-def make_settings(**kw: Any) -> Settings:
-    values: dict[str, Any] = {"models": [FAKE, MINILM], "chunk_lines": 3}
-    values.update(kw)
-    return Settings(**values)
-
-
-def line(custom_id: Any, text: str = "hello", *, model: str = FAKE, **over: Any) -> bytes:
-    obj: dict[str, Any] = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": ENDPOINT,
-        "body": {"model": model, "input": text},
-    }
-    obj.update(over)
-    return json.dumps(obj).encode() + b"\n"
-
-
-def jsonl(n: int, *, fail: set[int] | None = None) -> bytes:
-    fail = fail or set()
-    return b"".join(line(f"req-{i}", "FAIL" if i in fail else f"text {i}") for i in range(n))
-
-
-def upload(store: FileStore, content: bytes, *, purpose: str = "batch") -> str:
-    row = create_file(
-        store=store,
-        source=io.BytesIO(content),
-        filename="in.jsonl",
-        purpose=purpose,
-        max_bytes=10**9,
-    )
-    return str(row["id"])
-
-
-def new_batch(settings: Settings, store: FileStore, content: bytes, **kw: Any) -> str:
-    file_id = upload(store, content)
-    with session_scope() as s:
-        row, created = create_batch(
-            s,
-            settings=settings,
-            input_file_id=file_id,
-            endpoint=ENDPOINT,
-            completion_window="24h",
-            **kw,
-        )
-        assert created
-        return row.id
-
-
-def batch(batch_id: str) -> BatchRow:
-    with session_scope() as s:
-        row = s.get(BatchRow, batch_id)
-        assert row is not None
-        s.expunge(row)
-        return row
-
-
-def chunks(batch_id: str) -> list[ChunkRow]:
-    with session_scope() as s:
-        rows = list(
-            s.scalars(
-                select(ChunkRow).where(ChunkRow.batch_id == batch_id).order_by(ChunkRow.index)
-            )
-        )
-        for row in rows:
-            s.expunge(row)
-        return rows
 
 
 def make_row(status: str, **kw: Any) -> str:
