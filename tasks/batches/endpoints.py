@@ -4,6 +4,8 @@ A capability adds its own with ``register_endpoint``."""
 
 from __future__ import annotations
 
+from tasks import embeddings
+
 BATCH_ENDPOINTS: dict[str, str] = {}
 
 
@@ -12,4 +14,4 @@ def register_endpoint(endpoint: str, capability: str) -> None:
 
 
 # the one capability so far; the capability registry (chat issue) will register its own
-register_endpoint("/v1/embeddings", "embeddings")
+register_endpoint(embeddings.ENDPOINT, embeddings.CAPABILITY)

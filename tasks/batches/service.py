@@ -122,6 +122,34 @@ def _checked_expiry(output_expires_after: Any) -> dict[str, Any] | None:
     return {"anchor": "created_at", "seconds": seconds} if seconds else None
 
 
+def _check_target(endpoint: str, completion_window: str) -> None:
+    if endpoint not in BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"endpoint {quote(endpoint)} is not supported; supported: {', '.join(BATCH_ENDPOINTS)}",
+            param="endpoint",
+            code="invalid_endpoint",
+        )
+    if completion_window not in COMPLETION_WINDOWS:
+        raise InvalidRequest(
+            f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}",
+            param="completion_window",
+        )
+
+
+def _check_input_file(session: Session, input_file_id: str) -> None:
+    try:
+        file_row = get_file(session, input_file_id)
+    except NotFound:
+        raise NotFound(
+            f"No such File object: {quote(input_file_id)}", param="input_file_id"
+        ) from None
+    if file_row.purpose != "batch":
+        raise InvalidRequest(
+            f"file {input_file_id} has purpose {file_row.purpose!r}; batches need 'batch'",
+            param="input_file_id",
+        )
+
+
 def create_batch(
     session: Session,
     *,
@@ -141,30 +169,10 @@ def create_batch(
         found = _by_idempotency_key(session, idempotency_key)
         if found is not None:
             return found, False
-    if endpoint not in BATCH_ENDPOINTS:
-        raise InvalidRequest(
-            f"endpoint {quote(endpoint)} is not supported; supported: {', '.join(BATCH_ENDPOINTS)}",
-            param="endpoint",
-            code="invalid_endpoint",
-        )
-    if completion_window not in COMPLETION_WINDOWS:
-        raise InvalidRequest(
-            f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}",
-            param="completion_window",
-        )
+    _check_target(endpoint, completion_window)
     metadata = check_metadata(metadata)
     expiry = _checked_expiry(output_expires_after)
-    try:
-        file_row = get_file(session, input_file_id)
-    except NotFound:
-        raise NotFound(
-            f"No such File object: {quote(input_file_id)}", param="input_file_id"
-        ) from None
-    if file_row.purpose != "batch":
-        raise InvalidRequest(
-            f"file {input_file_id} has purpose {file_row.purpose!r}; batches need 'batch'",
-            param="input_file_id",
-        )
+    _check_input_file(session, input_file_id)
     now = int(time.time())
     row = BatchRow(
         id=f"batch_{uuid.uuid4().hex[:24]}",

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 from tasks.models import BatchRow
 
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-FINISHED_STATUSES = ("completed", "failed", "expired", "cancelled")
 LEGAL: dict[str, set[str]] = {
     "validating": {"in_progress", "failed", "cancelling", "expired"},
     "in_progress": {"finalizing", "cancelling", "expired"},
