@@ -362,15 +362,15 @@ def test_a_slow_chunk_keeps_its_lease_for_its_whole_run(
 ) -> None:
     """Compute (and tokenising, encoding, committing) that takes longer than the lease:
     the heartbeat renews it the whole time, so the reaper never takes the chunk back."""
-    settings = make_settings(chunk_lines=10, chunk_lease_s=0.6)
+    settings = make_settings(chunk_lines=10, chunk_lease_s=1.0)
     w = work(settings, store, catalog)
     batch_id = new_batch(settings, store, jsonl(3))
     w.drain(limit=1)
     reaped: list[int] = []
 
     def slow(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
-        for _ in range(6):  # 1.8 s, three leases, with the reaper looking all along
-            time.sleep(0.3)
+        for _ in range(6):  # 3 s, three leases, with the reaper looking all along
+            time.sleep(0.5)
             reaped.append(reap(store=store))
         return fake_execute(model, bodies, ids)
 
@@ -548,7 +548,7 @@ def test_a_slow_finaliser_keeps_its_lease_and_nobody_else_starts(
     """The finaliser takes three leases' time: its heartbeat renews the lease, so other
     workers looking for work all along never start a second finaliser."""
     store = SlowStore(tmp_path / "slow")
-    settings = make_settings(chunk_lines=2, chunk_lease_s=0.6)
+    settings = make_settings(chunk_lines=2, chunk_lease_s=1.0)
     batch_id = ready_to_finalise(settings, store, catalog, 8)
     job = claim_batch_job(settings=settings, capability="embeddings")
     assert job is not None and job.status == "finalizing"
@@ -560,8 +560,8 @@ def test_a_slow_finaliser_keeps_its_lease_and_nobody_else_starts(
     first.start()
     assert store.inside.wait(10)
     others = work(settings, store, catalog)
-    for _ in range(9):  # 1.8 s: three leases
-        time.sleep(0.2)
+    for _ in range(10):  # 3 s: three leases
+        time.sleep(0.3)
         assert reap(store=store) == 0
         assert others.next_job() is None, "a second finaliser started"
     store.gate.set()
