@@ -31,6 +31,7 @@ from tasks.models import BatchRow, ChunkRow, FileRow
 log = logging.getLogger(__name__)
 
 UNFINISHED = ("pending", "running")
+FINISHED_CHUNK = ("done", "failed")  # committed, with results (failed: chunk_failed lines)
 # pending chunks looked at per claim: a few, in case another worker takes the first
 CLAIM_CANDIDATES = 8
 

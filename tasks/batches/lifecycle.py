@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches import status
-from tasks.batches.chunks import UNFINISHED
+from tasks.batches.chunks import FINISHED_CHUNK, UNFINISHED
 from tasks.batches.leases import Heartbeat
 from tasks.batches.lines import expired_line, iter_requests
 from tasks.batches.status import now, transition
@@ -59,12 +59,16 @@ class BatchJob:
 
 def advance(batch_id: str | None = None) -> int:
     """The moves that need no claim, judged from the database alone, for one batch or
-    every open one: in progress with no chunk left to run -> ``finalizing``; still
-    validating past its window -> ``expired``. Returns how many batches moved."""
+    every open one: in progress with every chunk done -> ``finalizing``; still
+    validating past its window -> ``expired``. Returns how many batches moved.
+
+    "Done" is done or failed (with results), never cancelled: a batch still in progress
+    with a cancelled chunk is being expired right now (its finaliser stops the
+    unfinished chunks first), and that finaliser, not this one, owns the batch."""
     t = now()
-    unfinished = select(ChunkRow.batch_id).where(ChunkRow.state.in_(UNFINISHED))
+    not_done = select(ChunkRow.batch_id).where(ChunkRow.state.not_in(FINISHED_CHUNK))
     ready = select(BatchRow.id).where(
-        BatchRow.status == "in_progress", BatchRow.id.not_in(unfinished)
+        BatchRow.status == "in_progress", BatchRow.id.not_in(not_done)
     )
     late = select(BatchRow.id).where(BatchRow.status == "validating", BatchRow.expires_at <= t)
     if batch_id is not None:
@@ -240,7 +244,7 @@ def _plan(job: BatchJob, to: str) -> _Plan | None:
         for chunk in s.scalars(
             select(ChunkRow).where(ChunkRow.batch_id == job.batch_id).order_by(ChunkRow.index)
         ):
-            finished = chunk.state in ("done", "failed") and chunk.result_key
+            finished = chunk.state in FINISHED_CHUNK and chunk.result_key
             (plan.done if finished else plan.unfinished).append(chunk)
             s.expunge(chunk)
     return plan
