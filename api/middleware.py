@@ -25,6 +25,11 @@ V1_PREFIX = "/v1/"
 OPS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")
 
 
+def is_protected(path: str, *, protect_ops: bool) -> bool:
+    """Whether the API key (when one is set) guards ``path``."""
+    return path.startswith(V1_PREFIX) or (protect_ops and path in OPS_PATHS)
+
+
 class _TooLarge(StarletteHTTPException):
     """An HTTPException, so FastAPI's body parsing re-raises it instead of making it a 400."""
 
@@ -63,12 +68,16 @@ class Gate:
         started = time.perf_counter()
         path: str = scope["path"]
         headers = dict(scope.get("headers") or [])
-        refusal = self._refusal(path, headers)
-        if refusal is not None:
-            await self._refuse(scope, send, refusal)
-            self._observe(scope, refusal.status_code, started)
-            return
         limit = self.max_file_bytes + 1024 * 1024 if path == "/v1/files" else self.max_bytes
+        length = headers.get(b"content-length")
+        refusal = self._refusal(path, headers)
+        if refusal is None and length is not None and length.isdigit() and int(length) > limit:
+            refusal = _too_large(limit)
+        if refusal is not None:  # answered before routing: find the route it aimed at
+            route = self._route_of(scope)
+            await self._refuse(send, refusal, route)
+            self._observe(scope, refusal.status_code, started, route)
+            return
         status = {"code": 500}
         seen = 0
 
@@ -86,23 +95,19 @@ class Gate:
                 status["code"] = message["status"]
             await send(message)
 
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        try:
+            await self.app(scope, limited_receive, send_wrapper)
+        except _TooLarge:
             status["code"] = 413
-            await self._refuse(scope, send, _too_large(limit))
-        else:
-            try:
-                await self.app(scope, limited_receive, send_wrapper)
-            except _TooLarge:
-                status["code"] = 413
-                await self._refuse(scope, send, _too_large(limit))
-        self._observe(scope, status["code"], started)
+            await self._refuse(send, _too_large(limit), route_label(scope))
+        # routed by now: the router set the route it matched (none: unmatched)
+        self._observe(scope, status["code"], started, route_label(scope))
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> LanewayError | None:
         """401 for a protected path without the right key, decided from headers alone."""
         if self.api_key is None:
             return None
-        if not (path.startswith(V1_PREFIX) or (self.protect_ops and path in OPS_PATHS)):
+        if not is_protected(path, protect_ops=self.protect_ops):
             return None
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
@@ -119,8 +124,7 @@ class Gate:
                 return str(getattr(route, "path", UNMATCHED_ROUTE))
         return UNMATCHED_ROUTE
 
-    async def _refuse(self, scope: Scope, send: Send, exc: LanewayError) -> None:
-        route = route_label(scope) if scope.get("route") else self._route_of(scope)
+    async def _refuse(self, send: Send, exc: LanewayError, route: str) -> None:
         ERRORS.labels(route=route, code=str(exc.status_code)).inc()
         body = dumps(exc.body())
         headers = [
@@ -132,8 +136,7 @@ class Gate:
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
-        route = route_label(scope) if scope.get("route") else self._route_of(scope)
+    def _observe(self, scope: Scope, status: int, started: float, route: str) -> None:
         model = model_label(scope.get("state", {}).get("model"), self.served_models)
         REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(
             time.perf_counter() - started

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.middleware import OPS_PATHS, V1_PREFIX
+from api.middleware import is_protected
 from configs.settings import Settings
 
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")
@@ -24,9 +24,7 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     for path, operations in schema.get("paths", {}).items():
-        protected = settings.api_key and (
-            path.startswith(V1_PREFIX) or (settings.protect_ops and path in OPS_PATHS)
-        )
+        protected = settings.api_key and is_protected(path, protect_ops=settings.protect_ops)
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
             if protected:
