@@ -116,17 +116,12 @@ class FileStore:
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
-    def siblings(self, key: str) -> list[str]:
-        """Keys in ``key``'s directory whose name starts with ``key``'s name."""
-        path = self.path(key)
-        if not path.parent.is_dir():
+    def listdir(self, prefix: str) -> list[str]:
+        """The keys directly inside the directory ``prefix`` (none when it is absent)."""
+        path = self.path(prefix)
+        if not path.is_dir():
             return []
-        parent = key.rpartition("/")[0]
-        return [
-            f"{parent}/{p.name}" if parent else p.name
-            for p in path.parent.iterdir()
-            if p.name.startswith(path.name)
-        ]
+        return [f"{prefix.rstrip('/')}/{p.name}" for p in path.iterdir()]
 
 
 def get_file_store(settings: Settings | None = None) -> FileStore:

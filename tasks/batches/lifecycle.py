@@ -5,10 +5,10 @@ Validation and finalisation are jobs a worker claims with the batch's lease
 (``claim_batch_job``) and holds with a heartbeat while it works. Each ends in one fenced
 transaction: the rows it writes and the status move commit together, and only while the
 job's token is still the batch's. A finaliser writes its files under names of its own
-(``files/<id>-<token>``) and only its fenced commit points the File rows at them, so a
-finaliser that lost its lease (it froze past ``chunk_lease_s`` and another took over)
-can never replace a finished batch's output, and parts are deleted only by the finaliser
-whose commit won.
+(``results/<batch>/<kind>-<token>``) and only its fenced commit points the File rows at
+them, so a finaliser that lost its lease (it froze past ``chunk_lease_s`` and another
+took over) can never replace a finished batch's output, and parts are deleted only by
+the finaliser whose commit won.
 """
 
 from __future__ import annotations
@@ -222,6 +222,12 @@ def result_file_id(batch_id: str, kind: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
+def _results_dir(batch_id: str) -> str:
+    """Where a batch's finalisers write its output and error files (a directory per
+    batch, so cleaning up after a crashed finaliser reads only this batch's entries)."""
+    return f"results/{batch_id}"
+
+
 def _plan(job: BatchJob, to: str) -> _Plan | None:
     """Read what to assemble; when expiring, first stop every unfinished chunk (fenced:
     None when the batch is no longer ours)."""
@@ -278,7 +284,7 @@ def _write_files(store: FileStore, job: BatchJob, to: str, plan: _Plan) -> _Writ
 
     def assemble(kind: str, parts: list[str]) -> None:
         file_id = result_file_id(job.batch_id, kind)
-        key = f"files/{file_id}-{job.token[:16]}"
+        key = f"{_results_dir(job.batch_id)}/{kind}-{job.token[:16]}"
         written.files[kind] = (file_id, key, 0)  # recorded first: removed if concat fails
         written.files[kind] = (file_id, key, store.concat(key, parts))
 
@@ -356,10 +362,10 @@ def finalize(job: BatchJob, *, store: FileStore, settings: Settings) -> bool:
     store.delete_tree(f"batches/{job.batch_id}")
     for key in superseded:
         store.delete(key)
-    for file_id, key, _ in written.files.values():  # a crashed finaliser's leftovers
-        for other in store.siblings(f"files/{file_id}-"):
-            if other != key:
-                store.delete(other)
+    kept = set(written.storage_keys())  # the rest: a crashed finaliser's leftovers
+    for other in store.listdir(_results_dir(job.batch_id)):
+        if other not in kept:
+            store.delete(other)
     log.info(
         "batch %s %s: %d completed, %d failed",
         job.batch_id,

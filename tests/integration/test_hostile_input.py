@@ -122,12 +122,10 @@ def raw_upload(http: httpx.Client, filename: bytes, *, purpose: bytes = b"batch"
 
 
 def blobs(stack: Stack) -> set[str]:
-    """The uploads' blobs in the file store (``files/file-<id>``; batches that earlier
-    tests created finish meanwhile and add result files, ``file-<id>-<token>``, which do
-    not count)."""
+    """The uploads' blobs in the file store (``files/file-<id>``). Batches that earlier
+    tests created finish meanwhile; their result files live under ``results/``."""
     root = stack.root / "files" / "files"
-    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
-    return {n for n in names if n.count("-") == 1}
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
 
 
 def uploads(http: httpx.Client) -> int:
