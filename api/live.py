@@ -1,7 +1,10 @@
 """Enqueue live work and wait for its result without a thread per request.
 
-One pub/sub subscription per API process carries every result addressed to it; a plain
-GET of the result key is the fallback when a message was missed (reconnects, restarts).
+Each API process pops its replies from a list of its own (``tasks.names.reply_queue``),
+which workers push to: a pop takes each reply exactly once, so nothing is left behind in
+Redis once delivered, and nothing is missed while the listener reconnects (the list
+keeps what arrived meanwhile). The list expires ``REPLY_TTL_S`` after the last push, so
+the list of an API process that died goes away by itself.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -28,18 +31,19 @@ from tasks.errors import (
 )
 from tasks.names import (
     LIVE,
-    RESULT_CHANNEL_PREFIX,
     WORKERS_KEY,
     cancelled_key,
     queue_name,
-    result_key,
+    reply_queue,
     task_name,
 )
 from tasks.publish import celery_message
+from tasks.replies import ERROR, Reply, decode_reply
 
 log = logging.getLogger(__name__)
 
-FALLBACK_POLL_S = 1.0
+POP_MAX = 1024  # replies taken per round trip at most
+BLOCK_S = 5  # an idle listener's blocking pop (a dead connection shows within this)
 # the bound check and the push in one atomic round trip: -depth when the queue is full
 BOUNDED_PUSH = """
 local depth = redis.call('LLEN', KEYS[1])
@@ -108,57 +112,72 @@ class LiveClient:
         self.redis = redis
         self.registry = WorkerRegistry(redis, settings.worker_ttl_s)
         self.reply_to = uuid.uuid4().hex
+        self.replies = reply_queue(self.reply_to)
+        self.unmatched = 0  # replies that came after their caller stopped waiting
         self._push = redis.register_script(BOUNDED_PUSH)
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
-        self._pubsub_client = aioredis.Redis(
+        self._listening = asyncio.Event()
+        # its own connection: the blocking pop must not hold one the requests need
+        self._listen_client = aioredis.Redis(
             connection_pool=aioredis.ConnectionPool.from_url(
-                settings.effective_redis_url, socket_timeout=None, socket_keepalive=True
+                settings.effective_redis_url,
+                socket_timeout=BLOCK_S + 5,
+                socket_keepalive=True,
+                max_connections=1,
             )
         )
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="laneway-results")
+        self._listener = asyncio.create_task(self._listen(), name="laneway-replies")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), timeout=5)
+            await asyncio.wait_for(self._listening.wait(), timeout=5)
 
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
-        await self._pubsub_client.aclose()
+        await self._listen_client.aclose()
 
     async def _listen(self) -> None:
-        channel = RESULT_CHANNEL_PREFIX + self.reply_to
         backoff = 0.1
         while True:
-            # its own connection with no read timeout: an idle subscription must not time
-            # out and resubscribe (results published in that gap would wait for the fallback)
-            pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
-                self._subscribed.set()
+                await self._listen_client.ping()
+                self._listening.set()
                 backoff = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._deliver(json.loads(message["data"]))
+                while True:
+                    frames = await self._pop()
+                    for frame in frames:
+                        self._deliver(frame)
             except asyncio.CancelledError:
-                await pubsub.aclose()
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("result subscription lost (%s); reconnecting", exc)
-                self._subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                log.warning("reply list unreachable (%s); reconnecting", exc)
+                self._listening.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _deliver(self, reply: dict[str, Any]) -> None:
-        future = self._pending.get(reply.get("id", ""))
-        if future is not None and not future.done():
-            future.set_result(reply)
+    async def _pop(self) -> list[bytes]:
+        """What is on the reply list now, or (when empty) the next reply to arrive."""
+        frames = await self._listen_client.lpop(self.replies, POP_MAX)
+        if frames:
+            return cast(list[bytes], frames)
+        got = await self._listen_client.blpop([self.replies], timeout=BLOCK_S)
+        return [cast(bytes, got[1])] if got else []
+
+    def _deliver(self, frame: bytes) -> None:
+        try:
+            reply = decode_reply(frame)
+        except ValueError:
+            log.error("dropping a malformed reply frame (%d bytes)", len(frame))
+            return
+        future = self._pending.get(reply.request_id)
+        if future is None or future.done():
+            self.unmatched += 1
+            return
+        future.set_result(reply)
 
     async def _check_capacity(self, capability: str, model: str) -> None:
         try:
@@ -174,17 +193,16 @@ class LiveClient:
         payload: dict[str, Any],
         *,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
-    ) -> dict[str, Any]:
-        """Enqueue ``payload`` on the capability's live lane and return the worker's reply."""
-        """``disconnected`` makes an awaitable that resolves when the caller hangs up."""
+    ) -> Reply:
+        """Enqueue ``payload`` on the capability's live lane and return the worker's reply.
+
+        ``disconnected`` makes an awaitable that resolves when the caller hangs up."""
         await self._check_capacity(capability, str(payload.get("model")))
         request_id = uuid.uuid4().hex
         timeout = self.settings.request_timeout_s
-        deadline = time.time() + timeout
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        now = time.time()
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             message = celery_message(
                 task_name(capability, LIVE),
@@ -193,69 +211,61 @@ class LiveClient:
                         **payload,
                         "id": request_id,
                         "reply_to": self.reply_to,
-                        "deadline": deadline,
-                        "sent_at": time.time(),
+                        "deadline": now + timeout,
+                        "sent_at": now,
                     }
                 ],
                 queue=queue_name(capability, LIVE),
                 expires_s=timeout,
             )
-            try:
-                depth = await self._push(
-                    keys=[queue_name(capability, LIVE)],
-                    args=[message, self.settings.live_queue_max],
-                )
-            except (RedisError, OSError) as exc:
-                raise ServiceUnavailable(
-                    f"could not enqueue the request: {exc}", code="broker_unavailable"
-                ) from exc
-            if depth < 0:
-                raise QueueFull(
-                    f"the {capability} live queue is full ({-depth} waiting); retry later",
-                    retry_after=1,
-                )
-            reply = await self._wait(request_id, future, watcher, deadline)
+            await self._enqueue(capability, message)
+            reply = await self._wait(request_id, future, disconnected, timeout)
         finally:
             self._pending.pop(request_id, None)
-            if watcher is not None:
-                watcher.cancel()
-        if not reply.get("ok"):
-            raise LanewayError.from_wire(reply.get("error", {}))
+        if reply.event == ERROR:
+            raise LanewayError.from_wire(reply.header.get("error", {}))
         return reply
+
+    async def _enqueue(self, capability: str, message: str) -> None:
+        try:
+            depth = await self._push(
+                keys=[queue_name(capability, LIVE)],
+                args=[message, self.settings.live_queue_max],
+            )
+        except (RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"could not enqueue the request: {exc}", code="broker_unavailable"
+            ) from exc
+        if depth < 0:
+            raise QueueFull(
+                f"the {capability} live queue is full ({-depth} waiting); retry later",
+                retry_after=1,
+            )
 
     async def _wait(
         self,
         request_id: str,
-        future: asyncio.Future[dict[str, Any]],
-        watcher: asyncio.Future[Any] | None,
-        deadline: float,
-    ) -> dict[str, Any]:
+        future: asyncio.Future[Reply],
+        disconnected: Callable[[], Awaitable[Any]] | None,
+        timeout: float,
+    ) -> Reply:
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         waiting: set[asyncio.Future[Any]] = {future} if watcher is None else {future, watcher}
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                await self._abandon(request_id)
-                raise GatewayTimeout(
-                    f"no result within {self.settings.request_timeout_s:g}s; the request "
-                    "was dropped"
-                )
+        try:
             done, _ = await asyncio.wait(
-                waiting,
-                timeout=min(FALLBACK_POLL_S, remaining),
-                return_when=asyncio.FIRST_COMPLETED,
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if future in done:
-                return future.result()
-            if watcher is not None and watcher in done:
-                await self._abandon(request_id)
-                raise ClientGone("client closed the request")
-            # nothing pushed yet: maybe the message was missed, read the fallback copy
-            try:
-                raw = await self.redis.get(result_key(request_id))
-            except (RedisError, OSError):
-                raw = None
-            if raw is not None:
-                return dict(json.loads(raw))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if future in done:
+            return future.result()
+        await self._abandon(request_id)
+        if watcher is not None and watcher in done:
+            raise ClientGone("client closed the request")
+        raise GatewayTimeout(
+            f"no result within {self.settings.request_timeout_s:g}s; the request was dropped"
+        )
 
     async def _abandon(self, request_id: str) -> None:
         """Tell workers not to compute a request nobody is waiting for."""

@@ -41,8 +41,22 @@ class Settings(BaseSettings):
     max_embedding_inputs: int = Field(default=2048, ge=1)
 
     # worker
-    worker_concurrency: int = Field(default=128, ge=1, description="task threads per worker")
+    worker_concurrency: int = Field(
+        default=4, ge=1, description="Celery pool threads per worker (batch hints only)"
+    )
+    live_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="live requests a worker holds at once (taken from Redis, not answered "
+        "yet); the rest wait in Redis, where the API's bound counts them",
+    )
     max_batch_size: int = Field(default=64, ge=1)
+    live_batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="under load, how long a live forward smaller than max_batch_size "
+        "waits for more requests to join (an idle lane never waits)",
+    )
     embedding_cache_size: int = Field(default=0, ge=0, description="0 turns the cache off")
     task_events: bool = Field(default=False, description="Celery task events (for Flower)")
     heartbeat_s: float = Field(default=2.0, gt=0)

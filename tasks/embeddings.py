@@ -3,8 +3,6 @@ workers (Batch API lines): one schema, one set of rules, one response shape."""
 
 from __future__ import annotations
 
-import base64
-from array import array
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -109,11 +107,6 @@ def parse_body(body: Any) -> EmbeddingRequest:
         raise invalid_request(exc.errors()) from None
 
 
-def decode_vector(b64: str) -> list[float]:
-    """Little-endian float32 base64 (the wire format) to a list of floats."""
-    return array("f", base64.b64decode(b64)).tolist()
-
-
 def embedding_body(
     model: str, embeddings: Sequence[list[float] | str], prompt_tokens: int
 ) -> dict[str, Any]:
@@ -126,12 +119,3 @@ def embedding_body(
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
-
-
-def embedding_response(
-    model: str, vectors_b64: list[str], prompt_tokens: int, encoding_format: str
-) -> dict[str, Any]:
-    """The OpenAI response body, from the worker's base64 vectors."""
-    if encoding_format == "base64":
-        return embedding_body(model, vectors_b64, prompt_tokens)
-    return embedding_body(model, [decode_vector(v) for v in vectors_b64], prompt_tokens)

@@ -22,12 +22,14 @@ def task_name(capability: str, lane: Lane) -> str:
 # Redis keys shared by the API and the workers (all under one prefix).
 PREFIX = "laneway"
 WORKERS_KEY = f"{PREFIX}:workers"  # hash: worker id -> readiness JSON
-RESULT_CHANNEL_PREFIX = f"{PREFIX}:reply:"  # pub/sub channel per API process
+# an API process's reply list lives this long after the last reply pushed to it, so the
+# list of an API process that died goes away by itself
+REPLY_TTL_S = 120
 
 
-def result_key(request_id: str) -> str:
-    """Fallback copy of a live result, read when the pub/sub message was missed."""
-    return f"{PREFIX}:result:{request_id}"
+def reply_queue(api_id: str) -> str:
+    """The list one API process pops its live replies from (workers push to its right)."""
+    return f"{PREFIX}:replies:{api_id}"
 
 
 def cancelled_key(request_id: str) -> str:

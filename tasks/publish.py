@@ -12,12 +12,14 @@ the difference; ``tests/integration/test_publish.py`` holds it to Celery's own e
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 ORIGIN = f"laneway-api{os.getpid()}@{socket.gethostname()}"
 
@@ -37,7 +39,7 @@ def celery_message(
         if expires_s is not None
         else None
     )
-    body = json.dumps(
+    body = orjson.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
     headers: dict[str, Any] = {
@@ -80,10 +82,44 @@ def celery_message(
         }
     )
     envelope = {
-        "body": base64.b64encode(body.encode()).decode("ascii"),
+        "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
         "properties": properties,
     }
-    return json.dumps(envelope)
+    return orjson.dumps(envelope).decode()
+
+
+class MalformedMessage(ValueError):
+    """A queue entry that is not a protocol-2 task message with one JSON argument."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """What a consumer needs of one task message: its name, id, expiry and argument."""
+
+    task: str
+    task_id: str
+    expires: str | None
+    request: dict[str, Any]
+
+
+def decode_message(raw: bytes | str) -> TaskMessage:
+    """The inverse of ``celery_message`` for any JSON protocol-2 message (Celery's own too):
+    the first positional argument, which must be an object."""
+    try:
+        envelope = orjson.loads(raw)
+        headers = envelope["headers"]
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _embed = orjson.loads(body)
+        request = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(request, dict):
+            raise TypeError(f"argument is {type(request).__name__}, not an object")
+        return TaskMessage(
+            str(headers["task"]), str(headers["id"]), headers.get("expires"), request
+        )
+    except (ValueError, TypeError, KeyError, IndexError, StopIteration) as exc:
+        raise MalformedMessage(str(exc)) from None

@@ -1,11 +1,15 @@
 """Drain many requests into one forward pass: live first, sorted by length, within budget.
 
-Each request (a Celery task running on one of the worker's threads) submits its token
-sequences as a ``Job`` and waits on it. One scheduler thread per model takes what is
-pending, builds one forward at a time (live items alone while any wait, else batch items
-by length) under the model's token budget and maximum batch size, and completes each job
-once all of its items are done. Jobs whose caller has gone or whose deadline has passed
-are dropped before compute.
+Requests submit their token sequences as ``Job``s and get a future each (the live
+consumer attaches callbacks to it; batch runners wait on it). One scheduler thread per
+model takes what is pending, builds one forward at a time (live items alone while any
+wait, else batch items by length) under the model's token budget and maximum batch size,
+and completes each job once all of its items are done. Jobs whose caller has gone or
+whose deadline has passed are dropped before compute.
+
+Adaptive batching: when live requests kept arriving while the last forward ran (the lane
+is under load), a live forward smaller than the maximum waits up to ``live_wait_s`` after
+its oldest item arrived for more to join; on an idle lane a request starts at once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ class Dropped(Exception):
     """The job was dropped before compute (caller gone or deadline passed)."""
 
 
+@dataclass(frozen=True, slots=True)
+class JobMeta:
+    """Who is waiting for a job: the request id (its "gone" flag) and its deadline."""
+
+    request_id: str | None = None
+    deadline: float | None = None
+    sent_at: float | None = None
+
+
 @dataclass(eq=False)
 class Job:
     seqs: list[list[int]]
@@ -40,6 +53,7 @@ class Job:
     future: Future[np.ndarray] = field(default_factory=Future)
     out: np.ndarray | None = None
     remaining: int = 0
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -84,16 +98,21 @@ class Batcher:
         max_batch_size: int,
         token_budget: int,
         gone: GoneCheck | None = None,
+        live_wait_s: float = 0.0,
     ) -> None:
         self.backend = backend
         self.max_batch_size = max_batch_size
         self.token_budget = max(token_budget, backend.max_input_tokens)
         self.gone = gone
+        self.live_wait_s = live_wait_s
         self.stats = ForwardStats()
         self._live: deque[_Item] = deque()
         self._batch: list[_Item] = []
         self._cond = threading.Condition()
         self._stopped = False
+        self._in_forward = False
+        self._arrived_during_forward = False
+        self._under_load = False
         self._thread = threading.Thread(
             target=self._loop, name=f"batcher-{backend.entry.id}", daemon=True
         )
@@ -110,7 +129,7 @@ class Batcher:
     ) -> Future[np.ndarray]:
         """One job: its token sequences, computed together or failed together."""
         [future] = self.submit_many(
-            [seqs], lane=lane, request_id=request_id, deadline=deadline, sent_at=sent_at
+            [seqs], lane=lane, meta=[JobMeta(request_id, deadline, sent_at)]
         )
         return future
 
@@ -119,15 +138,15 @@ class Batcher:
         jobs: Sequence[Sequence[Sequence[int]]],
         *,
         lane: Lane = LIVE,
-        request_id: str | None = None,
-        deadline: float | None = None,
-        sent_at: float | None = None,
+        meta: Sequence[JobMeta] | None = None,
     ) -> list[Future[np.ndarray]]:
-        """Several jobs at once (one lock, one sort): each succeeds or fails on its own."""
+        """Several jobs at once (one lock, one sort), each with its own ``meta`` (or none):
+        each succeeds or fails on its own."""
         futures: list[Future[np.ndarray]] = []
         items: list[_Item] = []
-        for seqs in jobs:
-            job = Job([list(s) for s in seqs], lane, request_id, deadline, sent_at)
+        metas = meta if meta is not None else [JobMeta()] * len(jobs)
+        for seqs, m in zip(jobs, metas, strict=True):
+            job = Job([list(s) for s in seqs], lane, m.request_id, m.deadline, m.sent_at)
             job.remaining = len(job.seqs)
             job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
             futures.append(job.future)
@@ -142,6 +161,7 @@ class Batcher:
                 self._batch.sort(key=lambda it: len(it.seq))
             else:
                 self._live.extend(items)
+                self._arrived_during_forward |= self._in_forward
             self._cond.notify()
         return futures
 
@@ -215,18 +235,39 @@ class Batcher:
             self._batch = [it for it in self._batch if it.job not in dead]
         return [it for it in items if it.job not in dead]
 
+    def _live_wait(self) -> float:
+        """Seconds to hold a live forward for more requests to join (0: go now)."""
+        if not self._under_load or not self._live or len(self._live) >= self.max_batch_size:
+            return 0.0
+        return self._live[0].job.arrived + self.live_wait_s - time.monotonic()
+
+    def _next(self) -> list[_Item] | None:
+        """The next forward's items, waiting for work (None: stopped). Holds the lock."""
+        while True:
+            while not self._stopped and not self._live and not self._batch:
+                self._under_load = False  # the lane ran dry: the next request goes at once
+                self._cond.wait()
+            if self._stopped:
+                return None
+            wait = self._live_wait()
+            if wait <= 0:
+                self._in_forward, self._arrived_during_forward = True, False
+                return self._take()
+            self._cond.wait(wait)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._live and not self._batch:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                items = self._take()
+                items = self._next()
+            if items is None:
+                return
             # a job that already failed (or was dropped) needs none of its other items
             items = [it for it in self._drop_gone(items) if not it.job.future.done()]
             if items:
                 self._forward(items)
+            with self._cond:
+                self._in_forward = False
+                self._under_load = self._arrived_during_forward and self.live_wait_s > 0
 
     def _forward(self, items: list[_Item]) -> None:
         """One forward; when it raises, split it in halves and run each again, so the

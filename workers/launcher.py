@@ -1,4 +1,5 @@
-"""Start a worker: load and warm models, then consume `<capability>.live` before `.batch`."""
+"""Start a worker: load and warm models, then take `<capability>.live` with the live
+consumer (workers/live.py) and `<capability>.batch` hints with Celery's own consumer."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from celery.signals import worker_shutdown
+from celery.worker.control import Panel, inspect_command
+from kombu import Exchange, Queue
 
 from configs.catalog import CAPABILITIES, CatalogError, load_catalog
 from configs.settings import Settings, get_settings
@@ -64,12 +68,16 @@ def run_worker(
     app = get_celery()
     task_bodies.register(app, runtime, runner)
     runtime.start()
+    live = task_bodies.make_live_consumer(runtime, app)
+    live.start()
+    report_live_queue(queue_name(capability, LIVE))
     runner.start()
     stop_reaper = threading.Event()
     task_bodies.start_reaper(runtime, runner, stop_reaper)
 
     @worker_shutdown.connect(weak=False)
     def _withdraw(**_: object) -> None:
+        live.stop()  # answer what it holds before the models go
         stop_reaper.set()
         runner.stop()
         runtime.stop()
@@ -79,7 +87,7 @@ def run_worker(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     worker = app.Worker(
         hostname=runtime.worker_id,
-        queues=[queue_name(capability, LIVE), queue_name(capability, BATCH)],
+        queues=[queue_name(capability, BATCH)],
         pool="threads",
         concurrency=settings.worker_concurrency,
         prefetch_multiplier=1,
@@ -89,6 +97,18 @@ def run_worker(
     )
     worker.start()
     sys.exit(worker.exitcode or 0)
+
+
+def report_live_queue(name: str) -> None:
+    """Celery's consumer does not take the live queue, so `inspect active_queues` (what
+    Flower lists queues and their lengths from) would leave it out: report it too."""
+    celery_own = Panel.data["active_queues"]
+    live = dict(Queue(name, Exchange(name), routing_key=name).as_dict(recurse=True))
+
+    @inspect_command(name="active_queues")
+    def active_queues(state: Any) -> list[dict[str, Any]]:
+        """List the task queues a worker is currently consuming from."""
+        return [*celery_own(state), live]
 
 
 def run_gpu_workers(capability: str, gpus: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -10,7 +9,9 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from tasks.names import (
     worker_metrics_key,
 )
 from workers.backends import ModelBackend, backend_class
-from workers.batching import BATCH_SIZE_BUCKETS, Batcher
+from workers.batching import BATCH_SIZE_BUCKETS, Batcher, JobMeta
 from workers.cache import EmbeddingCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ class EmbedCall:
 class EmbedResult:
     vectors: list[np.ndarray]
     prompt_tokens: int
-
-
-def encode_vector(vec: np.ndarray) -> str:
-    """Little-endian float32, base64: what OpenAI returns for encoding_format=base64."""
-    return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
 
 
 class WorkerRuntime:
@@ -94,6 +90,7 @@ class WorkerRuntime:
                 max_batch_size=self.settings.max_batch_size,
                 token_budget=entry.batch_token_budget,
                 gone=self._gone,
+                live_wait_s=self.settings.live_batch_wait_ms / 1000,
             )
             log.info("%s warm in %.1fs", entry.id, time.perf_counter() - started)
             self.publish_readiness()
@@ -172,48 +169,48 @@ class WorkerRuntime:
         *,
         dimensions: int | None = None,
         lane: Lane = LIVE,
-        request_id: str | None = None,
-        deadline: float | None = None,
-        sent_at: float | None = None,
     ) -> EmbedResult:
-        """One request; raises what failed it (``Dropped`` when its caller went away)."""
-        [result] = self.embed_many(
-            model,
-            [EmbedCall(inputs, dimensions)],
-            lane=lane,
-            request_id=request_id,
-            deadline=deadline,
-            sent_at=sent_at,
-        )
+        """One request, waited for; raises what failed it."""
+        [result] = self.embed_many(model, [EmbedCall(inputs, dimensions)], lane=lane)
         if isinstance(result, BaseException):
             raise result
         return result
 
     def embed_many(
+        self, model: str, calls: Sequence[EmbedCall], *, lane: Lane = LIVE
+    ) -> list[EmbedResult | BaseException]:
+        """Many requests, waited for: a bad request (a ``LanewayError`` before compute,
+        or whatever broke its forward) fails alone."""
+        outcomes: list[EmbedResult | BaseException] = []
+        for future in self.submit_embed(model, calls, lane=lane):
+            try:
+                outcomes.append(future.result())
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def submit_embed(
         self,
         model: str,
         calls: Sequence[EmbedCall],
         *,
         lane: Lane = LIVE,
-        request_id: str | None = None,
-        deadline: float | None = None,
-        sent_at: float | None = None,
-    ) -> list[EmbedResult | BaseException]:
-        """Many requests in one submission to the batcher, one job each: a bad request
-        (a ``LanewayError`` before compute, or whatever broke its forward) fails alone."""
+        meta: Sequence[JobMeta] | None = None,
+    ) -> list[Future[EmbedResult]]:
+        """Many requests in one submission to the batcher, one job each, without waiting:
+        one tokenizer pass over all of them, then a future per request that the batcher's
+        thread completes (a ``LanewayError`` for a bad request, ``Dropped`` when its
+        caller went away)."""
         backend = self.backend(model)
         cache = self.caches[model]
-        outcomes: list[EmbedResult | BaseException | None] = [None] * len(calls)
+        results: list[Future[EmbedResult]] = [Future() for _ in calls]
         prepared: list[tuple[int, list[list[int]], list[np.ndarray | None], list[bytes]]] = []
-        for n, call in enumerate(calls):
-            try:
-                check_dimensions(backend.entry, call.dimensions)
-                seqs = backend.tokenize(call.inputs)
-                backend.check_lengths(seqs)
-            except LanewayError as exc:
-                outcomes[n] = exc
+        for n, seqs in enumerate(self._tokenize_all(backend, calls)):
+            if isinstance(seqs, LanewayError):
+                results[n].set_exception(seqs)
                 continue
-            keys = [cache_key(model, item) for item in call.inputs] if cache.enabled else []
+            inputs = calls[n].inputs
+            keys = [cache_key(model, item) for item in inputs] if cache.enabled else []
             vectors: list[np.ndarray | None] = (
                 [cache.get(k) for k in keys] if cache.enabled else [None] * len(seqs)
             )
@@ -222,25 +219,64 @@ class WorkerRuntime:
         futures = self.batchers[model].submit_many(
             [[p[1][i] for i in todo] for p, todo in zip(prepared, missing, strict=True)],
             lane=lane,
-            request_id=request_id,
-            deadline=deadline,
-            sent_at=sent_at,
+            meta=[meta[p[0]] for p in prepared] if meta is not None else None,
         )
         for (n, seqs, vectors, keys), todo, future in zip(prepared, missing, futures, strict=True):
-            try:
-                computed = future.result()
-            except Exception as exc:
-                outcomes[n] = exc
-                continue
-            for i, vec in zip(todo, computed, strict=True):
-                vectors[i] = vec
-                if cache.enabled:
-                    cache.put(keys[i], vec.copy())
-            outcomes[n] = EmbedResult(
-                [_cut(v, calls[n].dimensions) for v in vectors if v is not None],
-                sum(len(s) for s in seqs),
+            done = partial(
+                _finish, results[n], cache, todo, seqs, vectors, keys, calls[n].dimensions
             )
-        return [o for o in outcomes if o is not None]
+            future.add_done_callback(done)
+        return results
+
+    @staticmethod
+    def _tokenize_all(
+        backend: ModelBackend, calls: Sequence[EmbedCall]
+    ) -> list[list[list[int]] | LanewayError]:
+        """Token sequences per call, checked, in one tokenizer call when all are good
+        (a call that fails is tokenized alone, so only it gets the error)."""
+        flat = [item for call in calls for item in call.inputs]
+        try:
+            every = backend.tokenize(flat)
+        except LanewayError:
+            every = None
+        out: list[list[list[int]] | LanewayError] = []
+        at = 0
+        for call in calls:
+            start, at = at, at + len(call.inputs)
+            try:
+                check_dimensions(backend.entry, call.dimensions)
+                seqs = every[start:at] if every is not None else backend.tokenize(call.inputs)
+                backend.check_lengths(seqs)
+                out.append(seqs)
+            except LanewayError as exc:
+                out.append(exc)
+        return out
+
+
+def _finish(
+    result: Future[EmbedResult],
+    cache: EmbeddingCache,
+    todo: list[int],
+    seqs: list[list[int]],
+    vectors: list[np.ndarray | None],
+    keys: list[bytes],
+    dimensions: int | None,
+    computed: Future[np.ndarray],
+) -> None:
+    """The batcher's future is done: fill in the computed vectors (and the cache)."""
+    exc = computed.exception()
+    if exc is not None:
+        result.set_exception(exc)
+        return
+    for i, vec in zip(todo, computed.result(), strict=True):
+        vectors[i] = vec
+        if cache.enabled:
+            cache.put(keys[i], vec.copy())
+    result.set_result(
+        EmbedResult(
+            [_cut(v, dimensions) for v in vectors if v is not None], sum(len(s) for s in seqs)
+        )
+    )
 
 
 def _cut(vec: np.ndarray, dims: int | None) -> np.ndarray:

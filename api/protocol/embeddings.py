@@ -6,7 +6,7 @@ workers), so it lives in ``tasks/embeddings.py``; the API re-exports it here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -31,4 +31,12 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-__all__ = ["EmbeddingData", "EmbeddingRequest", "EmbeddingResponse", "Usage"]
+# the route reads its body itself (no pydantic model on the hot path): this documents it
+REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+    }
+}
+
+__all__ = ["REQUEST_BODY", "EmbeddingData", "EmbeddingRequest", "EmbeddingResponse", "Usage"]

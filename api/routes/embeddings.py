@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request, Response
 
 from api.deps import StateDep, wait_disconnect
-from api.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from api.protocol.embeddings import REQUEST_BODY, EmbeddingResponse
 from api.protocol.errors import error_responses
-from api.serving.embeddings import create_embeddings
+from api.serving.embeddings import create_embeddings, parse_request
 
 router = APIRouter()
 
@@ -19,16 +17,16 @@ router = APIRouter()
         200: {"model": EmbeddingResponse},
         **error_responses(400, 401, 404, 413, 429, 503, 504),
     },
+    openapi_extra=REQUEST_BODY,
 )
-async def embeddings(body: EmbeddingRequest, request: Request, state: StateDep) -> Response:
+async def embeddings(request: Request, state: StateDep) -> Response:
+    body = parse_request(await request.body())
     request.state.model = body.model
-    # serialised here: running 384 floats per input through the response model costs more
-    # than the rest of the request
-    result = await create_embeddings(
+    content = await create_embeddings(
         body,
         settings=state.settings,
         catalog=state.catalog,
         live=state.live,
         disconnected=lambda: wait_disconnect(request),
     )
-    return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+    return Response(content, media_type="application/json")

@@ -296,11 +296,11 @@ def test_killed_worker_expires_after_its_ttl(stack: Stack) -> None:
 
 
 def test_429_with_retry_after_when_the_live_queue_is_full(stack: Stack) -> None:
-    # one task thread, so queued requests really wait in Redis behind slow forwards
+    # a worker that holds one live request at a time, so the rest really wait in Redis
     ensure(
         stack,
         api_env={"LANEWAY_LIVE_QUEUE_MAX": "2"},
-        worker_env={"LANEWAY_WORKER_CONCURRENCY": "1"},
+        worker_env={"LANEWAY_LIVE_IN_FLIGHT": "1"},
     )
     waiting = []
     for i in range(6):  # staggered, so each sees the depth its predecessors left

@@ -20,9 +20,12 @@ name, arguments, queue and expiry to it:
   may differ;
 * the same decoded body (base64, then JSON: args, kwargs, embed).
 
-Finally a real Celery worker (in a thread, solo pool) consumes our envelope from the
-queue: it runs a live request with the right id, arguments and options, and drops one
-whose ``expires`` has passed, as it would a message from ``send_task``.
+The live consumer's decoder (``decode_message``) reads Celery's own message and ours to
+the same task name, id, expiry and argument. Finally a real Celery worker (in a thread,
+solo pool) consumes our envelope from the queue: it runs a live request with the right
+id, arguments and options, and drops one whose ``expires`` has passed, as it would a
+message from ``send_task`` (batch hints are Celery tasks run by Celery's consumer, and
+any Celery worker must be able to run what the API sends).
 
 ``pyproject.toml`` bounds celery and kombu to the versions this test has passed on.
 """
@@ -48,8 +51,8 @@ from celery.signals import task_revoked
 from configs.settings import Settings
 from laneway.embedded_redis import start_redis
 from tasks.celery_app import make_celery
-from tasks.names import LIVE, RESULT_CHANNEL_PREFIX, queue_name, task_name
-from tasks.publish import ORIGIN, celery_message
+from tasks.names import LIVE, queue_name, task_name
+from tasks.publish import ORIGIN, MalformedMessage, celery_message, decode_message
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -99,7 +102,7 @@ def live_payload() -> dict[str, Any]:
         "input": ["héllo wörld ✓", "a second input"],
         "encoding_format": "float",
         "id": uuid.uuid4().hex,
-        "reply_to": RESULT_CHANNEL_PREFIX + uuid.uuid4().hex,
+        "reply_to": uuid.uuid4().hex,
         "deadline": now + 30,
         "sent_at": now,
     }
@@ -244,6 +247,39 @@ def test_envelope_matches_send_task(
         assert "expiration" not in properties
     else:
         assert properties["expiration"] == str(int(expires_s * 1000))
+
+
+def test_the_live_consumer_decodes_send_task_and_ours_alike(
+    app: Celery, client: redis.Redis
+) -> None:
+    payload, task_id = live_payload(), str(uuid.uuid4())
+    app.send_task(TASK, args=[payload], queue=QUEUE, expires=30.0, task_id=task_id)
+    [theirs] = client.rpop(QUEUE, 10) or []
+    ours = celery_message(TASK, [payload], queue=QUEUE, expires_s=30.0, task_id=task_id)
+    a, b = decode_message(theirs), decode_message(ours)
+    assert (
+        (a.task, a.task_id, a.request)
+        == (b.task, b.task_id, b.request)
+        == (
+            TASK,
+            task_id,
+            payload,
+        )
+    )
+    assert a.expires is not None and b.expires is not None
+    assert (
+        abs(datetime.fromisoformat(a.expires) - datetime.fromisoformat(b.expires)).total_seconds()
+        < 5
+    )
+    for junk in (
+        b"",
+        b"not json",
+        b"[]",
+        b'{"headers": {}}',
+        json.dumps({**json.loads(ours), "body": "!!"}),
+    ):
+        with pytest.raises(MalformedMessage):
+            decode_message(junk)
 
 
 def test_a_real_worker_runs_our_message(app: Celery, client: redis.Redis) -> None:

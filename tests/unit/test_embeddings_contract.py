@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
+from array import array
 from typing import Any
 
 import numpy as np
@@ -13,9 +15,9 @@ from pydantic import ValidationError
 from api.protocol.embeddings import EmbeddingRequest
 from api.serving.embeddings import normalise_input
 from configs.catalog import load_catalog
-from tasks.embeddings import check_dimensions, decode_vector
+from tasks.embeddings import check_dimensions
 from tasks.errors import InvalidRequest
-from workers.runtime import encode_vector
+from workers.embeddings import data_fragment, encode_vector
 
 
 def req(input: Any, **kw: Any) -> EmbeddingRequest:
@@ -120,6 +122,11 @@ def test_dimensions_rules() -> None:
 # -- the base64 wire format --------------------------------------------------------------------
 
 
+def decode_vector(b64: str) -> list[float]:
+    """What a client does with a base64 embedding: little-endian float32 to floats."""
+    return array("f", base64.b64decode(b64)).tolist()
+
+
 def test_encode_decode_round_trip() -> None:
     vec = np.random.default_rng(0).standard_normal(384).astype(np.float32)
     assert decode_vector(encode_vector(vec)) == vec.tolist()
@@ -139,3 +146,22 @@ def test_float64_input_is_narrowed() -> None:
     b64 = encode_vector(np.array([0.1, 0.2], dtype=np.float64))
     assert len(base64.b64decode(b64)) == 8
     assert decode_vector(b64) == pytest.approx([0.1, 0.2], rel=1e-6)
+
+
+# -- the data array the worker sends and the API passes on -------------------------------------
+
+
+def test_float_fragment_is_the_exact_float32_values() -> None:
+    vecs = list(np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32))
+    data = json.loads(data_fragment(vecs, "float"))
+    assert [d["index"] for d in data] == [0, 1, 2]
+    assert {d["object"] for d in data} == {"embedding"}
+    for item, vec in zip(data, vecs, strict=True):
+        assert np.array_equal(np.asarray(item["embedding"], dtype=np.float32), vec)
+
+
+def test_base64_fragment_matches_encode_vector() -> None:
+    vecs = list(np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32))
+    data = json.loads(data_fragment(vecs, "base64"))
+    assert [d["embedding"] for d in data] == [encode_vector(v) for v in vecs]
+    assert decode_vector(data[1]["embedding"]) == vecs[1].tolist()
