@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -21,22 +20,11 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from api.publisher import BoundedPublisher
+from api.registry import WorkerRegistry
 from configs.settings import Settings
-from tasks.errors import (
-    ClientGone,
-    GatewayTimeout,
-    LanewayError,
-    QueueFull,
-    ServiceUnavailable,
-)
-from tasks.names import (
-    LIVE,
-    WORKERS_KEY,
-    cancelled_key,
-    queue_name,
-    reply_queue,
-    task_name,
-)
+from tasks.errors import ClientGone, GatewayTimeout, LanewayError, QueueFull, ServiceUnavailable
+from tasks.names import LIVE, cancelled_key, queue_name, reply_queue, task_name
 from tasks.publish import celery_message
 from tasks.replies import ERROR, Reply, decode_reply
 
@@ -44,66 +32,6 @@ log = logging.getLogger(__name__)
 
 POP_MAX = 1024  # replies taken per round trip at most
 BLOCK_S = 5  # an idle listener's blocking pop (a dead connection shows within this)
-# the bound check and the push in one atomic round trip: -depth when the queue is full
-BOUNDED_PUSH = """
-local depth = redis.call('LLEN', KEYS[1])
-if depth >= tonumber(ARGV[2]) then return -depth end
-return redis.call('LPUSH', KEYS[1], ARGV[1])
-"""
-REGISTRY_CACHE_S = 0.5
-
-
-class WorkerRegistry:
-    """Which workers are alive and warm, read from the hash workers heartbeat into."""
-
-    def __init__(self, redis: aioredis.Redis, ttl_s: float) -> None:
-        self.redis = redis
-        self.ttl_s = ttl_s
-        self._workers: list[dict[str, Any]] = []
-        self._read_at = 0.0
-
-    async def workers(self, *, fresh: bool = False) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        if fresh or now - self._read_at > REGISTRY_CACHE_S:
-            raw = await self.redis.hgetall(WORKERS_KEY)
-            alive, stale = [], []
-            for key, value in raw.items():
-                info = json.loads(value)
-                age = time.time() - float(info.get("ts", 0))
-                if age <= self.ttl_s:
-                    alive.append(info)
-                elif age > 10 * self.ttl_s:
-                    stale.append(key)
-            if stale:
-                await self.redis.hdel(WORKERS_KEY, *stale)
-            self._workers, self._read_at = alive, now
-        return self._workers
-
-    async def model_status(self, model: str) -> tuple[list[str], list[str]]:
-        """(warm worker ids, all live worker ids) serving ``model``."""
-        warm, live = [], []
-        for info in await self.workers():
-            state = info.get("models", {}).get(model)
-            if state is None:
-                continue
-            live.append(info["id"])
-            if state.get("warm"):
-                warm.append(info["id"])
-        return warm, live
-
-    async def require_warm(self, capability: str, model: str) -> None:
-        warm, live = await self.model_status(model)
-        if warm:
-            return
-        if live:
-            raise ServiceUnavailable(
-                f"model {model!r} is loading on {len(live)} worker(s); retry shortly"
-            )
-        raise ServiceUnavailable(
-            f"no live {capability} worker serves model {model!r}; start one with "
-            f"`laneway worker --capability {capability}`",
-            code="worker_unavailable",
-        )
 
 
 class LiveClient:
@@ -114,7 +42,7 @@ class LiveClient:
         self.reply_to = uuid.uuid4().hex
         self.replies = reply_queue(self.reply_to)
         self.unmatched = 0  # replies that came after their caller stopped waiting
-        self._push = redis.register_script(BOUNDED_PUSH)
+        self.publisher = BoundedPublisher(redis, settings.live_queue_max)
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
@@ -228,10 +156,7 @@ class LiveClient:
 
     async def _enqueue(self, capability: str, message: str) -> None:
         try:
-            depth = await self._push(
-                keys=[queue_name(capability, LIVE)],
-                args=[message, self.settings.live_queue_max],
-            )
+            depth = await self.publisher.push(queue_name(capability, LIVE), message)
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(
                 f"could not enqueue the request: {exc}", code="broker_unavailable"
