@@ -28,7 +28,6 @@ so Flower lists live requests as tasks of this worker.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -98,7 +97,11 @@ class TaskEvents:
             )
 
     def _send(self, kind: str, **fields: Any) -> None:
-        self._dispatcher.send(kind, **fields)
+        try:
+            self._dispatcher.send(kind, **fields)
+        except Exception as exc:  # events are for watching; never fail a request
+            log.warning("could not buffer a %s event: %s", kind, exc)
+            return
         self._pending = True
 
     def started(self, requests: Sequence[LiveRequest]) -> None:
@@ -119,7 +122,7 @@ class TaskEvents:
                     eta=None,
                     expires=m.expires,
                 )
-                self._send("task-started", uuid=m.task_id, pid=os.getpid())
+                self._send("task-started", uuid=m.task_id)  # the dispatcher adds pid
 
     def finished(self, request: LiveRequest, error: BaseException | None) -> None:
         if not self.enabled:
@@ -316,7 +319,10 @@ class LiveConsumer:
                 backoff = min(backoff * 2, 2.0)
                 continue
             if raws:
-                self._dispatch(raws)
+                try:
+                    self._dispatch(raws)
+                except Exception:  # a bug must not stop the lane: its callers get a 504
+                    log.exception("could not start %d live requests", len(raws))
 
     def _pop(self, n: int) -> list[bytes]:
         """Up to ``n`` messages, oldest first (the API pushes on the left)."""
