@@ -51,6 +51,10 @@ def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Pop
             str((data_dir / "redis.log").resolve()),
             "--protected-mode",
             "no",
+            # queued tasks live here too: never evict them to make room (a full Redis
+            # refuses writes instead, which the API answers as 503)
+            "--maxmemory-policy",
+            "noeviction",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
