@@ -1,15 +1,25 @@
-"""Prometheus metrics of the API process, plus what workers report through Redis."""
+"""Prometheus metrics of the API processes, plus what workers report through Redis.
+
+Request latency and error counts are the API process's own. With several API processes
+(``laneway api --workers N``) they are kept in ``PROMETHEUS_MULTIPROC_DIR`` (set by the
+CLI before the processes start) and every process's ``/metrics`` adds them all up. Queue
+depths, worker counts and forward statistics are read from Redis at scrape time, so any
+process answers them alike.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # labels taken from a request are bounded: the route's template (never the raw path) and
@@ -44,12 +54,29 @@ ERRORS = Counter(
     ["route", "code"],
     registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge(
-    "laneway_queue_depth", "Messages waiting in each Celery queue", ["queue"], registry=REGISTRY
-)
-WORKERS = Gauge(
-    "laneway_workers", "Live workers per model and warmth", ["model", "warm"], registry=REGISTRY
-)
+
+
+class BrokerGauges(Collector):
+    """Queue depths and workers per model, as last read from Redis (at scrape time)."""
+
+    def __init__(self) -> None:
+        self.depths: dict[str, int] = {}
+        self.workers: dict[str, tuple[int, int]] = {}  # model -> (warm, not warm)
+
+    def collect(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily(
+            "laneway_queue_depth", "Messages waiting in each Celery queue", labels=["queue"]
+        )
+        for queue, n in self.depths.items():
+            depth.add_metric([queue], float(n))
+        workers = GaugeMetricFamily(
+            "laneway_workers", "Live workers per model and warmth", labels=["model", "warm"]
+        )
+        for model, (warm, cold) in self.workers.items():
+            workers.add_metric([model, "true"], float(warm))
+            workers.add_metric([model, "false"], float(cold))
+        yield depth
+        yield workers
 
 
 class WorkerStatsCollector(Collector):
@@ -86,3 +113,22 @@ class WorkerStatsCollector(Collector):
 
 WORKER_STATS = WorkerStatsCollector()
 REGISTRY.register(WORKER_STATS)
+
+
+BROKER = BrokerGauges()
+REGISTRY.register(BROKER)
+_aggregate: CollectorRegistry | None = None
+
+
+def exposition() -> bytes:
+    """The text /metrics serves: this process's registry, or with several API processes
+    their request metrics added up plus the scrape-time collectors."""
+    global _aggregate
+    if not os.environ.get(MULTIPROC_ENV):
+        return generate_latest(REGISTRY)
+    if _aggregate is None:
+        _aggregate = CollectorRegistry()
+        MultiProcessCollector(_aggregate)
+        _aggregate.register(WORKER_STATS)
+        _aggregate.register(BROKER)
+    return generate_latest(_aggregate)

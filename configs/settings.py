@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     protect_ops: bool = Field(
         default=False, description="the API key also guards /docs, /openapi.json, /metrics"
     )
+    api_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="API processes (`laneway api --workers`); unset: 1 for `laneway api`, "
+        "and for `laneway up` one per four cores, at most four",
+    )
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=60.0, gt=0)
     live_queue_max: int = Field(default=1024, ge=1, description="queued live tasks per capability")

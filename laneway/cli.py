@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from laneway.stack import Processes
+
+if TYPE_CHECKING:
+    from configs.settings import Settings
 
 log = logging.getLogger("laneway")
 
@@ -48,23 +54,47 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
+def default_api_workers(cpus: int | None = None) -> int:
+    """`laneway up`'s API processes: one per four cores, at most four (on a small machine
+    the model worker needs the cores more than a second API process would)."""
+    return max(1, min(4, (cpus or os.cpu_count() or 1) // 4))
 
+
+def cmd_api(args: argparse.Namespace) -> int:
     _check_catalog()
     if not args.no_migrate:
         cmd_migrate(args)
     settings = _settings()
+    workers = args.workers or settings.api_workers or 1
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # where the processes keep their Prometheus counters, for /metrics to add up
+        metrics_dir = tempfile.mkdtemp(prefix="laneway-api-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _serve(args, settings, workers)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings, workers: int) -> None:
+    import uvicorn
+
     uvicorn.run(
         "api.app:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port or settings.port,
+        workers=workers,
+        # uvloop and httptools when installed (uvicorn[standard] brings both)
+        loop="auto",
+        http="auto",
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -154,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             procs.worker(cap, device=args.device)
         host = args.host or settings.host
         port = args.port or settings.port
-        procs.api(host=host, port=port)
+        procs.api(host=host, port=port, workers=settings.api_workers or default_api_workers())
         log.info("laneway up: http://%s:%d (Ctrl-C stops everything)", host, port)
         return _supervise(procs)
     finally:
@@ -176,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.add_argument("--no-migrate", action="store_true")
+    api.add_argument(
+        "--workers", type=int, help="API processes (default: LANEWAY_API_WORKERS, else 1)"
+    )
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="one worker for one capability on one device")

@@ -149,9 +149,12 @@ class Processes:
         host: str,
         port: int,
         name: str = "api",
+        workers: int | None = None,
         overrides: Mapping[str, str] | None = None,
     ) -> Proc:
         argv = [*LANEWAY, "api", "--host", host, "--port", str(port), "--no-migrate"]
+        if workers:
+            argv += ["--workers", str(workers)]
         return self.spawn(name, argv, overrides)
 
     def running(self) -> Iterator[Proc]:

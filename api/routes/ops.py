@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from api.deps import StateDep
-from api.metrics import QUEUE_DEPTH, REGISTRY, WORKER_STATS, WORKERS
+from api.metrics import BROKER, WORKER_STATS, exposition
 from api.protocol.errors import error_responses
 from api.protocol.ops import HEALTH_RESPONSES, METRICS_RESPONSES
 from configs.catalog import CAPABILITIES
@@ -49,17 +49,15 @@ async def metrics(state: StateDep) -> Response:
         pipe = state.redis.pipeline(transaction=False)
         for q in queues:
             pipe.llen(q)
-        depths = await pipe.execute()
-        for q, depth in zip(queues, depths, strict=True):
-            QUEUE_DEPTH.labels(queue=q).set(depth)
+        BROKER.depths = dict(zip(queues, await pipe.execute(), strict=True))
         workers = await state.live.registry.workers(fresh=True)
-        WORKERS.clear()
+        counts = {}
         for model in state.settings.models:
             warm, live = await state.live.registry.model_status(model)
-            WORKERS.labels(model=model, warm="true").set(len(warm))
-            WORKERS.labels(model=model, warm="false").set(len(live) - len(warm))
+            counts[model] = (len(warm), len(live) - len(warm))
+        BROKER.workers = counts
         keys = [worker_metrics_key(w["id"]) for w in workers]
         WORKER_STATS.update(await state.redis.mget(keys) if keys else [])
     except (RedisError, OSError):
         pass  # serve what the API itself knows
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
