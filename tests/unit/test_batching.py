@@ -320,3 +320,47 @@ def test_stats_count_forwards_and_items(
     # cumulative counts per bucket bound (1, 2, 4, ...): sizes 3, 3, 1
     assert batcher.stats.buckets[:4] == [1, 1, 3, 3]
     assert batcher.stats.buckets[-1] == 3
+
+
+# -- adaptive batching: wait for more only under load -------------------------------------
+
+
+def test_an_idle_lane_never_waits(backend: RecordingBackend, make_batcher: MakeBatcher) -> None:
+    batcher = make_batcher(live_wait_s=1.0)
+    for n in range(3):  # each arrives on an idle lane: none waits for company
+        started = time.monotonic()
+        batcher.submit([seq(4, 10 * n)]).result(5)
+        assert time.monotonic() - started < 0.5
+    assert [len(b) for b in backend.batches] == [1, 1, 1]
+
+
+def test_under_load_a_small_live_forward_waits_for_more(
+    backend: RecordingBackend, make_batcher: MakeBatcher
+) -> None:
+    wait_s = 0.4
+    batcher = make_batcher(live_wait_s=wait_s)
+    first = block_scheduler(backend, batcher)
+    a = batcher.submit([seq(3, 100)])  # arrives while a forward runs: the lane is busy
+    backend.release()
+    first.result(5)
+    time.sleep(wait_s / 4)
+    b = batcher.submit([seq(3, 200)])  # joins A's forward instead of waiting behind it
+    started = time.monotonic()
+    a.result(5), b.result(5)
+    assert time.monotonic() - started < wait_s + 0.3  # bounded by the setting
+    assert [len(x) for x in backend.batches] == [1, 2]
+
+
+def test_a_full_live_forward_does_not_wait(
+    backend: RecordingBackend, make_batcher: MakeBatcher
+) -> None:
+    batcher = make_batcher(live_wait_s=5.0, max_batch_size=4)
+    first = block_scheduler(backend, batcher)
+    jobs = [batcher.submit([seq(3, 100 + n)]) for n in range(4)]
+    backend.release()
+    first.result(5)
+    started = time.monotonic()
+    for job in jobs:
+        job.result(5)
+    assert time.monotonic() - started < 1.0  # max_batch_size reached: no reason to wait
+    assert [len(x) for x in backend.batches] == [1, 4]
