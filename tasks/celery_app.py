@@ -12,8 +12,8 @@ from tasks.names import LANES, queue_name, task_name
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url = settings.effective_redis_url
-    # no result backend: live results go to the caller over pub/sub and batch results to
-    # the database, and a Redis backend would subscribe to a channel per sent task
+    # no result backend: live replies go to the caller's reply list (tasks/replies.py) and
+    # batch results to the database, and a Redis backend would subscribe per sent task
     app = Celery("laneway", broker=url, set_as_current=True)
     routes: dict[str, dict[str, str]] = {
         task_name(cap, lane): {"queue": queue_name(cap, lane)}
@@ -26,7 +26,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes=routes,
         task_default_queue="laneway.control",
         task_ignore_result=True,
-        # live results go straight to the caller over pub/sub; batch results to the DB
+        # live replies go to the caller's reply list; batch results to the database
         task_acks_late=False,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
