@@ -1,45 +1,85 @@
-"""Live /v1/embeddings overhead and batching, against the raw model in the same run.
+"""Live /v1/embeddings overhead, batching and plumbing, against the raw model in the same run.
 
 1. p50 of one short input: the model's own tokenize + forward, in this process, vs the
-   API through the official `openai` client, sequential requests (goal: at most 3 ms added).
+   API through a lean client (aiohttp, one kept-alive connection, base64, sequential;
+   goal: at most 3 ms added) and through the official `openai` client; and the p50 of
+   GET /v1/models through both (HTTP + FastAPI with no queue and no model: the floor).
 2. throughput: the model at batch 64 (distinct short texts) vs the API with 64 concurrent
    single-input clients sending distinct texts (goal: at least 0.8 of raw), and the mean
    batch size per forward the worker reported on the API's /metrics.
+3. plumbing alone, on the weightless `laneway/fake-embeddings` the same worker serves: live
+   requests/s at 64 concurrent clients vs GET /v1/models requests/s on the same API (goal:
+   at least 0.5), and the CPU milliseconds each live request cost the API, the worker and
+   redis-server, each with its child processes (goal: under 1 ms each).
+4. Redis memory growth per 10,000 fake live requests once all are answered (goal: under
+   1 MB), and the number of laneway:* keys before and after.
 
 The model is measured before the stack starts and again after it has stopped (it stays
 loaded but idle in between, so it never competes with the API for the CPUs); the two raw
 runs show how steady the machine was. CPU time used by processes other than the bench's
 own is reported too: anything else running on the machine makes the numbers meaningless.
 
-    .venv/bin/python bench/embeddings_live.py [--requests 200] [--concurrency 64] [--seconds 20]
+    .venv/bin/python bench/embeddings_live.py [--requests 200] [--concurrency 64]
+        [--seconds 15] [--plumbing-requests 10000] [--api-workers 1]
     ./dev bench embeddings_live [same options]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import aiohttp
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _stack import MODEL, BenchStack, CpuMeter, load_backend
+from _stack import (
+    FAKE_MODEL,
+    MODEL,
+    BenchStack,
+    CpuMeter,
+    Load,
+    MakeRequest,
+    RedisMemory,
+    Request,
+    cpu_by_role,
+    load_backend,
+    redis_memory,
+    run_load,
+    sequential_p50,
+)
 from openai import OpenAI
 
 TEXT = "The quick brown fox jumps over the lazy dog"
+MODELS: Request = ("GET", "/v1/models", None)
+T = TypeVar("T")
+
+
+def step(text: str) -> None:
+    """A progress line, shown at once."""
+    print(text, flush=True)
 
 
 def distinct(i: int) -> str:
     return f"{TEXT} number {i}"
+
+
+def embed(model: str, text: str) -> Request:
+    """One single-input POST /v1/embeddings, base64 as the official client asks."""
+    body = {"model": model, "input": text, "encoding_format": "base64"}
+    return ("POST", "/v1/embeddings", body)
+
+
+def distinct_embeds(model: str) -> MakeRequest:
+    """Client k's i-th request: a text no other request sends (no cache could help)."""
+    return lambda k, i: embed(model, distinct(k * 1_000_000 + i))
 
 
 @dataclass
@@ -94,135 +134,317 @@ def http_floor(client: OpenAI, requests: int) -> float:
     return statistics.median(samples)
 
 
-def api_throughput(base: str, concurrency: int, seconds: float) -> tuple[float, int]:
-    """(inputs/s, errors) with `concurrency` clients each sending one distinct text at a
-    time, base64 as the official client asks. The load comes from one asyncio loop with
-    aiohttp: 64 threads of the `openai` client (or httpx with 64 connections) cost more CPU
-    than the server on 2 cores and would measure the client, not laneway."""
-
-    async def run() -> tuple[float, int]:
-        done = errors = 0
-        stop = asyncio.Event()
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(base, connector=connector) as http:
-
-            async def client_loop(k: int) -> None:
-                nonlocal done, errors
-                i = 0
-                while not stop.is_set():
-                    body = {
-                        "model": MODEL,
-                        "input": distinct(k * 1_000_000 + i),
-                        "encoding_format": "base64",
-                    }
-                    async with http.post("/v1/embeddings", json=body) as r:
-                        await r.read()
-                        if r.status != 200:
-                            errors += 1
-                            continue
-                    i += 1
-                    done += 1
-
-            tasks = [asyncio.create_task(client_loop(k)) for k in range(concurrency)]
-            await asyncio.sleep(2)  # ramp up
-            start_count, t0 = done, time.perf_counter()
-            await asyncio.sleep(seconds)
-            rate = (done - start_count) / (time.perf_counter() - t0)
-            stop.set()
-            await asyncio.gather(*tasks)
-        return rate, errors
-
-    return asyncio.run(run())
+@dataclass
+class Latency:
+    lean_s: float
+    lean_floor_s: float
+    official_s: float
+    official_floor_s: float
 
 
-def main() -> None:
+def measure_latency(stack: BenchStack, requests: int) -> Latency:
+    lean = sequential_p50(stack.base, embed(MODEL, TEXT), requests)
+    lean_floor = sequential_p50(stack.base, MODELS, requests)
+    client = OpenAI(base_url=f"{stack.base}/v1", api_key="bench", max_retries=0)
+    try:
+        return Latency(lean, lean_floor, api_p50(client, requests), http_floor(client, requests))
+    finally:
+        client.close()
+
+
+@dataclass
+class Batching:
+    load: Load
+    items: float
+    forwards: float
+
+    @property
+    def mean(self) -> float:
+        return self.items / self.forwards if self.forwards else float("nan")
+
+
+def measure_batching(stack: BenchStack, concurrency: int, seconds: float) -> Batching:
+    """MiniLM under load; the forward counters sum over every model, but only MiniLM has
+    had traffic yet (the fake backend's phases come later)."""
+    time.sleep(3)  # let the worker publish its counters (every ~2 s)
+    forwards0 = stack.metric("laneway_forward_batch_size_count")
+    items0 = stack.metric("laneway_forward_batch_size_sum")
+    load = run_load(stack.base, distinct_embeds(MODEL), concurrency, seconds=seconds)
+    time.sleep(3)
+    forwards = stack.metric("laneway_forward_batch_size_count") - forwards0
+    items = stack.metric("laneway_forward_batch_size_sum") - items0
+    return Batching(load, items, forwards)
+
+
+def cpu_per_request(
+    stack: BenchStack, make: MakeRequest, concurrency: int, seconds: float
+) -> tuple[Load, dict[str, float]]:
+    """A load run, and the CPU ms per request (every request it sent, ramp-up included)
+    each role's process tree used over the whole run, this process as "bench"."""
+    before = cpu_by_role(stack.roles())
+    load = run_load(stack.base, make, concurrency, seconds=seconds)
+    after = cpu_by_role(stack.roles())
+    per = max(load.requests, 1)
+    return load, {name: (after[name] - before[name]) * 1e3 / per for name in after}
+
+
+@dataclass
+class Plumbing:
+    live: Load
+    live_cpu_ms: dict[str, float]
+    models: Load
+    models_cpu_ms: dict[str, float]
+
+
+def measure_plumbing(stack: BenchStack, concurrency: int, seconds: float) -> Plumbing:
+    live, live_cpu = cpu_per_request(stack, distinct_embeds(FAKE_MODEL), concurrency, seconds)
+    models, models_cpu = cpu_per_request(stack, lambda k, i: MODELS, concurrency, seconds)
+    return Plumbing(live, live_cpu, models, models_cpu)
+
+
+@dataclass
+class Memory:
+    load: Load
+    before: RedisMemory
+    answered: RedisMemory  # right after the last reply arrived
+    settled: RedisMemory  # 1 s later
+
+    @property
+    def growth_mb_per_10k(self) -> float:
+        growth = self.settled.used_bytes - self.before.used_bytes
+        return growth / 1e6 * 10_000 / max(self.load.requests, 1)
+
+
+def measure_memory(stack: BenchStack, concurrency: int, total: int) -> Memory:
+    url = stack.env["LANEWAY_REDIS_URL"]
+    time.sleep(1)  # the earlier runs' last replies delivered
+    before = redis_memory(url)
+    load = run_load(stack.base, distinct_embeds(FAKE_MODEL), concurrency, total=total)
+    answered = redis_memory(url)
+    time.sleep(1)
+    return Memory(load, before, answered, redis_memory(url))
+
+
+def metered(foreign: dict[str, float], phase: str, pids: list[int], run: Callable[[], T]) -> T:
+    """``run()``, noting in ``foreign[phase]`` the share of the machine's CPU that went to
+    processes other than this one and ``pids`` (with their descendants) meanwhile."""
+    meter = CpuMeter(pids)
+    result = run()
+    foreign[phase] = meter.foreign_share()
+    return result
+
+
+@dataclass
+class Served:
+    latency: Latency
+    batching: Batching
+    plumbing: Plumbing
+    memory: Memory
+    foreign: dict[str, float] = field(default_factory=dict)
+
+
+def measure_served(stack: BenchStack, args: argparse.Namespace) -> Served:
+    """Every measurement of the running stack, each phase with its foreign CPU share."""
+    foreign: dict[str, float] = {}
+    pids, c, secs = stack.pids(), args.concurrency, args.seconds
+    step(f"api: {args.requests} sequential requests, lean and official clients ...")
+    latency = metered(foreign, "p50", pids, lambda: measure_latency(stack, args.requests))
+    step(f"api: {c} concurrent clients for {secs:g} s ...")
+    batching = metered(foreign, "load", pids, lambda: measure_batching(stack, c, secs))
+    step(f"plumbing: {FAKE_MODEL} and GET /v1/models, {c} clients, {secs:g} s each ...")
+    plumbing = metered(foreign, "plumbing", pids, lambda: measure_plumbing(stack, c, secs))
+    step(f"plumbing: {args.plumbing_requests} {FAKE_MODEL} requests for Redis memory ...")
+    memory = metered(
+        foreign, "memory", pids, lambda: measure_memory(stack, c, args.plumbing_requests)
+    )
+    return Served(latency, batching, plumbing, memory, foreign)
+
+
+@dataclass
+class Goal:
+    name: str
+    goal: str
+    measured: str
+    met: bool
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def errors_note(*loads: Load) -> str:
+    errors = sum(load.errors for load in loads)
+    return f", {errors} errors" if errors else ""
+
+
+def report_latency(before: Raw, after: Raw, lat: Latency, requests: int) -> list[Goal]:
+    raw = statistics.mean([before.p50_s, after.p50_s])
+    lean, official = lat.lean_s - raw, lat.official_s - raw
+    print(
+        f"model p50, one short input (tokenize + forward): {ms(before.p50_s)} before, "
+        f"{ms(after.p50_s)} after the API runs"
+    )
+    print(
+        f"p50, one short input, lean client (aiohttp, one kept-alive connection, base64, "
+        f"{requests} sequential): API {ms(lat.lean_s)}, model {ms(raw)}, added {ms(lean)} "
+        f"(goal <= 3 ms)"
+    )
+    print(
+        f"p50, one short input, official openai client ({requests} sequential): API "
+        f"{ms(lat.official_s)}, model {ms(raw)}, added {ms(official)} (the client's own cost "
+        f"included; no goal)"
+    )
+    print(
+        f"floor, GET /v1/models p50 (HTTP + uvicorn + FastAPI, no queue, no model): lean "
+        f"client {ms(lat.lean_floor_s)}, official client {ms(lat.official_floor_s)}"
+    )
+    return [Goal("added p50, lean client", "<= 3 ms", ms(lean), lean <= 0.003)]
+
+
+def report_batching(before: Raw, after: Raw, b: Batching, concurrency: int) -> list[Goal]:
+    raw = statistics.mean([before.rate, after.rate])
+    ratio = b.load.rate / raw
+    print(
+        f"model at batch {concurrency}: {before.rate:.0f} inputs/s before, {after.rate:.0f} after"
+    )
+    print(
+        f"throughput: model at batch {concurrency} {raw:.0f} inputs/s, API with "
+        f"{concurrency} concurrent clients {b.load.rate:.0f} inputs/s, ratio {ratio:.2f} "
+        f"(goal >= 0.8){errors_note(b.load)}"
+    )
+    print(
+        f"mean batch size per forward during the concurrent run: {b.mean:.1f} "
+        f"({int(b.items)} inputs in {int(b.forwards)} forwards)"
+    )
+    return [Goal(f"API / model at batch {concurrency}", ">= 0.8", f"{ratio:.2f}", ratio >= 0.8)]
+
+
+def report_plumbing(p: Plumbing, concurrency: int) -> list[Goal]:
+    ratio = p.live.rate / p.models.rate if p.models.rate else 0.0
+    print(
+        f"plumbing ({FAKE_MODEL}, {concurrency} concurrent clients): live POST "
+        f"/v1/embeddings {p.live.rate:.0f} requests/s, GET /v1/models {p.models.rate:.0f} "
+        f"requests/s on the same API, ratio {ratio:.2f} (goal >= 0.5)"
+        f"{errors_note(p.live, p.models)}"
+    )
+    cpu = p.live_cpu_ms
+    print(
+        f"CPU per fake live request ({p.live.requests} requests): API {cpu['API']:.3f} ms, "
+        f"worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f} ms (goal < 1 ms each); "
+        f"load generator {cpu['bench']:.3f} ms"
+    )
+    cpu = p.models_cpu_ms
+    print(
+        f"CPU per GET /v1/models ({p.models.requests} requests, for reference): API "
+        f"{cpu['API']:.3f} ms, worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f} ms; "
+        f"load generator {cpu['bench']:.3f} ms"
+    )
+    goals = [Goal("fake live / GET /v1/models", ">= 0.5", f"{ratio:.2f}", ratio >= 0.5)]
+    for role in ("API", "worker", "redis"):
+        value = p.live_cpu_ms[role]
+        goals.append(Goal(f"{role} CPU per live request", "< 1 ms", f"{value:.3f} ms", value < 1))
+    return goals
+
+
+def report_memory(m: Memory) -> list[Goal]:
+    def mb(r: RedisMemory) -> str:
+        return f"{r.used_bytes / 1e6:.2f} MB"
+
+    growth = m.growth_mb_per_10k
+    print(
+        f"Redis used_memory over {m.load.requests} fake live requests: before {mb(m.before)}, "
+        f"all answered {mb(m.answered)}, 1 s later {mb(m.settled)}; growth per 10,000 "
+        f"requests {growth:.3f} MB (goal < 1 MB){errors_note(m.load)}"
+    )
+    print(
+        f"Redis keys laneway:* {m.before.laneway_keys} before, {m.answered.laneway_keys} all "
+        f"answered, {m.settled.laneway_keys} 1 s later (DBSIZE {m.before.keys} -> "
+        f"{m.settled.keys})"
+    )
+    return [Goal("Redis growth per 10,000 live", "< 1 MB", f"{growth:.3f} MB", growth < 1)]
+
+
+def report_machine(before: Raw, after: Raw, foreign: dict[str, float], loads: list[Load]) -> Goal:
+    shares = ", ".join(f"{share:.0%} during {phase}" for phase, share in foreign.items())
+    print(f"CPU used by other processes on this machine: {shares}")
+    if max(foreign.values()) > 0.1 or (
+        abs(before.p50_s - after.p50_s) > 0.2 * min(before.p50_s, after.p50_s)
+    ):
+        print("WARNING: the machine was not quiet; these numbers are not trustworthy")
+    errors = sum(load.errors for load in loads)
+    return Goal("failed requests in the load runs", "0", str(errors), errors == 0)
+
+
+def print_summary(goals: list[Goal]) -> None:
+    width = max(len(g.name) for g in goals)
+    print()
+    print(f"{'':{width}}  {'goal':>8}  {'measured':>10}")
+    for g in goals:
+        print(f"{g.name:{width}}  {g.goal:>8}  {g.measured:>10}  {'met' if g.met else 'MISSED'}")
+
+
+def report(before: Raw, after: Raw, served: Served, args: argparse.Namespace) -> None:
+    print()
+    goals = report_latency(before, after, served.latency, args.requests)
+    goals += report_batching(before, after, served.batching, args.concurrency)
+    goals += report_plumbing(served.plumbing, args.concurrency)
+    goals += report_memory(served.memory)
+    p = served.plumbing
+    loads = [served.batching.load, p.live, p.models, served.memory.load]
+    goals.append(report_machine(before, after, served.foreign, loads))
+    print_summary(goals)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=200, help="sequential samples for p50")
     parser.add_argument("--concurrency", type=int, default=64, help="clients and raw batch size")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of the load run")
-    args = parser.parse_args()
-
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {load}",
-        flush=True,
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
+    parser.add_argument(
+        "--plumbing-requests", type=int, default=10_000, help="fake live requests (Redis memory)"
     )
-    print("raw model: loading and measuring in-process ...", flush=True)
-    backend = load_backend()
-    meter = CpuMeter()
-    before = measure_raw(backend, args.requests, args.concurrency)
-    raw_foreign = meter.foreign_share()
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (uvicorn)")
+    return parser.parse_args()
 
+
+def serve_and_measure(args: argparse.Namespace) -> Served:
+    """Start the stack (MiniLM and the fake backend on one worker), measure, stop it."""
     with tempfile.TemporaryDirectory(prefix="laneway-bench-") as tmp:
-        print("stack: starting redis-server, worker and API ...", flush=True)
-        stack = BenchStack(Path(tmp))
+        step("stack: starting redis-server, worker and API ...")
+        stack = BenchStack(
+            Path(tmp),
+            LANEWAY_MODELS=f"{MODEL},{FAKE_MODEL}",
+            LANEWAY_API_WORKERS=str(args.api_workers),
+        )
         try:
-            client = OpenAI(base_url=f"{stack.base}/v1", api_key="bench", max_retries=0)
-            print(f"api: {args.requests} sequential requests ...", flush=True)
-            meter = CpuMeter(stack.pids())
-            p50 = api_p50(client, args.requests)
-            floor = http_floor(client, args.requests)
-            p50_foreign = meter.foreign_share()
-            time.sleep(3)  # let the worker publish its counters (every ~2 s)
-            forwards0 = stack.metric("laneway_forward_batch_size_count")
-            items0 = stack.metric("laneway_forward_batch_size_sum")
-            print(
-                f"api: {args.concurrency} concurrent clients for {args.seconds:g} s ...", flush=True
-            )
-            meter = CpuMeter(stack.pids())
-            rate, errors = api_throughput(stack.base, args.concurrency, args.seconds)
-            load_foreign = meter.foreign_share()
-            time.sleep(3)
-            forwards = stack.metric("laneway_forward_batch_size_count") - forwards0
-            items = stack.metric("laneway_forward_batch_size_sum") - items0
+            return measure_served(stack, args)
         finally:
             stack.close()
 
-    print("raw model: measuring again after the stack stopped ...", flush=True)
-    after = measure_raw(backend, args.requests, args.concurrency)
-    del backend
 
-    raw_p50 = statistics.mean([before.p50_s, after.p50_s])
-    raw_rate = statistics.mean([before.rate, after.rate])
-    mean = items / forwards if forwards else float("nan")
-    print()
+def main() -> None:
+    args = parse_args()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"model p50, one short input (tokenize + forward): {before.p50_s * 1e3:.2f} ms before, "
-        f"{after.p50_s * 1e3:.2f} ms after the API runs"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {load}; API processes: {args.api_workers}",
+        flush=True,
     )
-    print(
-        f"p50, one short input: model {raw_p50 * 1e3:.2f} ms, API {p50 * 1e3:.2f} ms "
-        f"(official client, {args.requests} sequential), added {(p50 - raw_p50) * 1e3:.2f} ms "
-        f"(goal <= 3 ms)"
+    step("raw model: loading and measuring in-process ...")
+    backend = load_backend()
+    raw: dict[str, float] = {}
+    before = metered(
+        raw, "raw before", [], lambda: measure_raw(backend, args.requests, args.concurrency)
     )
-    print(
-        f"of which HTTP + client + FastAPI alone (GET /v1/models, same client, p50): "
-        f"{floor * 1e3:.2f} ms"
+    served = serve_and_measure(args)
+    step("raw model: measuring again after the stack stopped ...")
+    after = metered(
+        raw, "raw after", [], lambda: measure_raw(backend, args.requests, args.concurrency)
     )
-    print(
-        f"model at batch {args.concurrency}: {before.rate:.0f} inputs/s before, "
-        f"{after.rate:.0f} after"
-    )
-    print(
-        f"throughput: model at batch {args.concurrency} {raw_rate:.0f} inputs/s, API with "
-        f"{args.concurrency} concurrent clients {rate:.0f} inputs/s, ratio "
-        f"{rate / raw_rate:.2f} (goal >= 0.8){f', {errors} errors' if errors else ''}"
-    )
-    print(
-        f"mean batch size per forward during the concurrent run: {mean:.1f} "
-        f"({int(items)} inputs in {int(forwards)} forwards)"
-    )
-    print(
-        f"CPU used by other processes on this machine: {raw_foreign:.0%} during the raw "
-        f"run, {p50_foreign:.0%} during the p50 run, {load_foreign:.0%} during the load run"
-    )
-    if max(raw_foreign, p50_foreign, load_foreign) > 0.1 or (
-        abs(before.p50_s - after.p50_s) > 0.2 * min(before.p50_s, after.p50_s)
-    ):
-        print("WARNING: the machine was not quiet; these numbers are not trustworthy")
+    served.foreign = {"raw before": raw["raw before"], **served.foreign, **raw}
+    report(before, after, served, args)
 
 
 if __name__ == "__main__":
