@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+import workers.runtime as runtime_module
 from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from workers.backends.fake import FakeEmbeddingBackend
 from workers.batching import Batcher
 from workers.cache import EmbeddingCache
-from workers.runtime import WorkerRuntime
+from workers.runtime import WorkerRuntime, off_main_thread
 
 FAKE = "laneway/fake-embeddings"
 pytestmark = pytest.mark.timeout(30)
@@ -106,3 +108,47 @@ def test_readiness_reports_warm_models(runtime: WorkerRuntime) -> None:
     assert info["models"] == {FAKE: {"warm": True}}
     assert info["queues"] == ["embeddings.live", "embeddings.batch"]
     assert info["device"] == "cpu"
+
+
+def test_off_main_thread_returns_and_raises_on_a_thread_that_ends() -> None:
+    seen: list[threading.Thread] = []
+
+    def record() -> int:
+        seen.append(threading.current_thread())
+        return 7
+
+    assert off_main_thread(record, name="x") == 7
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+    with pytest.raises(ZeroDivisionError):
+        off_main_thread(lambda: 1 / 0, name="y")
+
+
+def test_start_loads_and_warms_models_off_the_main_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Torch on the main thread would leave an OpenMP pool there for good and slow every
+    forward on the scheduler thread (see ``off_main_thread``)."""
+    threads: list[threading.Thread] = []
+
+    class Recording(FakeEmbeddingBackend):
+        def load(self) -> None:
+            threads.append(threading.current_thread())
+            super().load()
+
+        def warmup(self) -> None:
+            threads.append(threading.current_thread())
+            super().warmup()
+
+    monkeypatch.setattr(runtime_module, "backend_class", lambda _entry: Recording)
+    monkeypatch.setattr(WorkerRuntime, "publish_readiness", lambda self: None)
+    monkeypatch.setattr(WorkerRuntime, "_beat_loop", lambda self: None)
+    entry = load_catalog().get(FAKE)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    rt = WorkerRuntime(settings, capability="embeddings", device="cpu", entries=[entry])
+    rt.start()
+    try:
+        assert len(threads) == 2 and threading.main_thread() not in threads
+        assert len(rt.embed(FAKE, ["after start"]).vectors) == 1
+    finally:
+        for b in rt.batchers.values():
+            b.stop()
