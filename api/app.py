@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_file_bytes=settings.max_file_bytes,
         served_models=settings.models,
         routes=lambda: app.routes,
+        direct=[embeddings.DIRECT],
+        state=lambda: app.state.laneway,
     )
     for module in (embeddings, models, files, batches, ops):
         app.include_router(module.router)

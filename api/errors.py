@@ -33,12 +33,17 @@ _HTTP_TYPES = {
 }
 
 
-def error_response(exc: LanewayError, request: Request | None = None) -> Response:
+def error_response(
+    exc: LanewayError, request: Request | None = None, *, route: str | None = None
+) -> Response:
+    """``exc`` in OpenAI's shape, counted under the request's route (or ``route``)."""
     headers: dict[str, str] = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after)
     if request is not None:
-        ERRORS.labels(route=route_label(request.scope), code=str(exc.status_code)).inc()
+        route = route_label(request.scope)
+    if route is not None:
+        ERRORS.labels(route=route, code=str(exc.status_code)).inc()
     return json_response(exc.body(), status_code=exc.status_code, headers=headers)
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.direct import DirectRoute
 from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, route_label
 from api.responses import dumps
+from api.state import AppState
 from tasks.errors import AuthenticationFailed, LanewayError, PayloadTooLarge
 
 # what the API key protects: every OpenAI route, and (a setting) the operator pages
@@ -40,7 +42,9 @@ class _TooLarge(StarletteHTTPException):
 class Gate:
     """Authentication, body limit and metrics for every HTTP request.
 
-    Uploads to /v1/files get their own, larger limit."""
+    Uploads to /v1/files get their own, larger limit. A request for one of the ``direct``
+    routes goes straight to it (with the process's ``state``) once past the key and the
+    limits, instead of through FastAPI (see ``api/direct.py``)."""
 
     def __init__(
         self,
@@ -52,7 +56,11 @@ class Gate:
         max_file_bytes: int,
         served_models: Collection[str],
         routes: Callable[[], Iterable[BaseRoute]],
+        direct: Sequence[DirectRoute] = (),
+        state: Callable[[], AppState] | None = None,
     ) -> None:
+        if direct and state is None:
+            raise ValueError("direct routes need the state getter")
         self.app = app
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.protect_ops = protect_ops
@@ -60,6 +68,8 @@ class Gate:
         self.max_file_bytes = max_file_bytes
         self.served_models = frozenset(served_models)
         self.routes = routes
+        self.direct = {(d.method, d.path): d for d in direct}
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,8 +105,12 @@ class Gate:
                 status["code"] = message["status"]
             await send(message)
 
+        direct = self.direct.get((scope["method"], path))
         try:
-            await self.app(scope, limited_receive, send_wrapper)
+            if direct is not None and self.state is not None:
+                await direct(scope, limited_receive, send_wrapper, self.state())
+            else:
+                await self.app(scope, limited_receive, send_wrapper)
         except _TooLarge:
             status["code"] = 413
             await self._refuse(send, _too_large(limit), route_label(scope))
