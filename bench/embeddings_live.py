@@ -71,15 +71,48 @@ def distinct(i: int) -> str:
     return f"{TEXT} number {i}"
 
 
-def embed(model: str, text: str) -> Request:
-    """One single-input POST /v1/embeddings, base64 as the official client asks."""
+def embed(model: str, text: str, path: str = "/v1/embeddings") -> Request:
+    """One single-input POST of an embeddings request, base64 as the official client asks."""
     body = {"model": model, "input": text, "encoding_format": "base64"}
-    return ("POST", "/v1/embeddings", body)
+    return ("POST", path, body)
 
 
-def distinct_embeds(model: str) -> MakeRequest:
+def distinct_embeds(model: str, path: str = "/v1/embeddings") -> MakeRequest:
     """Client k's i-th request: a text no other request sends (no cache could help)."""
-    return lambda k, i: embed(model, distinct(k * 1_000_000 + i))
+    return lambda k, i: embed(model, distinct(k * 1_000_000 + i), path)
+
+
+@dataclass
+class Peer:
+    """Another server of the same weights, measured with the same lean client."""
+
+    url: str
+    p50_s: float
+    load: Load
+
+
+def measure_peer(args: argparse.Namespace) -> Peer | None:
+    """The peer at ``--peer-url`` (started by hand, e.g. infinity-emb as in PEERS.md), with
+    the same one short input and the same 64 concurrent clients; None without one."""
+    if not args.peer_url:
+        return None
+    step(f"peer: {args.peer_url} (model {args.peer_model}) ...")
+    request = embed(args.peer_model, TEXT, args.peer_path)
+    p50 = sequential_p50(args.peer_url, request, args.requests)
+    make = distinct_embeds(args.peer_model, args.peer_path)
+    load = run_load(args.peer_url, make, args.concurrency, seconds=args.seconds)
+    return Peer(args.peer_url, p50, load)
+
+
+def report_peer(before: Raw, after: Raw, peer: Peer, concurrency: int) -> None:
+    raw_p50 = statistics.mean([before.p50_s, after.p50_s])
+    raw_rate = statistics.mean([before.rate, after.rate])
+    print(
+        f"peer {peer.url}, same lean client: p50 {ms(peer.p50_s)}, added "
+        f"{ms(peer.p50_s - raw_p50)}; {concurrency} concurrent clients "
+        f"{peer.load.rate:.0f} inputs/s, ratio {peer.load.rate / raw_rate:.2f} to the model"
+        f"{errors_note(peer.load)}"
+    )
 
 
 @dataclass
@@ -383,10 +416,14 @@ def print_summary(goals: list[Goal]) -> None:
         print(f"{g.name:{width}}  {g.goal:>8}  {g.measured:>10}  {'met' if g.met else 'MISSED'}")
 
 
-def report(before: Raw, after: Raw, served: Served, args: argparse.Namespace) -> None:
+def report(
+    before: Raw, after: Raw, served: Served, peer: Peer | None, args: argparse.Namespace
+) -> None:
     print()
     goals = report_latency(before, after, served.latency, args.requests)
     goals += report_batching(before, after, served.batching, args.concurrency)
+    if peer is not None:
+        report_peer(before, after, peer, args.concurrency)
     goals += report_plumbing(served.plumbing, args.concurrency)
     goals += report_memory(served.memory)
     p = served.plumbing
@@ -406,6 +443,9 @@ def parse_args() -> argparse.Namespace:
         "--plumbing-requests", type=int, default=10_000, help="fake live requests (Redis memory)"
     )
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (uvicorn)")
+    parser.add_argument("--peer-url", help="a peer serving the same model, measured after laneway")
+    parser.add_argument("--peer-model", default="minilm", help="the model name the peer serves")
+    parser.add_argument("--peer-path", default="/embeddings", help="the peer's embeddings route")
     return parser.parse_args()
 
 
@@ -439,12 +479,13 @@ def main() -> None:
         raw, "raw before", [], lambda: measure_raw(backend, args.requests, args.concurrency)
     )
     served = serve_and_measure(args)
+    peer = measure_peer(args)  # its own processes are not ours: no foreign-CPU share
     step("raw model: measuring again after the stack stopped ...")
     after = metered(
         raw, "raw after", [], lambda: measure_raw(backend, args.requests, args.concurrency)
     )
     served.foreign = {"raw before": raw["raw before"], **served.foreign, **raw}
-    report(before, after, served, args)
+    report(before, after, served, peer, args)
 
 
 if __name__ == "__main__":
