@@ -13,8 +13,9 @@ from api import errors, openapi
 from api.live import LiveClient
 from api.middleware import Gate
 from api.responses import SafeJSONResponse
-from api.routes import batches, embeddings, files, models, ops
+from api.routes import batches, files, models, ops
 from api.state import AppState
+from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
 from configs.settings import Settings, get_settings
 from tasks.db import get_engine
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     openapi.install(app, settings)
+    capability_routes = [cap.api_module() for cap in REGISTRY.values()]
     app.add_middleware(
         Gate,
         api_key=settings.api_key,
@@ -60,9 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_file_bytes=settings.max_file_bytes,
         served_models=settings.models,
         routes=lambda: app.routes,
-        direct=[embeddings.DIRECT],
+        direct=[d for m in capability_routes if (d := getattr(m, "DIRECT", None)) is not None],
         state=lambda: app.state.laneway,
     )
-    for module in (embeddings, models, files, batches, ops):
+    for module in (*capability_routes, models, files, batches, ops):
         app.include_router(module.router)
     return app

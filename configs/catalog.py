@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from configs.capabilities import CAPABILITIES, REGISTRY
+
 PACKAGED_CATALOG = Path(__file__).with_name("models.yaml")
-CAPABILITIES = ("embeddings",)
+__all__ = ["CAPABILITIES", "Catalog", "CatalogEntry", "CatalogError", "load_catalog"]
 
 
 class CatalogError(ValueError):
@@ -93,15 +95,16 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
     try:
         model_id = str(raw["id"])
         capability = str(raw["capability"])
-        backend = str(raw["backend"])
         source = raw["source"]
     except KeyError as exc:
         raise CatalogError(f"{origin}: catalog entry {raw!r} lacks {exc.args[0]!r}") from None
-    if capability not in CAPABILITIES:
+    if capability not in REGISTRY:
         raise CatalogError(
             f"{origin}: model {model_id!r} has capability {capability!r}; "
             f"known: {', '.join(CAPABILITIES)}"
         )
+    # an entry may leave the backend out: its capability's default
+    backend = str(raw.get("backend") or REGISTRY[capability].default_backend)
     if isinstance(source, str):
         source = {"path": source} if source.startswith(("/", ".", "~")) else {"hub": source}
     if not isinstance(source, dict):

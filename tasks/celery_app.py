@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from configs.catalog import CAPABILITIES
+from configs.capabilities import CAPABILITIES
 from configs.settings import Settings, get_settings
 from tasks.names import LANES, queue_name, task_name
 

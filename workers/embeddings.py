@@ -115,7 +115,12 @@ def _embedding_outcome(
     return Outcome(200, embedding_body(model, vectors, result.prompt_tokens), result.prompt_tokens)
 
 
-def embeddings_executor(runtime: WorkerRuntime) -> Executor:
+def live_handler(runtime: WorkerRuntime) -> EmbeddingsLive:
+    """The capability registry's entry point for live requests."""
+    return EmbeddingsLive(runtime)
+
+
+def batch_executor(runtime: WorkerRuntime) -> Executor:
     """Batch API lines of /v1/embeddings: parsed and checked like the live route, then
     computed together on the batch lane, each request on its own."""
     settings = runtime.settings

@@ -14,7 +14,8 @@ from celery.signals import worker_shutdown
 from celery.worker.control import Panel, inspect_command
 from kombu import Exchange, Queue
 
-from configs.catalog import CAPABILITIES, CatalogError, load_catalog
+from configs.capabilities import CAPABILITIES
+from configs.catalog import CatalogError, load_catalog
 from configs.settings import Settings, get_settings
 from tasks.celery_app import get_celery
 from tasks.names import BATCH, LIVE, queue_name

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery
 
+from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.batches.reaper import reap
@@ -17,20 +18,21 @@ from tasks.batches.work import BatchWork
 from tasks.filestore import get_file_store
 from tasks.names import BATCH, LIVE, queue_name, task_name
 from workers.batch_runner import BatchRunner
-from workers.embeddings import EmbeddingsLive, embeddings_executor
 from workers.live import LiveConsumer, LiveHandler, TaskEvents
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
-EXECUTORS: dict[str, Any] = {"embeddings": embeddings_executor}
-LIVE_HANDLERS: dict[str, Any] = {"embeddings": EmbeddingsLive}
+
+def _handlers(capability: str) -> Any:
+    """The capability's worker module (``live_handler`` and ``batch_executor``)."""
+    return REGISTRY[capability].worker_module()
 
 
 def make_live_consumer(runtime: WorkerRuntime, app: Celery | None) -> LiveConsumer:
     """The consumer of ``<capability>.live`` (see workers/live.py)."""
     settings: Settings = runtime.settings
-    handler: LiveHandler = LIVE_HANDLERS[runtime.capability](runtime)
+    handler: LiveHandler = _handlers(runtime.capability).live_handler(runtime)
     return LiveConsumer(
         runtime.redis,
         queue_name=queue_name(runtime.capability, LIVE),
@@ -50,7 +52,7 @@ def make_batch_runner(runtime: WorkerRuntime) -> BatchRunner:
         catalog=load_catalog(settings.model_config_path),
         capability=runtime.capability,
         models=list(runtime.entries),
-        execute=EXECUTORS[runtime.capability](runtime),
+        execute=_handlers(runtime.capability).batch_executor(runtime),
         notify=notify,
     )
     return BatchRunner(work, threads=settings.batch_chunks_in_flight, poll_s=settings.batch_poll_s)

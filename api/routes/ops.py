@@ -13,7 +13,7 @@ from api.deps import StateDep
 from api.metrics import BROKER, WORKER_STATS, exposition
 from api.protocol.errors import error_responses
 from api.protocol.ops import HEALTH_RESPONSES, METRICS_RESPONSES
-from configs.catalog import CAPABILITIES
+from configs.capabilities import CAPABILITIES
 from tasks.names import LANES, queue_name, worker_metrics_key
 
 router = APIRouter()

@@ -1,17 +1,13 @@
-"""Which endpoints a batch may name, and the capability that serves each.
-
-A capability adds its own with ``register_endpoint``."""
+"""Which endpoints a batch may name, and the capability that serves each: from the
+capability registry (``configs/capabilities.py``), whose contract modules are imported
+here so that what they register (error hints) is in place wherever batches are handled."""
 
 from __future__ import annotations
 
-from tasks import embeddings
+from configs.capabilities import REGISTRY
 
-BATCH_ENDPOINTS: dict[str, str] = {}
-
-
-def register_endpoint(endpoint: str, capability: str) -> None:
-    BATCH_ENDPOINTS[endpoint] = capability
-
-
-# the one capability so far; the capability registry (chat issue) will register its own
-register_endpoint(embeddings.ENDPOINT, embeddings.CAPABILITY)
+BATCH_ENDPOINTS: dict[str, str] = {
+    endpoint: cap.name for cap in REGISTRY.values() for endpoint in cap.batch_endpoints
+}
+for _cap in REGISTRY.values():
+    _cap.contract_module()

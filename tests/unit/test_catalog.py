@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from configs.capabilities import REGISTRY
 from configs.catalog import CatalogError, load_catalog
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -135,9 +136,16 @@ def test_unknown_capability_is_refused(tmp_path: Path) -> None:
 
 def test_entry_missing_a_key_is_refused(tmp_path: Path) -> None:
     bad = entry("me/x")
-    del bad["backend"]
-    with pytest.raises(CatalogError, match="backend"):
+    del bad["source"]
+    with pytest.raises(CatalogError, match="source"):
         load_catalog(write(tmp_path / "c.yaml", [bad]))
+
+
+def test_an_entry_without_a_backend_gets_its_capabilitys_default(tmp_path: Path) -> None:
+    plain = entry("me/x")
+    del plain["backend"]
+    got = load_catalog(write(tmp_path / "c.yaml", [plain])).get("me/x")
+    assert got.backend == REGISTRY["embeddings"].default_backend
 
 
 @pytest.mark.parametrize("text", ["models: 3\n", "just a string\n", "[1, 2]\n"])

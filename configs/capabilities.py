@@ -1,0 +1,57 @@
+"""The capability registry: one entry per capability, naming the module of each layer.
+
+A capability is one module per layer (``api/routes/<cap>.py`` with the protocol and
+serving modules it uses, ``tasks/<cap>.py`` for the wire contract and batch bodies,
+``workers/<cap>.py`` for the worker-side handler, ``workers/backends/<cap>*.py``) and one
+entry here. The API app, the Celery app and its lanes, the batch engine's endpoints, the
+worker, the catalog and ``/metrics`` iterate this registry; no generic module names a
+capability. Modules are named, not imported, so that every process imports only its own
+layer (the API never imports ``workers/``, hence never torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    # the OpenAI routes a Batch API line may name for this capability
+    batch_endpoints: tuple[str, ...]
+    # the backend of a catalog entry that names none ("module:Class")
+    default_backend: str
+    # the wire contract (tasks/): request schema, batch body parsing, usage; importing it
+    # registers what it adds to generic modules (error hints)
+    contract: str
+    # the API's router module: ``router`` (FastAPI), optionally ``DIRECT`` (api/direct.py)
+    api_routes: str
+    # the worker-side module: ``live_handler(runtime)`` and ``batch_executor(runtime)``
+    worker: str
+
+    def contract_module(self) -> ModuleType:
+        return importlib.import_module(self.contract)
+
+    def api_module(self) -> ModuleType:
+        return importlib.import_module(self.api_routes)
+
+    def worker_module(self) -> ModuleType:
+        return importlib.import_module(self.worker)
+
+
+REGISTRY: dict[str, Capability] = {
+    c.name: c
+    for c in (
+        Capability(
+            name="embeddings",
+            batch_endpoints=("/v1/embeddings",),
+            default_backend="workers.backends.embeddings:TransformersEmbeddingBackend",
+            contract="tasks.embeddings",
+            api_routes="api.routes.embeddings",
+            worker="workers.embeddings",
+        ),
+    )
+}
+CAPABILITIES: tuple[str, ...] = tuple(REGISTRY)
