@@ -59,7 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_key=settings.api_key,
         protect_ops=settings.protect_ops,
         max_bytes=settings.max_request_bytes,
-        max_file_bytes=settings.max_file_bytes,
+        body_limits={
+            path: limit
+            for module in (*capability_routes, files)
+            if hasattr(module, "body_limits")
+            for path, limit in module.body_limits(settings).items()
+        },
         served_models=settings.models,
         routes=lambda: app.routes,
         direct=[d for m in capability_routes if (d := getattr(m, "DIRECT", None)) is not None],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
@@ -42,7 +42,8 @@ class _TooLarge(StarletteHTTPException):
 class Gate:
     """Authentication, body limit and metrics for every HTTP request.
 
-    Uploads to /v1/files get their own, larger limit. A request for one of the ``direct``
+    Every body is held to ``max_bytes`` unless ``body_limits`` gives its path another
+    (uploads: the files route, and later audio, declare theirs). A request for one of the ``direct``
     routes goes straight to it (with the process's ``state``) once past the key and the
     limits, instead of through FastAPI (see ``api/direct.py``)."""
 
@@ -53,7 +54,7 @@ class Gate:
         api_key: str | None,
         protect_ops: bool,
         max_bytes: int,
-        max_file_bytes: int,
+        body_limits: Mapping[str, int] | None = None,
         served_models: Collection[str],
         routes: Callable[[], Iterable[BaseRoute]],
         direct: Sequence[DirectRoute] = (),
@@ -65,7 +66,7 @@ class Gate:
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.protect_ops = protect_ops
         self.max_bytes = max_bytes
-        self.max_file_bytes = max_file_bytes
+        self.body_limits = dict(body_limits or {})
         self.served_models = frozenset(served_models)
         self.routes = routes
         self.direct = {(d.method, d.path): d for d in direct}
@@ -78,7 +79,7 @@ class Gate:
         started = time.perf_counter()
         path: str = scope["path"]
         headers = dict(scope.get("headers") or [])
-        limit = self.max_file_bytes + 1024 * 1024 if path == "/v1/files" else self.max_bytes
+        limit = self.body_limits.get(path, self.max_bytes)
         length = headers.get(b"content-length")
         refusal = self._refusal(path, headers)
         if refusal is None and length is not None and length.isdigit() and int(length) > limit:

@@ -12,9 +12,16 @@ from api.deps import SettingsDep
 from api.protocol.errors import error_responses
 from api.protocol.files import UPLOAD_SCHEMA, FileDeleted, FileList, FileObject, Purpose
 from api.serving import files as serving
+from configs.settings import Settings
 from tasks.errors import InvalidRequest
 
 router = APIRouter()
+MULTIPART_SLACK = 1024 * 1024  # the form's framing and fields around the file itself
+
+
+def body_limits(settings: Settings) -> dict[str, int]:
+    """Routes whose body may exceed LANEWAY_MAX_REQUEST_BYTES (the gate enforces them)."""
+    return {"/v1/files": settings.max_file_bytes + MULTIPART_SLACK}
 
 
 @router.post(
