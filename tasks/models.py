@@ -61,7 +61,10 @@ class BatchRow(Base):
     request_total: Mapped[int] = mapped_column(Integer, default=0)
     request_completed: Mapped[int] = mapped_column(Integer, default=0)
     request_failed: Mapped[int] = mapped_column(Integer, default=0)
+    # usage (tasks/usage.py): one column per field
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -96,3 +99,5 @@ class ChunkRow(Base):
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

@@ -23,6 +23,7 @@ from tasks.batches.lines import Outcome
 from tasks.embeddings import embedding_body, normalise_input, parse_body, served_entry
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.names import BATCH, LIVE
+from tasks.usage import Usage
 from workers.batching import JobMeta
 from workers.runtime import EmbedCall, EmbedResult, WorkerRuntime
 
@@ -112,7 +113,8 @@ def _embedding_outcome(
         if encoding == "base64"
         else [v.tolist() for v in result.vectors]
     )
-    return Outcome(200, embedding_body(model, vectors, result.prompt_tokens), result.prompt_tokens)
+    body = embedding_body(model, vectors, result.prompt_tokens)
+    return Outcome(200, body, Usage(prompt_tokens=result.prompt_tokens))
 
 
 def live_handler(runtime: WorkerRuntime) -> EmbeddingsLive:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, update
@@ -27,6 +27,7 @@ from tasks.db import session_scope
 from tasks.errors import LanewayError
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
+from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def release_chunk(claim: ChunkClaim) -> None:
 class ChunkResult:
     completed: int = 0
     failed: int = 0
-    prompt_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)
 
 
 def _gave_up(claim: ChunkClaim, request_ids: list[str]) -> list[Outcome]:
@@ -195,7 +196,7 @@ def compute_chunk(
         if outcome.status_code == 200:
             out.append(line)
             result.completed += 1
-            result.prompt_tokens += outcome.prompt_tokens
+            result.usage += outcome.usage
         else:
             err.append(line)
             result.failed += 1
@@ -220,7 +221,7 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
                 lease_until=None,
                 completed=result.completed,
                 failed=result.failed,
-                prompt_tokens=result.prompt_tokens,
+                **result.usage.columns(),
             )
         ).rowcount  # type: ignore[attr-defined]
         if committed == 1:  # the batch's counts move in the same transaction
@@ -230,7 +231,10 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
                 .values(
                     request_completed=BatchRow.request_completed + result.completed,
                     request_failed=BatchRow.request_failed + result.failed,
-                    prompt_tokens=BatchRow.prompt_tokens + result.prompt_tokens,
+                    **{
+                        name: getattr(BatchRow, name) + value
+                        for name, value in result.usage.columns().items()
+                    },
                 )
             )
     return bool(committed == 1)

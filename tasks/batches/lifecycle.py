@@ -33,6 +33,7 @@ from tasks.db import session_scope
 from tasks.files import put_output_file
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
+from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _chunk_row(batch_id: str, index: int, spec: ChunkSpec) -> ChunkRow:
         attempts=0,
         completed=0,
         failed=0,
-        prompt_tokens=0,
+        **Usage().columns(),
     )
 
 
@@ -213,8 +214,8 @@ class _Plan:
         return sum(c.failed for c in self.done)
 
     @property
-    def prompt_tokens(self) -> int:
-        return sum(c.prompt_tokens for c in self.done)
+    def usage(self) -> Usage:
+        return Usage.total(Usage.of_row(c) for c in self.done)
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -330,7 +331,7 @@ def _commit_finalisation(
             error_file_id=written.files.get("error", (None,))[0],
             request_completed=plan.completed,
             request_failed=plan.failed + written.expired,
-            prompt_tokens=plan.prompt_tokens,
+            **plan.usage.columns(),
         )
         if not moved:
             s.rollback()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.errors import InternalError, LanewayError
 from tasks.filestore import FileStore
+from tasks.usage import Usage
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Outcome:
 
     status_code: int
     body: dict[str, Any]
-    prompt_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)
 
     @classmethod
     def error(cls, exc: LanewayError) -> Outcome:

@@ -24,6 +24,7 @@ from tasks.models import BatchRow, ChunkRow
 from tasks.names import BATCH, queue_name, task_name
 from tasks.pagination import paginate
 from tasks.safety import check_idempotency_key, is_id, text_problem
+from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class BatchNotCancellable(InvalidRequest):
 
 
 def batch_object(row: BatchRow) -> dict[str, Any]:
-    tokens = int(row.prompt_tokens or 0)
+    usage = Usage.of_row(row)
     return {
         "id": row.id,
         "object": "batch",
@@ -64,11 +65,11 @@ def batch_object(row: BatchRow) -> dict[str, Any]:
         },
         "metadata": row.metadata_,
         "usage": {
-            "input_tokens": tokens,
+            "input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": 0,
+            "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": tokens,
+            "total_tokens": usage.total_tokens,
         },
     }
 
@@ -189,7 +190,7 @@ def create_batch(
         request_total=0,
         request_completed=0,
         request_failed=0,
-        prompt_tokens=0,
+        **Usage().columns(),
     )
     session.add(row)
     try:

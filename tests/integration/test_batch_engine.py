@@ -37,6 +37,7 @@ from tasks.db import make_engine, migrate, session_scope
 from tasks.files import delete_file, get_file, list_files
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
+from tasks.usage import Usage
 from tests.batch_rows import (
     FAKE,
     MINILM,
@@ -81,7 +82,8 @@ def fake_execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> li
             out.append(Outcome(400, {"error": error}))
         else:
             tokens = len(body["input"].split())
-            out.append(Outcome(200, {"object": "list", "data": [body["input"]]}, tokens))
+            data = {"object": "list", "data": [body["input"]]}
+            out.append(Outcome(200, data, Usage(prompt_tokens=tokens)))
     return out
 
 
@@ -168,7 +170,8 @@ def test_a_batch_runs_chunk_by_chunk_and_keeps_input_order(
     assert all(e["response"]["status_code"] == 400 for e in err)
     assert len({e["id"] for e in out + err}) == 10
     assert row.prompt_tokens == 16  # two words for each of the 8 that succeeded
-    assert batch_object(row)["usage"]["input_tokens"] == 16
+    usage = batch_object(row)["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (16, 0, 16)
     assert not store.path(f"batches/{batch_id}").exists()  # chunk parts cleaned up
     assert all(c.attempts == 1 for c in chunks(batch_id))
     assert_counts_match_files(store, row)
