@@ -34,15 +34,27 @@ def celery_message(
 ) -> str:
     """The JSON string kombu's Redis transport stores for ``send_task(task, args)``."""
     task_id = task_id or str(uuid.uuid4())
+    body = orjson.dumps(
+        [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    envelope = {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": _headers(task, task_id, expires_s),
+        "properties": _properties(task_id, queue, expires_s),
+    }
+    return orjson.dumps(envelope).decode()
+
+
+def _headers(task: str, task_id: str, expires_s: float | None) -> dict[str, Any]:
+    """Celery's protocol-2 task headers."""
     expires = (
         (datetime.now(UTC) + timedelta(seconds=expires_s)).isoformat()
         if expires_s is not None
         else None
     )
-    body = orjson.dumps(
-        [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    )
-    headers: dict[str, Any] = {
+    return {
         "lang": "py",
         "task": task,
         "id": task_id,
@@ -63,6 +75,10 @@ def celery_message(
         "stamped_headers": None,
         "stamps": {},
     }
+
+
+def _properties(task_id: str, queue: str, expires_s: float | None) -> dict[str, Any]:
+    """kombu's message properties, in the order its Redis transport writes them."""
     properties: dict[str, Any] = {
         "correlation_id": task_id,
         "reply_to": "",
@@ -81,14 +97,7 @@ def celery_message(
             "delivery_tag": str(uuid.uuid4()),
         }
     )
-    envelope = {
-        "body": base64.b64encode(body).decode("ascii"),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": properties,
-    }
-    return orjson.dumps(envelope).decode()
+    return properties
 
 
 class MalformedMessage(ValueError):

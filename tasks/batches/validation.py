@@ -85,6 +85,10 @@ def validate_input(
     return v
 
 
+# (code, message, param) of a line's first problem
+Problem = tuple[str, str, str | None]
+
+
 def _check_line(
     v: Validation,
     raw: bytes,
@@ -95,73 +99,78 @@ def _check_line(
     settings: Settings,
     catalog: Catalog,
 ) -> None:
+    """Record the line's first problem in ``v`` (none: it is a valid request)."""
+    obj, problem = _parse(raw)
+    if problem is None:
+        problem = _check_envelope(obj, seen, endpoint)
+    if problem is None:
+        problem = _check_model(v, obj["body"], lineno, endpoint, capability, settings, catalog)
+    if problem is not None:
+        code, message, param = problem
+        v.error(code, lineno, message, param)
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any], Problem | None]:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        v.error("invalid_file_encoding", lineno, "the line is not valid UTF-8")
-        return
+        return {}, ("invalid_file_encoding", "the line is not valid UTF-8", None)
     except ValueError:
-        v.error("invalid_json_line", lineno, "the line is not valid JSON")
-        return
+        return {}, ("invalid_json_line", "the line is not valid JSON", None)
     if not isinstance(obj, dict):
-        v.error("invalid_json_line", lineno, "each line must be a JSON object")
-        return
+        return {}, ("invalid_json_line", "each line must be a JSON object", None)
+    return obj, None
+
+
+def _check_envelope(obj: dict[str, Any], seen: set[bytes], endpoint: str) -> Problem | None:
+    """custom_id (present, unique), method, url and a body object."""
     for key in ("custom_id", "method", "url", "body"):
         if key not in obj:
-            v.error("missing_required_parameter", lineno, f"missing '{key}'", key)
-            return
+            return ("missing_required_parameter", f"missing '{key}'", key)
     custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
-        v.error("invalid_custom_id", lineno, "'custom_id' must be a non-empty string", "custom_id")
-        return
+        return ("invalid_custom_id", "'custom_id' must be a non-empty string", "custom_id")
     digest = xxhash.xxh3_128_digest(custom_id.encode("utf-8", "surrogatepass"))
     if digest in seen:
-        v.error(
-            "duplicate_custom_id",
-            lineno,
-            f"the custom_id {quote(custom_id)} is used more than once in this file",
-            "custom_id",
-        )
-        return
+        message = f"the custom_id {quote(custom_id)} is used more than once in this file"
+        return ("duplicate_custom_id", message, "custom_id")
     seen.add(digest)
     if obj["method"] != "POST":
-        v.error("invalid_method", lineno, "'method' must be 'POST'", "method")
-        return
+        return ("invalid_method", "'method' must be 'POST'", "method")
     if obj["url"] != endpoint:
-        v.error(
-            "invalid_url",
-            lineno,
-            f"'url' is {quote(obj['url'])}; this batch's endpoint is {endpoint!r}",
-            "url",
-        )
-        return
-    body = obj["body"]
-    if not isinstance(body, dict):
-        v.error("invalid_body", lineno, "'body' must be a JSON object", "body")
-        return
+        message = f"'url' is {quote(obj['url'])}; this batch's endpoint is {endpoint!r}"
+        return ("invalid_url", message, "url")
+    if not isinstance(obj["body"], dict):
+        return ("invalid_body", "'body' must be a JSON object", "body")
+    return None
+
+
+def _check_model(
+    v: Validation,
+    body: dict[str, Any],
+    lineno: int,
+    endpoint: str,
+    capability: str,
+    settings: Settings,
+    catalog: Catalog,
+) -> Problem | None:
+    """A served model of the endpoint's capability, the same on every line."""
     model = body.get("model")
     if not isinstance(model, str):
-        v.error("missing_required_parameter", lineno, "'body.model' is required", "body.model")
-        return
+        return ("missing_required_parameter", "'body.model' is required", "body.model")
     try:
         entry = catalog.get(model)
     except CatalogError:
         entry = None
     if entry is None or model not in settings.models or entry.capability != capability:
-        v.error(
-            "model_not_found",
-            lineno,
-            f"the model {quote(model)} is not served for {endpoint}",
-            "body.model",
-        )
-        return
+        message = f"the model {quote(model)} is not served for {endpoint}"
+        return ("model_not_found", message, "body.model")
     if v.model is None:
         v.model = model
     elif model != v.model:
-        v.error(
-            "mismatched_model",
-            lineno,
+        message = (
             f"all requests in a batch must use one model; line {lineno} uses {quote(model)}, "
-            f"earlier lines {v.model!r}",
-            "body.model",
+            f"earlier lines {v.model!r}"
         )
+        return ("mismatched_model", message, "body.model")
+    return None
