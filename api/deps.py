@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.types import Receive
 
 from api.state import AppState
 from configs.settings import Settings
@@ -22,12 +23,16 @@ async def get_settings_dep(state: Annotated[AppState, Depends(get_state)]) -> Se
     return state.settings
 
 
-async def wait_disconnect(request: Request) -> Any:
+async def until_disconnect(receive: Receive) -> Any:
     """Resolves when the client hangs up (the body has been read by then)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return message
+
+
+async def wait_disconnect(request: Request) -> Any:
+    return await until_disconnect(request.receive)
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from api.deps import until_disconnect
 from api.errors import error_response
 from api.state import AppState
 from tasks.errors import ClientGone, InternalError, LanewayError
@@ -28,10 +31,6 @@ Disconnected = Callable[[], Awaitable[Any]]
 # (the process's state, the raw body, what resolves when the caller hangs up, the
 # request's scope state for metrics labels) -> the JSON response body
 Handler = Callable[[AppState, bytes, Disconnected, dict[str, Any]], Awaitable[bytes]]
-
-
-class _Hungup(Exception):
-    """The client went away before its body was complete."""
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,14 @@ class DirectRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send, state: AppState) -> None:
         scope["route"] = self.label
         scope_state: dict[str, Any] = scope.setdefault("state", {})
-
-        async def disconnected() -> Any:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return message
-
         try:  # a body over the limit raises out of receive, for the gate to answer (413)
-            raw = await _read_body(receive)
-        except _Hungup:
+            raw = await Request(scope, receive).body()
+        except ClientDisconnect:
             log.info("client hung up during %s %s", self.method, self.path)
             await self._error(scope, receive, send, ClientGone("client closed the request"))
             return
         try:
-            body = await self.handler(state, raw, disconnected, scope_state)
+            body = await self.handler(state, raw, partial(until_disconnect, receive), scope_state)
         except LanewayError as exc:
             await self._error(scope, receive, send, exc)
             return
@@ -85,14 +77,3 @@ class DirectRoute:
     async def _error(self, scope: Scope, receive: Receive, send: Send, exc: LanewayError) -> None:
         response = error_response(exc, route=self.path)
         await response(scope, receive, send)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Hungup
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -17,9 +17,10 @@ from api.protocol.embeddings import REQUEST_BODY, EmbeddingResponse
 from api.protocol.errors import error_responses
 from api.serving.embeddings import create_embeddings, parse_request
 from api.state import AppState
+from tasks.embeddings import ENDPOINT
 
 router = APIRouter()
-PATH = "/v1/embeddings"
+PATH = ENDPOINT
 
 
 async def create(
