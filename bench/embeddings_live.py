@@ -142,27 +142,14 @@ def measure_raw(backend: object, requests: int, concurrency: int) -> Raw:
     return Raw(statistics.median(samples), rate)
 
 
-def api_p50(client: OpenAI, requests: int) -> float:
-    """Sequential single-input requests through the official client (base64, its default)."""
+def client_p50(call: Callable[[], object], requests: int) -> float:
+    """p50 of ``call`` made sequentially through the official client, after 20 warm-ups."""
     for _ in range(20):
-        client.embeddings.create(model=MODEL, input=TEXT)
+        call()
     samples = []
     for _ in range(requests):
         t0 = time.perf_counter()
-        client.embeddings.create(model=MODEL, input=TEXT)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def http_floor(client: OpenAI, requests: int) -> float:
-    """p50 of GET /v1/models through the same client: HTTP, uvicorn, FastAPI and the
-    client's own cost, with no queue and no model (the floor under any added latency)."""
-    for _ in range(20):
-        client.models.list()
-    samples = []
-    for _ in range(requests):
-        t0 = time.perf_counter()
-        client.models.list()
+        call()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
@@ -180,7 +167,10 @@ def measure_latency(stack: BenchStack, requests: int) -> Latency:
     lean_floor = sequential_p50(stack.base, MODELS, requests)
     client = OpenAI(base_url=f"{stack.base}/v1", api_key="bench", max_retries=0)
     try:
-        return Latency(lean, lean_floor, api_p50(client, requests), http_floor(client, requests))
+        # base64, the client's default; GET /v1/models is the floor: HTTP, uvicorn, FastAPI
+        # and the client's own cost, with no queue and no model
+        official = client_p50(lambda: client.embeddings.create(model=MODEL, input=TEXT), requests)
+        return Latency(lean, lean_floor, official, client_p50(client.models.list, requests))
     finally:
         client.close()
 
