@@ -191,6 +191,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop()
 
 
+def _process_count(text: str) -> int:
+    """1..64, as LANEWAY_API_WORKERS allows."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 64")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laneway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--no-migrate", action="store_true")
     api.add_argument(
-        "--workers", type=int, help="API processes (default: LANEWAY_API_WORKERS, else 1)"
+        "--workers",
+        type=_process_count,
+        help="API processes, 1 to 64 (default: LANEWAY_API_WORKERS, else 1)",
     )
     api.set_defaults(func=cmd_api)
 

@@ -20,6 +20,12 @@ def test_api_takes_a_process_count() -> None:
     assert build_parser().parse_args(["api"]).workers is None  # LANEWAY_API_WORKERS, else 1
 
 
+@pytest.mark.parametrize("bad", ["0", "-2", "65", "two", ""])
+def test_api_refuses_a_process_count_out_of_range(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["api", "--workers", bad])
+
+
 def test_the_fast_loop_and_parser_are_installed() -> None:
     # uvicorn's "auto" picks these when present; without them the API is markedly slower
     assert importlib.util.find_spec("uvloop") is not None
