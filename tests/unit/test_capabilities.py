@@ -19,7 +19,10 @@ def test_each_entry_names_its_layers(name: str) -> None:
     assert hasattr(cap.api_module(), "router")
     worker = cap.worker_module()
     assert callable(worker.live_handler) and callable(worker.batch_executor)
-    assert cap.contract_module() is not None
+    contract = cap.contract_module()
+    # the contract's own names agree with its registry entry (configs/ cannot import them)
+    assert getattr(contract, "CAPABILITY", name) == name
+    assert getattr(contract, "ENDPOINT", cap.batch_endpoints[0]) in cap.batch_endpoints
     module, _, cls = cap.default_backend.partition(":")
     assert cls and module.startswith("workers.backends.")
     for endpoint in cap.batch_endpoints:
