@@ -28,7 +28,8 @@ class Capability:
     contract: str
     # the API's router module: ``router`` (FastAPI), optionally ``DIRECT`` (api/direct.py)
     api_routes: str
-    # the worker-side module: ``live_handler(runtime)`` and ``batch_executor(runtime)``
+    # the worker-side module: ``make_engine(runtime, entry)`` (one warm model and its
+    # scheduler), ``live_handler(runtime)`` and ``batch_executor(runtime)``
     worker: str
 
     def contract_module(self) -> ModuleType:

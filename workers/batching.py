@@ -1,7 +1,10 @@
 """Drain many requests into one forward pass: live first, sorted by length, within budget.
 
 Requests submit their token sequences as ``Job``s and get a future each (the live
-consumer attaches callbacks to it; batch runners wait on it). One scheduler thread per
+consumer attaches callbacks to it; batch runners wait on it), resolved to the list of
+the forward's outputs for its sequences, in order. The batcher knows nothing of what an
+output is: any model with one output per input sequence per forward (embeddings,
+rerankers, classifiers) fits, through a ``Forwarder``. One scheduler thread per
 model takes what is pending, builds one forward at a time (live items alone while any
 wait, else batch items by length) under the model's token budget and maximum batch size,
 and completes each job once all of its items are done. Jobs whose caller has gone or
@@ -18,16 +21,26 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import numpy as np
-
+from configs.catalog import CatalogEntry
 from tasks.names import BATCH, LIVE, Lane
-from workers.backends.base import ModelBackend
 
 log = logging.getLogger(__name__)
+
+
+class Forwarder(Protocol):
+    """What the batcher needs of a backend: one output per sequence, in order."""
+
+    entry: CatalogEntry
+
+    @property
+    def max_input_tokens(self) -> int: ...
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> Iterable[Any]: ...
 
 
 class Dropped(Exception):
@@ -50,8 +63,8 @@ class Job:
     request_id: str | None = None
     deadline: float | None = None
     sent_at: float | None = None
-    future: Future[np.ndarray] = field(default_factory=Future)
-    out: np.ndarray | None = None
+    future: Future[list[Any]] = field(default_factory=Future)
+    out: list[Any] = field(default_factory=list)
     remaining: int = 0
     arrived: float = field(default_factory=time.monotonic)
 
@@ -93,7 +106,7 @@ GoneCheck = Callable[[list[str]], set[str]]
 class Batcher:
     def __init__(
         self,
-        backend: ModelBackend,
+        backend: Forwarder,
         *,
         max_batch_size: int,
         token_budget: int,
@@ -126,7 +139,7 @@ class Batcher:
         request_id: str | None = None,
         deadline: float | None = None,
         sent_at: float | None = None,
-    ) -> Future[np.ndarray]:
+    ) -> Future[list[Any]]:
         """One job: its token sequences, computed together or failed together."""
         [future] = self.submit_many(
             [seqs], lane=lane, meta=[JobMeta(request_id, deadline, sent_at)]
@@ -139,16 +152,16 @@ class Batcher:
         *,
         lane: Lane = LIVE,
         meta: Sequence[JobMeta] | None = None,
-    ) -> list[Future[np.ndarray]]:
+    ) -> list[Future[list[Any]]]:
         """Several jobs at once (one lock, one sort), each with its own ``meta`` (or none):
         each succeeds or fails on its own."""
-        futures: list[Future[np.ndarray]] = []
+        futures: list[Future[list[Any]]] = []
         items: list[_Item] = []
         metas = meta if meta is not None else [JobMeta()] * len(jobs)
         for seqs, m in zip(jobs, metas, strict=True):
             job = Job([list(s) for s in seqs], lane, m.request_id, m.deadline, m.sent_at)
             job.remaining = len(job.seqs)
-            job.out = np.empty((len(job.seqs), self.backend.dimensions), dtype=np.float32)
+            job.out = [None] * len(job.seqs)
             futures.append(job.future)
             if not job.seqs:
                 job.future.set_result(job.out)
@@ -165,7 +178,7 @@ class Batcher:
             self._cond.notify()
         return futures
 
-    def run(self, seqs: Sequence[Sequence[int]], **kw: object) -> np.ndarray:
+    def run(self, seqs: Sequence[Sequence[int]], **kw: object) -> list[Any]:
         return self.submit(seqs, **kw).result()  # type: ignore[arg-type]
 
     def stop(self) -> None:
@@ -293,7 +306,6 @@ class Batcher:
             job = it.job
             if job.future.done():
                 continue
-            assert job.out is not None
             job.out[it.index] = vec
             job.remaining -= 1
             if job.remaining == 0:

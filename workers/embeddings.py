@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from configs.catalog import load_catalog
+from configs.catalog import CatalogEntry, load_catalog
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
 from tasks.embeddings import embedding_body, normalise_input, parse_body, served_entry
@@ -25,7 +25,8 @@ from tasks.errors import InvalidRequest, LanewayError
 from tasks.names import BATCH, LIVE
 from tasks.usage import Usage
 from workers.batching import JobMeta
-from workers.runtime import EmbedCall, EmbedResult, WorkerRuntime
+from workers.embeddings_engine import EmbedCall, EmbeddingEngine, EmbedResult
+from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class EmbeddingsLive:
                 for n, _ in calls
             ]
             try:
-                started = self.runtime.submit_embed(
-                    model, [c for _, c in calls], lane=LIVE, meta=meta
+                started = engine(self.runtime, model).submit(
+                    [c for _, c in calls], lane=LIVE, meta=meta
                 )
             except LanewayError as exc:  # e.g. a model this worker does not serve
                 for n, _ in calls:
@@ -117,6 +118,18 @@ def _embedding_outcome(
     return Outcome(200, body, Usage(prompt_tokens=result.prompt_tokens))
 
 
+def engine(runtime: WorkerRuntime, model: str) -> EmbeddingEngine:
+    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
+    found = runtime.engine(model)
+    assert isinstance(found, EmbeddingEngine)
+    return found
+
+
+def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> EmbeddingEngine:
+    """The capability registry's entry point for loading a model (off the main thread)."""
+    return EmbeddingEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
+
+
 def live_handler(runtime: WorkerRuntime) -> EmbeddingsLive:
     """The capability registry's entry point for live requests."""
     return EmbeddingsLive(runtime)
@@ -142,7 +155,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                 continue
             parsed.append((n, request.encoding_format))
             calls.append(EmbedCall(items, request.dimensions))
-        results = runtime.embed_many(model, calls, lane=BATCH)
+        results = engine(runtime, model).embed_many(calls, lane=BATCH)
         for (n, encoding), result in zip(parsed, results, strict=True):
             outcomes[n] = _embedding_outcome(model, encoding, result, request_ids[n])
         return [o for o in outcomes if o is not None]

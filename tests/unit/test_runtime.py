@@ -1,20 +1,21 @@
-"""workers.runtime.WorkerRuntime.embed over the fake backend (no Redis is touched)."""
+"""The worker runtime and the embeddings engine over the fake backend (no Redis is touched)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-import workers.runtime as runtime_module
+import workers.embeddings_engine as engine_module
 from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from workers.backends.fake import FakeEmbeddingBackend
-from workers.batching import Batcher
-from workers.cache import EmbeddingCache
+from workers.embeddings import engine
+from workers.embeddings_engine import EmbeddingEngine, EmbedResult
 from workers.runtime import WorkerRuntime, off_main_thread
 
 FAKE = "laneway/fake-embeddings"
@@ -28,22 +29,30 @@ def make_runtime(cache_size: int) -> WorkerRuntime:
     backend = FakeEmbeddingBackend(entry, device="cpu", model_path="/")
     backend.load()
     backend.warm = True
-    runtime.backends[FAKE] = backend
-    runtime.caches[FAKE] = EmbeddingCache(cache_size)
-    runtime.batchers[FAKE] = Batcher(backend, max_batch_size=8, token_budget=1024)
+    runtime.engines[FAKE] = EmbeddingEngine(
+        backend, settings.model_copy(update={"max_batch_size": 8})
+    )
     return runtime
+
+
+def fake(runtime: WorkerRuntime) -> EmbeddingEngine:
+    return engine(runtime, FAKE)
+
+
+def embed(runtime: WorkerRuntime, model: str, inputs: list[Any], **kw: Any) -> EmbedResult:
+    return engine(runtime, model).embed(inputs, **kw)
 
 
 @pytest.fixture
 def runtime() -> Iterator[WorkerRuntime]:
     rt = make_runtime(cache_size=16)
     yield rt
-    for b in rt.batchers.values():
-        b.stop()
+    for e in rt.engines.values():
+        e.stop()
 
 
 def test_embed_counts_tokens_and_normalises(runtime: WorkerRuntime) -> None:
-    result = runtime.embed(FAKE, ["one two three", [5, 6]])
+    result = embed(runtime, FAKE, ["one two three", [5, 6]])
     # the fake tokenizer adds one leading special token per input
     assert result.prompt_tokens == 4 + 3
     assert len(result.vectors) == 2
@@ -53,24 +62,24 @@ def test_embed_counts_tokens_and_normalises(runtime: WorkerRuntime) -> None:
 
 
 def test_dimensions_truncate_and_renormalise(runtime: WorkerRuntime) -> None:
-    full = runtime.embed(FAKE, ["alpha beta"]).vectors[0]
-    short = runtime.embed(FAKE, ["alpha beta"], dimensions=16).vectors[0]
+    full = embed(runtime, FAKE, ["alpha beta"]).vectors[0]
+    short = embed(runtime, FAKE, ["alpha beta"], dimensions=16).vectors[0]
     assert short.shape == (16,)
     assert np.linalg.norm(short) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(short, full[:16] / np.linalg.norm(full[:16]), rtol=1e-5)
     with pytest.raises(InvalidRequest):
-        runtime.embed(FAKE, ["alpha"], dimensions=12)
+        embed(runtime, FAKE, ["alpha"], dimensions=12)
 
 
 def test_cache_hits_skip_compute(runtime: WorkerRuntime) -> None:
-    batcher = runtime.batchers[FAKE]
-    first = runtime.embed(FAKE, ["cached text", "other"]).vectors
+    batcher = fake(runtime).batcher
+    first = embed(runtime, FAKE, ["cached text", "other"]).vectors
     forwards = batcher.stats.items
-    again = runtime.embed(FAKE, ["cached text", "other"]).vectors
+    again = embed(runtime, FAKE, ["cached text", "other"]).vectors
     assert batcher.stats.items == forwards  # nothing recomputed
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
-    cache = runtime.caches[FAKE]
+    cache = fake(runtime).cache
     assert cache.hits == 2
     assert cache.misses == 2
     snap = runtime.metrics_snapshot()["models"][FAKE]
@@ -80,27 +89,27 @@ def test_cache_hits_skip_compute(runtime: WorkerRuntime) -> None:
 def test_cache_off_recomputes() -> None:
     rt = make_runtime(cache_size=0)
     try:
-        rt.embed(FAKE, ["x"])
-        rt.embed(FAKE, ["x"])
-        assert rt.batchers[FAKE].stats.items == 2
-        assert rt.caches[FAKE].hits == 0
+        embed(rt, FAKE, ["x"])
+        embed(rt, FAKE, ["x"])
+        assert fake(rt).batcher.stats.items == 2
+        assert fake(rt).cache.hits == 0
     finally:
-        rt.batchers[FAKE].stop()
+        fake(rt).batcher.stop()
 
 
 def test_too_long_input_names_the_limit(runtime: WorkerRuntime) -> None:
     with pytest.raises(ContextLengthExceeded, match="128 tokens"):
-        runtime.embed(FAKE, [" ".join(["w"] * 200)])
+        embed(runtime, FAKE, [" ".join(["w"] * 200)])
 
 
 def test_token_ids_outside_the_vocabulary(runtime: WorkerRuntime) -> None:
     with pytest.raises(InvalidRequest, match="outside"):
-        runtime.embed(FAKE, [[1, 5000]])
+        embed(runtime, FAKE, [[1, 5000]])
 
 
 def test_unknown_model(runtime: WorkerRuntime) -> None:
     with pytest.raises(ModelNotFound):
-        runtime.embed("nope", ["x"])
+        embed(runtime, "nope", ["x"])
 
 
 def test_readiness_reports_warm_models(runtime: WorkerRuntime) -> None:
@@ -139,7 +148,7 @@ def test_start_loads_and_warms_models_off_the_main_thread(
             threads.append(threading.current_thread())
             super().warmup()
 
-    monkeypatch.setattr(runtime_module, "backend_class", lambda _entry: Recording)
+    monkeypatch.setattr(engine_module, "backend_class", lambda _entry: Recording)
     monkeypatch.setattr(WorkerRuntime, "publish_readiness", lambda self: None)
     monkeypatch.setattr(WorkerRuntime, "_beat_loop", lambda self: None)
     entry = load_catalog().get(FAKE)
@@ -148,7 +157,7 @@ def test_start_loads_and_warms_models_off_the_main_thread(
     rt.start()
     try:
         assert len(threads) == 2 and threading.main_thread() not in threads
-        assert len(rt.embed(FAKE, ["after start"]).vectors) == 1
+        assert len(embed(rt, FAKE, ["after start"]).vectors) == 1
     finally:
-        for b in rt.batchers.values():
-            b.stop()
+        for e in rt.engines.values():
+            e.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from tasks.errors import InvalidRequest
+from tasks.errors import ContextLengthExceeded, InvalidRequest
 from workers.backends.base import ModelBackend
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,44 @@ def read_pooling(model_path: str) -> tuple[str, bool]:
     return mode, normalize
 
 
-class TransformersEmbeddingBackend(ModelBackend):
+class EmbeddingBackend(ModelBackend):
+    """An embeddings model: inputs to token sequences (``tokenize``), and token sequences
+    to one vector each in one forward pass (``forward``). Batching, caching, priority and
+    cancellation are the engine's (``workers/embeddings_engine.py``)."""
+
     capabilities = ("embeddings",)
 
+    @property
+    @abstractmethod
+    def dimensions(self) -> int: ...
+
+    @abstractmethod
+    def tokenize(self, inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Token ids (special tokens included) for each input; no truncation."""
+
+    @abstractmethod
+    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward over the batch: float32 array (len(batch), dimensions), in order."""
+
+    def warmup(self) -> None:
+        for n, length in ((1, 8), (8, 32), (2, min(self.max_input_tokens, 128))):
+            self.forward([[1] * length] * n)
+        self.warm = True
+
+    def check_lengths(self, token_seqs: Sequence[Sequence[int]], *, param: str = "input") -> None:
+        for i, seq in enumerate(token_seqs):
+            if len(seq) > self.max_input_tokens:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.max_input_tokens} tokens, "
+                    f"however input[{i}] has {len(seq)} tokens. Please reduce the length of "
+                    "the input.",
+                    param=param,
+                )
+            if not seq:
+                raise InvalidRequest(f"input[{i}] is empty", param=param)
+
+
+class TransformersEmbeddingBackend(EmbeddingBackend):
     tokenizer: Any
     model: Any
 

@@ -19,14 +19,12 @@ import numpy as np
 import xxhash
 
 from tasks.errors import InvalidRequest
-from workers.backends.base import ModelBackend
+from workers.backends.embeddings import EmbeddingBackend
 
 VOCAB = 1000
 
 
-class FakeEmbeddingBackend(ModelBackend):
-    capabilities = ("embeddings",)
-
+class FakeEmbeddingBackend(EmbeddingBackend):
     def load(self) -> None:
         rng = np.random.default_rng(0)
         self._dim = self.entry.dimensions or 32
