@@ -5,6 +5,13 @@ which workers push to: a pop takes each reply exactly once, so nothing is left b
 Redis once delivered, and nothing is missed while the listener reconnects (the list
 keeps what arrived meanwhile). The list expires ``REPLY_TTL_S`` after the last push, so
 the list of an API process that died goes away by itself.
+
+Streams (chat, audio) use the same list: a worker sends a request's events (``delta``
+frames, then one ``done`` or ``error``) in order through one writer, Redis keeps a list
+in push order and one listener pops it, so events arrive in the order they were sent,
+none twice. Each stream frame carries a sequence number; a gap (a write the worker could
+not complete) ends the stream with an error rather than a text with a hole in it. A
+stream has a timeout for its first event and another between events (504).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -23,10 +31,17 @@ from redis.exceptions import RedisError
 from api.publisher import BoundedPublisher
 from api.registry import WorkerRegistry
 from configs.settings import Settings
-from tasks.errors import ClientGone, GatewayTimeout, LanewayError, QueueFull, ServiceUnavailable
+from tasks.errors import (
+    ClientGone,
+    GatewayTimeout,
+    InternalError,
+    LanewayError,
+    QueueFull,
+    ServiceUnavailable,
+)
 from tasks.names import LIVE, cancelled_key, queue_name, reply_queue, task_name
 from tasks.publish import celery_message
-from tasks.replies import ERROR, Reply, decode_reply
+from tasks.replies import DONE, ERROR, Reply, decode_reply
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +59,8 @@ class LiveClient:
         self.unmatched = 0  # replies that came after their caller stopped waiting
         self.publisher = BoundedPublisher(redis, settings.live_queue_max)
         self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._streams: dict[str, asyncio.Queue[Reply]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         # its own connection: the blocking pop must not hold one the requests need
@@ -101,6 +118,10 @@ class LiveClient:
         except ValueError:
             log.error("dropping a malformed reply frame (%d bytes)", len(frame))
             return
+        events = self._streams.get(reply.request_id)
+        if events is not None:
+            events.put_nowait(reply)
+            return
         future = self._pending.get(reply.request_id)
         if future is None or future.done():
             self.unmatched += 1
@@ -128,31 +149,64 @@ class LiveClient:
         await self._check_capacity(capability, str(payload.get("model")))
         request_id = uuid.uuid4().hex
         timeout = self.settings.request_timeout_s
-        now = time.time()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            message = celery_message(
-                task_name(capability, LIVE),
-                [
-                    {
-                        **payload,
-                        "id": request_id,
-                        "reply_to": self.reply_to,
-                        "deadline": now + timeout,
-                        "sent_at": now,
-                    }
-                ],
-                queue=queue_name(capability, LIVE),
-                expires_s=timeout,
-            )
-            await self._enqueue(capability, message)
+            await self._enqueue(capability, self._message(capability, payload, request_id))
             reply = await self._wait(request_id, future, disconnected, timeout)
         finally:
             self._pending.pop(request_id, None)
         if reply.event == ERROR:
             raise LanewayError.from_wire(reply.header.get("error", {}))
         return reply
+
+    async def stream(
+        self,
+        capability: str,
+        payload: dict[str, Any],
+        *,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> LiveStream:
+        """Enqueue a streaming request and wait for its first event: an ``error`` first
+        raises (the caller answers it with its HTTP status, nothing streamed yet); else
+        the stream, holding that first event. Close it when done with it."""
+        await self._check_capacity(capability, str(payload.get("model")))
+        request_id = uuid.uuid4().hex
+        events: asyncio.Queue[Reply] = asyncio.Queue()
+        self._streams[request_id] = events
+        stream = LiveStream(self, request_id, events)
+        wait = self.settings.stream_first_event_timeout_s
+        first = asyncio.ensure_future(stream.next(wait))
+        try:
+            message = self._message(capability, {**payload, "stream": True}, request_id)
+            await self._enqueue(capability, message)
+            stream.first = await self._wait(request_id, first, disconnected, wait + 1)
+        except BaseException:
+            first.cancel()
+            await stream.close()
+            raise
+        if stream.first.event == ERROR:
+            await stream.close()
+            raise LanewayError.from_wire(stream.first.header.get("error", {}))
+        return stream
+
+    def _message(self, capability: str, payload: dict[str, Any], request_id: str) -> str:
+        timeout = self.settings.request_timeout_s
+        now = time.time()
+        return celery_message(
+            task_name(capability, LIVE),
+            [
+                {
+                    **payload,
+                    "id": request_id,
+                    "reply_to": self.reply_to,
+                    "deadline": now + timeout,
+                    "sent_at": now,
+                }
+            ],
+            queue=queue_name(capability, LIVE),
+            expires_s=timeout,
+        )
 
     async def _enqueue(self, capability: str, message: str) -> None:
         try:
@@ -192,9 +246,62 @@ class LiveClient:
             f"no result within {self.settings.request_timeout_s:g}s; the request was dropped"
         )
 
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
     async def _abandon(self, request_id: str) -> None:
         """Tell workers not to compute a request nobody is waiting for."""
         with contextlib.suppress(RedisError, OSError):
             await self.redis.set(
                 cancelled_key(request_id), b"1", ex=int(self.settings.request_timeout_s) + 60
             )
+
+
+@dataclass(eq=False)
+class LiveStream:
+    """One streaming request's events, in order; ``first`` is the one already received."""
+
+    client: LiveClient
+    request_id: str
+    events: asyncio.Queue[Reply]
+    first: Reply | None = None
+    finished: bool = False
+    _seq: int = field(default=0)
+
+    async def next(self, timeout: float | None = None) -> Reply:
+        """The next event (a ``delta``, or the final ``done``/``error``); raises
+        ``GatewayTimeout`` when none comes within ``timeout`` (the idle timeout by
+        default) and ``InternalError`` on a gap in the sequence."""
+        wait = self.client.settings.stream_idle_timeout_s if timeout is None else timeout
+        try:
+            reply = await asyncio.wait_for(self.events.get(), wait)
+        except TimeoutError:
+            raise GatewayTimeout(
+                f"the stream sent no event for {wait:g}s; the request was dropped"
+            ) from None
+        seq = reply.header.get("seq")
+        if isinstance(seq, int):
+            if seq != self._seq:
+                log.error(
+                    "stream %s: event %d arrived, %d expected", self.request_id, seq, self._seq
+                )
+                raise InternalError.for_request(self.request_id)
+            self._seq += 1
+        if reply.event in (DONE, ERROR):
+            self.finished = True
+        return reply
+
+    def close_soon(self) -> None:
+        """``close`` from code that must not wait (a cancelled response)."""
+        self.client._forget(self.request_id)
+        if not self.finished:
+            task = asyncio.get_running_loop().create_task(self.client._abandon(self.request_id))
+            self.client._background.add(task)
+            task.add_done_callback(self.client._background.discard)
+
+    async def close(self) -> None:
+        """Stop listening; a stream that did not finish is flagged for the worker, which
+        stops generating for it within a few steps and frees its slot."""
+        self.client._forget(self.request_id)
+        if not self.finished:
+            await self.client._abandon(self.request_id)

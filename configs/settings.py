@@ -69,6 +69,42 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=2.0, gt=0)
     worker_ttl_s: float = Field(default=10.0, gt=0)
 
+    # streaming live replies (chat, audio)
+    stream_first_event_timeout_s: float = Field(
+        default=60.0, gt=0, description="a stream's wait for its first event (504 past it)"
+    )
+    stream_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="a stream's wait between two events (ends it past it)"
+    )
+
+    # chat
+    max_chat_messages: int = Field(default=1024, ge=1)
+    max_chat_n: int = Field(default=8, ge=1, le=128, description="largest `n` accepted")
+    chat_oom_cooldown_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="after a CUDA out-of-memory, how long a model keeps the halved running batch",
+    )
+
+    # images in chat messages
+    image_fetch: bool = Field(
+        default=False, description="fetch remote image URLs (off: only data: URIs)"
+    )
+    image_fetch_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts remote images may come from (comma-separated; exact names, or "
+        "'.example.com' for its subdomains); private and metadata addresses are refused anyway",
+    )
+    image_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="per image")
+    image_max_pixels: int = Field(default=4096 * 4096, ge=1)
+    image_fetch_timeout_s: float = Field(default=10.0, gt=0, description="per remote image")
+    image_inline_max_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description="images larger than this travel to workers as a file-store reference, "
+        "not inside the Redis message",
+    )
+
     # Batch API
     max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
@@ -89,7 +125,7 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(default=5.0, gt=0)
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "image_fetch_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

@@ -26,6 +26,7 @@ from tasks.names import BATCH, LIVE
 from tasks.usage import Usage
 from workers.batching import JobMeta
 from workers.embeddings_engine import EmbedCall, EmbeddingEngine, EmbedResult
+from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class EmbeddingsLive:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
 
-    def submit(self, requests: Sequence[dict[str, Any]]) -> list[Future[Any]]:
+    def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
         futures: list[Future[Any]] = [Future() for _ in requests]
         by_model: dict[str, list[tuple[int, EmbedCall]]] = {}
         for n, request in enumerate(requests):

@@ -43,7 +43,7 @@ from celery import Celery
 from tasks.errors import InternalError, LanewayError
 from tasks.names import REPLY_TTL_S, reply_queue
 from tasks.publish import MalformedMessage, TaskMessage, decode_message
-from tasks.replies import DONE, ERROR, encode_reply
+from tasks.replies import DELTA, DONE, ERROR, encode_reply
 from workers.batching import Dropped
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,20 @@ BLOCK_S = 1  # how long an idle pop blocks (and so how long a stop may take to b
 WRITE_MAX = 4096  # replies in one pipelined write at most
 
 
+class StreamSink(Protocol):
+    """Where a streaming request's events go before its future completes."""
+
+    def delta(self, request: dict[str, Any], body: bytes = b"", **fields: Any) -> None:
+        """One event of ``request`` (in order; call from one thread per request)."""
+        ...
+
+
 class LiveHandler(Protocol):
     """A capability's worker-side handling of live requests."""
 
-    def submit(self, requests: Sequence[dict[str, Any]]) -> list[Future[Any]]:
-        """Start every request (one call per round); a future each, in order."""
+    def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
+        """Start every request (one call per round); a future each, in order. Streaming
+        requests send their ``delta`` events to ``sink`` before their future completes."""
         ...
 
     def encode(self, request: dict[str, Any], result: Any) -> tuple[bytes, dict[str, Any]]:
@@ -154,8 +163,20 @@ class TaskEvents:
                 log.warning("could not send task events: %s", exc)
 
 
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    request: dict[str, Any]
+    body: bytes
+    fields: dict[str, Any]
+
+
+_Item = tuple[LiveRequest, Future[Any]] | _Delta
+
+
 class ReplyWriter:
-    """Answers finished requests: all those done since the last write, in one pipeline."""
+    """Answers finished requests: all those done since the last write, in one pipeline,
+    with the events of streaming requests in the order they were sent. A streaming
+    request's frames are numbered (``seq``) so that the API can tell a gap."""
 
     def __init__(
         self,
@@ -169,7 +190,8 @@ class ReplyWriter:
         self.events = events
         self.on_written = on_written
         self.replies = 0
-        self._queue: queue.SimpleQueue[tuple[LiveRequest, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._seq: dict[str, int] = {}  # frames sent so far per streaming request
         self._thread = threading.Thread(target=self._loop, name="live-replies", daemon=True)
 
     def start(self) -> None:
@@ -182,6 +204,19 @@ class ReplyWriter:
     def put(self, request: LiveRequest, future: Future[Any]) -> None:
         """A request's future is done (called on whichever thread finished it)."""
         self._queue.put((request, future))
+
+    def delta(self, request: dict[str, Any], body: bytes = b"", **fields: Any) -> None:
+        """One event of a streaming request (``StreamSink``)."""
+        self._queue.put(_Delta(request, body, fields))
+
+    def _next_seq(self, request: dict[str, Any], *, last: bool) -> dict[str, Any]:
+        if not request.get("stream"):
+            return {}
+        rid = str(request["id"])
+        seq = self._seq.pop(rid, 0) if last else self._seq.get(rid, 0)
+        if not last:
+            self._seq[rid] = seq + 1
+        return {"seq": seq}
 
     def _loop(self) -> None:
         while True:
@@ -200,12 +235,22 @@ class ReplyWriter:
                 done.append(item)
             self._write(done)
 
-    def _write(self, done: list[tuple[LiveRequest, Future[Any]]]) -> None:
+    def _write(self, items: list[_Item]) -> None:
         frames: dict[str, list[bytes]] = {}
-        for request, future in done:
-            frame = self._frame(request, future)
+        finished = 0
+        for item in items:
+            if isinstance(item, _Delta):
+                request = item.request
+                seq = self._next_seq(request, last=False)
+                frame: bytes | None = encode_reply(
+                    str(request["id"]), DELTA, item.body, **seq, **item.fields
+                )
+            else:
+                finished += 1
+                request = item[0].request
+                frame = self._frame(*item)
             if frame is not None:
-                frames.setdefault(reply_queue(str(request.request["reply_to"])), []).append(frame)
+                frames.setdefault(reply_queue(str(request["reply_to"])), []).append(frame)
         if frames:
             pipe = self.redis.pipeline(transaction=False)
             for key, batch in frames.items():
@@ -215,13 +260,15 @@ class ReplyWriter:
                 pipe.execute()
                 self.replies += sum(len(b) for b in frames.values())
             except redis.RedisError as exc:  # their callers time out (504)
-                log.warning("could not deliver %d live replies: %s", len(done), exc)
+                log.warning("could not deliver %d live replies: %s", len(items), exc)
         self.events.flush()
-        self.on_written(len(done))
+        if finished:
+            self.on_written(finished)
 
     def _frame(self, request: LiveRequest, future: Future[Any]) -> bytes | None:
         """The reply frame for one finished request (None: nobody to answer)."""
         rid = request.request_id
+        seq = self._next_seq(request.request, last=True)
         error = future.exception()
         if error is None:
             try:
@@ -230,7 +277,7 @@ class ReplyWriter:
                 error = exc
             else:
                 self.events.finished(request, None)
-                return encode_reply(rid, DONE, body, **fields)
+                return encode_reply(rid, DONE, body, **seq, **fields)
         self.events.finished(request, error)
         if isinstance(error, Dropped):
             log.info("dropped %s: caller gone", rid)
@@ -239,7 +286,7 @@ class ReplyWriter:
             # the detail stays in this log, under the id the caller is told
             log.error("live request %s failed", rid, exc_info=error)
             error = InternalError.for_request(rid)
-        return encode_reply(rid, ERROR, error=error.to_wire())
+        return encode_reply(rid, ERROR, error=error.to_wire(), **seq)
 
 
 class LiveConsumer:
@@ -345,7 +392,7 @@ class LiveConsumer:
         self.taken += len(requests)
         self.events.started(requests)
         try:
-            futures = self.handler.submit([r.request for r in requests])
+            futures = self.handler.submit([r.request for r in requests], self.writer)
         except Exception as exc:  # a handler bug: every request of the round hears of it
             log.exception("live handler failed to start %d requests", len(requests))
             futures = [_failed(exc) for _ in requests]
