@@ -36,6 +36,8 @@ class CatalogEntry:
     dimensions: int | None = None
     matryoshka_dims: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # the whole ``defaults`` mapping as given (capability-specific keys, e.g. chat's)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def supports_dimensions(self) -> bool:
@@ -125,6 +127,7 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
         dimensions=int(defaults["dimensions"]) if defaults.get("dimensions") else None,
         matryoshka_dims=tuple(int(d) for d in defaults.get("matryoshka_dims", []) or []),
         extra={k: v for k, v in raw.items() if k not in known},
+        options=dict(defaults),
     )
 
 

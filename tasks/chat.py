@@ -1,0 +1,736 @@
+"""The chat completions contract, shared by the API (live calls, before enqueue) and the
+workers (Batch API lines of ``/v1/chat/completions``): one schema, one set of rules, one
+work payload, one response shape.
+
+Pure logic (pydantic and the standard library). ``messages`` is checked by hand, because
+pydantic's errors for a list of unions of objects name neither the message nor the part
+that is wrong; those checks, and the rules between fields, raise :class:`InvalidRequest`
+themselves (it is not a ``ValueError``, so pydantic lets it through untouched) with
+``param`` naming the exact place (``messages[2].content[0].type``). Plain type and range
+errors of scalar fields go through :func:`tasks.errors.invalid_request`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self, cast
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from configs.catalog import Catalog, CatalogEntry, CatalogError
+from configs.settings import Settings
+from tasks.contract import served_entry as _served_entry
+from tasks.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    invalid_request,
+    quote,
+    register_field_hint,
+)
+from tasks.usage import Usage
+
+CAPABILITY = "chat"
+ENDPOINT = "/v1/chat/completions"
+
+ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+IMAGE_DETAILS: tuple[str, ...] = ("auto", "low", "high")
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+# chat defaults of a catalog entry (its ``defaults:`` mapping) when it names none
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_RUNNING = 32
+# OpenAI writes a log-probability of -inf as this (JSON has no infinity)
+MIN_LOGPROB = -9999.0
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length"]
+ImageDetail = Literal["auto", "low", "high"]
+
+# one pydantic error per member of the union says less than this
+register_field_hint(
+    "stop",
+    f"Invalid value for 'stop': expected a string, an array of at most {MAX_STOP} strings, "
+    "or null.",
+)
+
+
+# -- messages, checked by hand ---------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in words ("an array", "null")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param=param,
+    )
+
+
+def _check_unicode(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") breaks tokenizers
+        raise InvalidRequest(
+            f"Invalid value for '{param}': it is not valid Unicode text (it holds a lone "
+            "surrogate).",
+            param=param,
+        ) from None
+
+
+def _optional_text(raw: dict[str, Any], key: str, where: str) -> str | None:
+    """``raw[key]`` when present: a valid Unicode string."""
+    param = f"{where}.{key}"
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _wrong_type(param, "a string", value)
+    _check_unicode(value, param)
+    return value
+
+
+def _required_text(raw: dict[str, Any], key: str, where: str) -> str:
+    value = _optional_text(raw, key, where)
+    if value is None:
+        param = f"{where}.{key}"
+        raise _missing(param) if key not in raw else _wrong_type(param, "a string", None)
+    return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImageURL(BaseModel):
+    url: StrictStr
+    detail: ImageDetail = "auto"
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One message. ``ChatCompletionRequest`` builds these with :func:`parse_messages`
+    (the rules and messages are there); this model documents the shape."""
+
+    role: Role
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+    tool_call_id: StrictStr | None = None
+    tool_calls: list[Any] | None = None
+
+
+def _image_part(raw: dict[str, Any], where: str) -> ImagePart:
+    param = f"{where}.image_url"
+    image = raw.get("image_url")
+    if not isinstance(image, dict):
+        raise _missing(param) if image is None else _wrong_type(param, "an object", image)
+    url = _required_text(image, "url", param)
+    if not url:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.url': it must not be empty.", param=f"{param}.url"
+        )
+    detail = image.get("detail") or "auto"
+    if detail not in IMAGE_DETAILS:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.detail': {quote(detail)}. Supported values are: "
+            "'auto', 'low' and 'high'.",
+            param=f"{param}.detail",
+        )
+    return ImagePart.model_construct(
+        type="image_url",
+        image_url=ImageURL.model_construct(url=url, detail=cast(ImageDetail, detail)),
+    )
+
+
+def _part(raw: Any, role: str, where: str) -> TextPart | ImagePart:
+    if not isinstance(raw, dict):
+        raise _wrong_type(where, "an object", raw)
+    kind = raw.get("type")
+    if kind == "text":
+        return TextPart.model_construct(type="text", text=_required_text(raw, "text", where))
+    if kind == "image_url" and role == "user":
+        return _image_part(raw, where)
+    if "type" not in raw:
+        raise _missing(f"{where}.type")
+    if kind == "image_url":
+        raise InvalidRequest(
+            f"Invalid value for '{where}.type': 'image_url' content parts are only allowed in "
+            f"user messages, not in {role} messages.",
+            param=f"{where}.type",
+        )
+    allowed = "'text' and 'image_url'" if role == "user" else "'text'"
+    raise InvalidRequest(
+        f"Invalid value for '{where}.type': {quote(kind)}. Supported content part types in "
+        f"{role} messages are: {allowed}.",
+        param=f"{where}.type",
+    )
+
+
+def _content(raw: dict[str, Any], role: str, where: str) -> str | list[TextPart | ImagePart] | None:
+    param = f"{where}.content"
+    value = raw.get("content")
+    if value is None:
+        if role == "assistant":  # a reply may have been empty
+            return None
+        if "content" not in raw:
+            raise _missing(param)
+    if isinstance(value, str):
+        _check_unicode(value, param)
+        return value
+    if not isinstance(value, list):
+        raise _wrong_type(param, "a string or an array of content parts", value)
+    if not value:
+        raise InvalidRequest(
+            f"Invalid value for '{param}': an array of content parts must not be empty.",
+            param=param,
+        )
+    return [_part(p, role, f"{param}[{j}]") for j, p in enumerate(value)]
+
+
+def _message(raw: Any, i: int) -> ChatMessage:
+    where = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise _wrong_type(where, "an object with 'role' and 'content'", raw)
+    if "role" not in raw:
+        raise _missing(f"{where}.role")
+    role = raw["role"]
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(
+            f"Invalid value for '{where}.role': {quote(role)}. Supported values are: "
+            "'system', 'developer', 'user', 'assistant' and 'tool'.",
+            param=f"{where}.role",
+        )
+    content = _content(raw, role, where)
+    tool_call_id = (
+        _required_text(raw, "tool_call_id", where)
+        if role == "tool"
+        else _optional_text(raw, "tool_call_id", where)
+    )
+    tool_calls = raw.get("tool_calls") if role == "assistant" else None
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise _wrong_type(f"{where}.tool_calls", "an array", tool_calls)
+    return ChatMessage.model_construct(
+        role=cast(Role, role),
+        content=content,
+        name=_optional_text(raw, "name", where),
+        tool_call_id=tool_call_id,
+        tool_calls=tool_calls,
+    )
+
+
+def parse_messages(raw: Any) -> list[ChatMessage]:
+    """The ``messages`` of a request, with a message naming the place of the first fault."""
+    if not isinstance(raw, list):
+        raise _wrong_type("messages", "an array of message objects", raw)
+    if not raw:
+        raise InvalidRequest(
+            "Invalid value for 'messages': it must hold at least one message.", param="messages"
+        )
+    return [_message(m, i) for i, m in enumerate(raw)]
+
+
+# -- the request -----------------------------------------------------------------------------
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Penalty = Annotated[StrictFloat, Field(ge=-2, le=2, allow_inf_nan=False)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    messages: list[ChatMessage]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    n: PositiveInt = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    user: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # kept so that they are refused (check_supported), not silently ignored
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logit_bias: dict[str, Any] | None = None
+    modalities: list[StrictStr] | None = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> list[ChatMessage]:
+        return parse_messages(value)
+
+    @field_validator(
+        "temperature",
+        "top_p",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+        "stream",
+        mode="before",
+    )
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if len(items) > MAX_STOP:
+            raise InvalidRequest(
+                f"Invalid 'stop': array too long. Expected an array with maximum length "
+                f"{MAX_STOP}, but got an array with length {len(items)} instead.",
+                param="stop",
+            )
+        for i, item in enumerate(items):
+            param = "stop" if isinstance(value, str) else f"stop[{i}]"
+            if not item:
+                raise InvalidRequest(
+                    f"Invalid value for '{param}': a stop sequence must not be empty.",
+                    param=param,
+                )
+            _check_unicode(item, param)
+        return value
+
+    @model_validator(mode="after")
+    def _between_fields(self) -> Self:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "Invalid value for 'top_logprobs': 'logprobs' must be set to true when "
+                "'top_logprobs' is used.",
+                param="top_logprobs",
+            )
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
+        return self
+
+
+def parse_body(body: Any) -> ChatCompletionRequest:
+    """A request body (a Batch API line's, or the live route's) as a request, with the
+    same messages either way."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
+
+
+def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:
+    """The entry of a served chat model (404 unknown, 400 another capability's)."""
+    return _served_entry(catalog, served, model, CAPABILITY)
+
+
+# -- per-model limits ------------------------------------------------------------------------
+
+
+def _option_int(entry: CatalogEntry, key: str, fallback: int) -> int:
+    value = entry.options.get(key)
+    if value is None:
+        return fallback
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CatalogError(
+            f"model {entry.id!r}: defaults.{key} must be a positive integer; got {value!r}"
+        )
+    return value
+
+
+def _option_bool(entry: CatalogEntry, key: str, fallback: bool) -> bool:
+    value = entry.options.get(key)
+    if value is None:
+        return fallback
+    if not isinstance(value, bool):
+        raise CatalogError(f"model {entry.id!r}: defaults.{key} must be true or false")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ChatLimits:
+    """A chat model's limits, from its catalog entry (``defaults:`` in the catalog)."""
+
+    context_length: int  # prompt and completion tokens together
+    default_max_tokens: int  # new tokens when a request names none
+    max_running: int  # sequences decoded at once
+    supports_images: bool
+
+    @classmethod
+    def from_entry(cls, entry: CatalogEntry) -> ChatLimits:
+        """Raises CatalogError on a wrong entry: call it at start-up too, to fail early."""
+        context = entry.max_input_tokens
+        if context < 2:
+            raise CatalogError(
+                f"model {entry.id!r}: max_input_tokens (the context length) must be at least 2"
+            )
+        default = _option_int(entry, "max_tokens", DEFAULT_MAX_TOKENS)
+        return cls(
+            context_length=context,
+            default_max_tokens=min(default, context - 1),
+            max_running=_option_int(entry, "max_running", DEFAULT_MAX_RUNNING),
+            supports_images=_option_bool(entry, "supports_images", False),
+        )
+
+
+# -- what the model supports -----------------------------------------------------------------
+
+
+def _unsupported(what: str, model: str, param: str, code: str) -> InvalidRequest:
+    return InvalidRequest(f"{what} not supported by model {model}", param=param, code=code)
+
+
+def _check_tools(request: ChatCompletionRequest, model: str) -> None:
+    if request.tools:
+        raise _unsupported("tools are", model, "tools", "unsupported_parameter")
+    if request.functions:
+        raise _unsupported("functions are", model, "functions", "unsupported_parameter")
+    for param, choice in (
+        ("tool_choice", request.tool_choice),
+        ("function_call", request.function_call),
+    ):
+        if choice not in (None, "none", "auto"):
+            raise _unsupported(
+                f"{param} {quote(choice)} needs tools, and tools are",
+                model,
+                param,
+                "unsupported_parameter",
+            )
+    for i, message in enumerate(request.messages):
+        if message.tool_calls:
+            raise _unsupported(
+                "tools are", model, f"messages[{i}].tool_calls", "unsupported_parameter"
+            )
+
+
+def _check_output_options(request: ChatCompletionRequest, model: str) -> None:
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        raise _unsupported(
+            f"response_format {fmt.type} is", model, "response_format", "unsupported_value"
+        )
+    if request.logit_bias:
+        raise _unsupported("logit_bias is", model, "logit_bias", "unsupported_parameter")
+    if request.modalities not in (None, ["text"]):
+        raise _unsupported(
+            f"modalities {quote(request.modalities)} are", model, "modalities", "unsupported_value"
+        )
+    for param in ("audio", "reasoning_effort", "web_search_options"):
+        if getattr(request, param) is not None:
+            raise _unsupported(f"{param} is", model, param, "unsupported_parameter")
+
+
+def _check_images(request: ChatCompletionRequest, model: str) -> None:
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    raise InvalidRequest(
+                        f"model {model} does not accept images",
+                        param=f"messages[{i}].content[{j}]",
+                        code="unsupported_value",
+                    )
+
+
+def check_supported(request: ChatCompletionRequest, entry: CatalogEntry) -> None:
+    """Refuse what this model cannot do rather than ignore it: tools, JSON output,
+    logit_bias, other modalities, and images for a text-only model."""
+    model = quote(entry.id)
+    _check_tools(request, model)
+    _check_output_options(request, model)
+    if not ChatLimits.from_entry(entry).supports_images:
+        _check_images(request, model)
+
+
+# -- the work request ------------------------------------------------------------------------
+
+
+def _check_counts(request: ChatCompletionRequest, settings: Settings) -> None:
+    count = len(request.messages)
+    if count > settings.max_chat_messages:
+        raise InvalidRequest(
+            f"Invalid 'messages': array too long. Expected an array with maximum length "
+            f"{settings.max_chat_messages}, but got an array with length {count} instead.",
+            param="messages",
+        )
+    if request.n > settings.max_chat_n:
+        raise InvalidRequest(
+            f"Invalid 'n': integer above maximum value. Expected a value <= "
+            f"{settings.max_chat_n}, but got {quote(request.n)} instead.",
+            param="n",
+        )
+
+
+def max_new_tokens(request: ChatCompletionRequest, limits: ChatLimits) -> int:
+    """The completion budget: max_completion_tokens, else max_tokens, else the model's."""
+    if request.max_completion_tokens is not None:
+        asked, param = request.max_completion_tokens, "max_completion_tokens"
+    elif request.max_tokens is not None:
+        asked, param = request.max_tokens, "max_tokens"
+    else:
+        return limits.default_max_tokens
+    most = limits.context_length - 1
+    if asked > most:
+        raise InvalidRequest(
+            f"{param} is too large: {quote(asked)}. This model supports at most {most} "
+            f"completion tokens, whereas you provided {quote(asked)}.",
+            param=param,
+            code="invalid_value",
+        )
+    return asked
+
+
+def _work_content(content: str | list[TextPart | ImagePart] | None) -> str | list[dict[str, str]]:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return [
+        {"type": "text", "text": p.text}
+        if isinstance(p, TextPart)
+        else {"type": "image_url", "url": p.image_url.url}
+        for p in content
+    ]
+
+
+def to_work(
+    request: ChatCompletionRequest, entry: CatalogEntry, settings: Settings
+) -> dict[str, Any]:
+    """The normalised, JSON-able work payload (live lane message, batch line): every
+    default resolved. Checks what the model supports and the limits first."""
+    check_supported(request, entry)
+    _check_counts(request, settings)
+    stop = request.stop
+    options = request.stream_options
+    return {
+        "model": request.model,
+        "messages": [
+            {"role": m.role, "content": _work_content(m.content)} for m in request.messages
+        ],
+        "max_tokens": max_new_tokens(request, ChatLimits.from_entry(entry)),
+        "temperature": float(request.temperature),
+        "top_p": float(request.top_p),
+        "n": request.n,
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+        "seed": request.seed,
+        "presence_penalty": float(request.presence_penalty),
+        "frequency_penalty": float(request.frequency_penalty),
+        "logprobs": request.logprobs,
+        "top_logprobs": request.top_logprobs or 0,
+        "stream": request.stream,
+        "include_usage": bool(request.stream and options is not None and options.include_usage),
+    }
+
+
+def check_context(
+    prompt_tokens: int, max_tokens: int, context_length: int, param: str = "messages"
+) -> None:
+    """The worker's check, once it has tokenized the messages."""
+    total = prompt_tokens + max_tokens
+    if total > context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {total} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            "completion). Please reduce the length of the messages or completion.",
+            param=param,
+        )
+
+
+# -- response bodies -------------------------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log-probability. ``raw``: the token's bytes, when ``token`` cannot say
+    them (a token that ends inside a UTF-8 character)."""
+
+    token: str
+    logprob: float
+    raw: bytes | None = None
+
+    def body(self) -> dict[str, Any]:
+        raw = self.raw if self.raw is not None else self.token.encode("utf-8", "replace")
+        value = self.logprob
+        finite = value == value and value > MIN_LOGPROB  # NaN, -inf: OpenAI's floor
+        return {
+            "token": self.token,
+            "logprob": value if finite else MIN_LOGPROB,
+            "bytes": list(raw),
+        }
+
+
+def logprob_entry(chosen: TokenLogprob, top: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+    """One item of a choice's ``logprobs.content``."""
+    return {**chosen.body(), "top_logprobs": [t.body() for t in top]}
+
+
+def _logprobs(content: Sequence[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if content is None else {"content": list(content), "refusal": None}
+
+
+def choice_body(
+    index: int,
+    content: str,
+    finish_reason: FinishReason,
+    logprobs: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice of a ``chat.completion`` (``logprobs``: :func:`logprob_entry` items)."""
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": content, "refusal": None},
+        "logprobs": _logprobs(logprobs),
+        "finish_reason": finish_reason,
+    }
+
+
+def completion_body(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    choices: Sequence[dict[str, Any]],
+    usage: Usage,
+    fingerprint: str | None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` (``choices``: :func:`choice_body` items)."""
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": list(choices),
+        "usage": usage_body(usage.prompt_tokens, usage.completion_tokens),
+        "system_fingerprint": fingerprint,
+    }
+
+
+def chunk_choice(
+    index: int,
+    *,
+    role: Literal["assistant"] | None = None,
+    content: str | None = None,
+    finish_reason: FinishReason | None = None,
+    logprobs: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice of a ``chat.completion.chunk``: the role on a choice's first chunk, then
+    text, then the finish reason."""
+    delta: dict[str, Any] = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": _logprobs(logprobs),
+        "finish_reason": finish_reason,
+    }
+
+
+def chunk_body(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    fingerprint: str | None,
+    choices: Sequence[dict[str, Any]],
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` (``choices``: :func:`chunk_choice` items). With
+    ``stream_options.include_usage`` the last chunk has no choices and the usage."""
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": list(choices),
+    }
+    if usage is not None:
+        body["usage"] = usage_body(usage.prompt_tokens, usage.completion_tokens)
+    return body
+
+
+def fingerprint(entry: CatalogEntry) -> str:
+    """``system_fingerprint``: changes when what serves the model (weights, backend,
+    dtype) changes, as OpenAI's does."""
+    what = f"{entry.id}|{entry.backend}|{sorted(entry.source.items())}|{entry.dtype}"
+    return "fp_" + hashlib.sha256(what.encode()).hexdigest()[:10]

@@ -1,0 +1,29 @@
+"""Rules every capability's wire contract shares: which served model a request names."""
+
+from __future__ import annotations
+
+from configs.catalog import Catalog, CatalogEntry
+from tasks.errors import InvalidRequest, ModelNotFound, quote
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article ("an embeddings", "a chat")."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def served_entry(catalog: Catalog, served: list[str], model: str, capability: str) -> CatalogEntry:
+    """The catalog entry of ``model``: 404 when it is not served here, 400 when it serves
+    another capability than the route it was sent to."""
+    if model not in served:
+        raise ModelNotFound(
+            f"The model {quote(model)} does not exist or is not served here; served: "
+            f"{', '.join(served)}",
+            param="model",
+        )
+    entry = catalog.get(model)
+    if entry.capability != capability:
+        raise InvalidRequest(
+            f"model {quote(model)} is {_a(entry.capability)} model, not {_a(capability)} model",
+            param="model",
+        )
+    return entry
