@@ -53,6 +53,14 @@ REGISTRY: dict[str, Capability] = {
             api_routes="api.routes.embeddings",
             worker="workers.embeddings",
         ),
+        Capability(
+            name="chat",
+            batch_endpoints=("/v1/chat/completions",),
+            default_backend="workers.backends.chat:TransformersChatBackend",
+            contract="tasks.chat",
+            api_routes="api.routes.chat",
+            worker="workers.chat",
+        ),
     )
 }
 CAPABILITIES: tuple[str, ...] = tuple(REGISTRY)

@@ -198,7 +198,7 @@ def test_create_batch_checks_its_arguments(db: None, store: FileStore) -> None:
         "completion_window": "24h",
     }
     cases: list[tuple[dict[str, Any], type[LanewayError], str]] = [
-        ({"endpoint": "/v1/chat/completions"}, InvalidRequest, "endpoint"),
+        ({"endpoint": "/v1/completions"}, InvalidRequest, "endpoint"),
         ({"completion_window": "48h"}, InvalidRequest, "completion_window"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, InvalidRequest, "metadata"),
         ({"input_file_id": "file-missing"}, NotFound, "input_file_id"),
@@ -325,7 +325,7 @@ BAD_LINES: list[tuple[str, bytes, str, str | None]] = [
     ("empty-custom-id", line(""), "invalid_custom_id", "custom_id"),
     ("duplicate-custom-id", line("req-0"), "duplicate_custom_id", "custom_id"),
     ("method-get", line("x", method="GET"), "invalid_method", "method"),
-    ("wrong-url", line("x", url="/v1/chat/completions"), "invalid_url", "url"),
+    ("wrong-url", line("x", url="/v1/completions"), "invalid_url", "url"),
     ("body-string", line("x", body="hi"), "invalid_body", "body"),
     (
         "body-without-model",

@@ -1,0 +1,243 @@
+"""Chat models on Hugging Face transformers: the prompt through the model's own chat
+template, and the two forwards a continuous-batching scheduler needs.
+
+The scheduler (``workers/chat_engine.py``) keeps one KV cache for every running
+sequence, left-padded to a common length with an attention mask. A backend gives it:
+
+- ``render``: messages to prompt token ids (and, for image models, the processed
+  images), with the chat template and the generation prompt;
+- ``prefill``: a batch of new sequences in one forward: the logits of their last
+  position and their cache;
+- ``decode``: one token per running sequence in one forward, against the shared cache;
+- cache surgery (``select``, ``merge``, ``trim``), so sequences join between decode
+  steps and leave when they finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from tasks.chat import ChatLimits
+from tasks.errors import InvalidRequest
+from workers.backends.base import ModelBackend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory during a forward (the scheduler halves its batch)."""
+
+
+@dataclass
+class Prompt:
+    """A rendered prompt: its token ids and, for image models, the model inputs that go
+    with them in the prefill (pixel values, grid sizes)."""
+
+    ids: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """The running sequences' shared state: KV cache, attention mask (left padding),
+    and each row's position offset (non-zero for models with multimodal rope)."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, columns) of 0/1
+    offsets: torch.Tensor  # (rows,) added to a row's token count to get its position
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+
+class ChatBackend(ModelBackend):
+    capabilities = ("chat",)
+    eos_ids: frozenset[int]
+    vocab_size: int
+
+    @abstractmethod
+    def render(self, messages: Sequence[dict[str, Any]], images: Sequence[bytes]) -> Prompt:
+        """The prompt for ``messages`` (image parts, in order, are ``images``)."""
+
+    @abstractmethod
+    def prefill(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, Batch]:
+        """One forward over new sequences: last-position logits (rows, vocab), their batch."""
+
+    @abstractmethod
+    def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (``tokens``: (rows,)) appended; the next logits (rows, vocab)."""
+
+    @abstractmethod
+    def text(self, ids: Sequence[int]) -> str:
+        """Generated ids as text (special tokens left out)."""
+
+    @abstractmethod
+    def token_text(self, token: int) -> str:
+        """One token as text, for log-probabilities."""
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` padded with zeros on the left along ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer key/value holders (``keys``, ``values``: (rows, heads,
+    columns, dim)); models whose layers keep other state are not supported."""
+    layers = list(cache.layers)
+    if not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise TypeError("continuous batching needs a key/value cache in every layer")
+    return layers
+
+
+def select(batch: Batch, rows: Sequence[int]) -> Batch:
+    """Only ``rows`` of the batch, in that order."""
+    index = torch.as_tensor(list(rows), dtype=torch.long, device=batch.mask.device)
+    batch.cache.batch_select_indices(index)
+    return trim(Batch(batch.cache, batch.mask[index], batch.offsets[index]))
+
+
+def trim(batch: Batch) -> Batch:
+    """Columns that are padding in every row dropped from the left."""
+    used = batch.mask.sum(dim=0) > 0
+    if not bool(used.any()) or bool(used[0]):
+        return batch
+    first = int(torch.nonzero(used)[0, 0])
+    for layer in _layers(batch.cache):
+        layer.keys = layer.keys[:, :, first:]
+        layer.values = layer.values[:, :, first:]
+    return Batch(batch.cache, batch.mask[:, first:], batch.offsets)
+
+
+def merge(a: Batch | None, b: Batch) -> Batch:
+    """The rows of ``a`` then those of ``b``, left-padded to the longer of the two."""
+    if a is None or a.rows == 0:
+        return b
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for la, lb in zip(_layers(a.cache), _layers(b.cache), strict=True):
+        la.keys = torch.cat([_left_pad(la.keys, width, 2), _left_pad(lb.keys, width, 2)])
+        la.values = torch.cat([_left_pad(la.values, width, 2), _left_pad(lb.values, width, 2)])
+    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)])
+    return Batch(a.cache, mask, torch.cat([a.offsets, b.offsets]))
+
+
+class TransformersChatBackend(ChatBackend):
+    """A causal language model with its tokenizer's chat template."""
+
+    tokenizer: Any
+    model: Any
+
+    def load(self) -> None:
+        self.limits = ChatLimits.from_entry(self.entry)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        dtype = _DTYPES.get(self.entry.dtype, torch.float32)
+        if self.device == "cpu" and dtype is torch.float16:
+            dtype = torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model.to(self.device).eval()
+        self._init_tokens()
+        log.info("loaded %s on %s (%s)", self.entry.id, self.device, dtype)
+
+    def _init_tokens(self) -> None:
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        self._specials = frozenset(self.tokenizer.all_special_ids)
+
+    def warmup(self) -> None:
+        prompt = self.render([{"role": "user", "content": "warm up"}], [])
+        logits, batch = self.prefill([prompt, prompt])
+        for _ in range(2):
+            logits = self.decode(batch, logits.argmax(dim=-1))
+        self.warm = True
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def render(self, messages: Sequence[dict[str, Any]], images: Sequence[bytes]) -> Prompt:
+        if images:
+            raise InvalidRequest(f"model {self.entry.id!r} does not accept images")
+        flat = [{**m, "content": _flat_text(m.get("content"))} for m in messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                flat, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # a template's raise_exception: the messages break a rule
+            raise InvalidRequest(
+                f"the messages do not fit model {self.entry.id!r}'s chat template: {exc}",
+                param="messages",
+            ) from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return Prompt(list(ids))
+
+    # -- forwards -----------------------------------------------------------------------
+
+    def _forward(self, **inputs: Any) -> Any:
+        try:
+            with torch.inference_mode():
+                return self.model(**inputs, use_cache=True)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(str(exc)) from exc
+
+    def prefill(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, Batch]:
+        width = max(len(p.ids) for p in prompts)
+        ids = torch.full((len(prompts), width), 0, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p.ids) :] = torch.as_tensor(p.ids, dtype=torch.long)
+            mask[row, width - len(p.ids) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            logits_to_keep=1,
+        )
+        offsets = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        return out.logits[:, -1, :].float(), Batch(cache, mask, offsets)
+
+    def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        positions = (batch.mask.sum(dim=1) + batch.offsets).unsqueeze(1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
+        out = self._forward(
+            input_ids=tokens.to(self.device).unsqueeze(1),
+            attention_mask=batch.mask,
+            position_ids=positions,
+            cache=batch.cache,
+        )
+        return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
+
+    # -- text ---------------------------------------------------------------------------
+
+    def text(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
+
+
+def _flat_text(content: Any) -> str:
+    """A text model's content as one string (text parts joined)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")

@@ -1,0 +1,218 @@
+"""The chat capability on the worker: live requests (streamed or not) and Batch API lines.
+
+Images arrive as file-store references or inline bytes (``tasks.images.to_wire``) in
+live messages, and as the caller's ``image_url`` in batch lines, fetched here with the
+same checks as the API's. Stored copies are deleted once their request is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
+
+from configs.catalog import CatalogEntry, load_catalog
+from tasks.batches.chunks import Executor
+from tasks.batches.lines import Outcome
+from tasks.chat import (
+    choice_body,
+    completion_body,
+    fingerprint,
+    parse_body,
+    served_entry,
+    to_work,
+)
+from tasks.errors import InvalidRequest, LanewayError
+from tasks.filestore import FileStore, get_file_store
+from tasks.images import from_wire, release, resolve_image_url_sync
+from tasks.names import BATCH, LIVE
+from tasks.usage import Usage
+from workers.batching import JobMeta
+from workers.chat_engine import ChatEngine, ChatResult
+from workers.live import StreamSink
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def engine(runtime: WorkerRuntime, model: str) -> ChatEngine:
+    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
+    found = runtime.engine(model)
+    if not isinstance(found, ChatEngine):
+        raise InvalidRequest(f"model {model!r} is not a chat model", param="model")
+    return found
+
+
+def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> ChatEngine:
+    """The capability registry's entry point for loading a model (off the main thread)."""
+    return ChatEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
+
+
+class Images:
+    """A request's images: the messages with each image part made ``{"type": "image"}``
+    (what chat templates expect), the bytes in order, the stored copies to delete."""
+
+    def __init__(self, runtime: WorkerRuntime, store: FileStore) -> None:
+        self.runtime = runtime
+        self.store = store
+
+    def take(
+        self, messages: Sequence[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[bytes], list[dict[str, Any]]]:
+        out: list[dict[str, Any]] = []
+        images: list[bytes] = []
+        refs: list[dict[str, Any]] = []
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, list):
+                out.append(dict(message))
+                continue
+            parts: list[dict[str, Any]] = []
+            for j, part in enumerate(content):
+                if part.get("type") == "image":  # from the API: bytes inline or stored
+                    images.append(from_wire(part["image"], self.store))
+                    if "ref" in part["image"]:
+                        refs.append(part["image"])
+                elif part.get("type") == "image_url":  # from a batch line: fetched here
+                    param = f"messages[{i}].content[{j}].image_url.url"
+                    data, _ = resolve_image_url_sync(
+                        str(part.get("url")), self.runtime.settings, param=param
+                    )
+                    images.append(data)
+                else:
+                    parts.append(part)
+                    continue
+                parts.append({"type": "image"})
+            out.append({**message, "content": parts})
+        return out, images, refs
+
+    def release(self, refs: list[dict[str, Any]], _: object = None) -> None:
+        for ref in refs:
+            try:
+                release(ref, self.store)
+            except Exception:
+                log.warning("could not delete a stored image %s", ref.get("ref"))
+
+
+def submit(
+    runtime: WorkerRuntime,
+    images: Images,
+    work: dict[str, Any],
+    *,
+    lane: str,
+    meta: JobMeta,
+    emit: Any = None,
+) -> Future[ChatResult]:
+    """One request on its model's engine (its stored images deleted once done)."""
+    refs: list[dict[str, Any]] = []
+    try:
+        target = engine(runtime, str(work.get("model")))
+        messages, data, refs = images.take(work["messages"])
+    except LanewayError as exc:
+        images.release(refs)
+        failed: Future[ChatResult] = Future()
+        failed.set_exception(exc)
+        return failed
+    future = target.submit(
+        {**work, "messages": messages},
+        images=data,
+        lane=BATCH if lane == BATCH else LIVE,
+        meta=meta,
+        emit=emit,
+    )
+    if refs:
+        future.add_done_callback(partial(images.release, refs))
+    return future
+
+
+class ChatLive:
+    """``LiveHandler`` for /v1/chat/completions."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.images = Images(runtime, get_file_store(runtime.settings))
+
+    def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
+        futures: list[Future[Any]] = []
+        for request in requests:
+            meta = JobMeta(request["id"], request.get("deadline"), request.get("sent_at"))
+            emit = partial(_emit, sink, request) if request.get("stream") else None
+            futures.append(
+                submit(self.runtime, self.images, request, lane=LIVE, meta=meta, emit=emit)
+            )
+        return futures
+
+    def encode(self, request: dict[str, Any], result: ChatResult) -> tuple[bytes, dict[str, Any]]:
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+        }
+        if request.get("stream"):  # the text went in the deltas
+            return b"", {"usage": usage}
+        return b"", {"choices": result.choices, "usage": usage}
+
+
+def _emit(sink: StreamSink, request: dict[str, Any], choices: list[dict[str, Any]]) -> None:
+    sink.delta(request, choices=choices)
+
+
+def live_handler(runtime: WorkerRuntime) -> ChatLive:
+    """The capability registry's entry point for live requests."""
+    return ChatLive(runtime)
+
+
+def _outcome(entry: CatalogEntry, request_id: str, result: ChatResult | BaseException) -> Outcome:
+    if isinstance(result, LanewayError):
+        return Outcome.error(result)
+    if isinstance(result, BaseException):
+        log.error("batch request %s failed", request_id, exc_info=result)
+        return Outcome.internal(request_id)
+    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+    body = completion_body(
+        id=f"chatcmpl-{request_id.removeprefix('req_')}",
+        created=int(time.time()),
+        model=entry.id,
+        choices=[
+            choice_body(c["index"], c["text"], c["finish_reason"], c["logprobs"])
+            for c in result.choices
+        ],
+        usage=usage,
+        fingerprint=fingerprint(entry),
+    )
+    return Outcome(200, body, usage)
+
+
+def batch_executor(runtime: WorkerRuntime) -> Executor:
+    """Batch API lines of /v1/chat/completions: parsed and checked like the live route,
+    then generated together on the batch lane (live requests are admitted first)."""
+    settings = runtime.settings
+    catalog = load_catalog(settings.model_config_path)
+    images = Images(runtime, get_file_store(settings))
+
+    def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
+        futures: list[Future[ChatResult]] = []
+        entry = catalog.get(model)
+        for body, rid in zip(bodies, request_ids, strict=True):
+            try:
+                request = parse_body(body)
+                served_entry(catalog, settings.models, request.model)
+                work = {**to_work(request, entry, settings), "stream": False}
+            except LanewayError as exc:
+                failed: Future[ChatResult] = Future()
+                failed.set_exception(exc)
+                futures.append(failed)
+                continue
+            futures.append(submit(runtime, images, work, lane=BATCH, meta=JobMeta(rid)))
+        outcomes: list[Outcome] = []
+        for rid, future in zip(request_ids, futures, strict=True):
+            try:
+                result: ChatResult | BaseException = future.result()
+            except Exception as exc:
+                result = exc
+            outcomes.append(_outcome(entry, rid, result))
+        return outcomes
+
+    return execute
