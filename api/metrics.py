@@ -80,7 +80,7 @@ class BrokerGauges(Collector):
 
 
 class WorkerStatsCollector(Collector):
-    """Forward batch sizes and cache counters as the workers last reported them."""
+    """Forward batch sizes and engine counters as the workers last reported them."""
 
     def __init__(self) -> None:
         self.snapshots: list[dict[str, Any]] = []
@@ -98,17 +98,24 @@ class WorkerStatsCollector(Collector):
         misses = CounterMetricFamily(
             "laneway_embedding_cache_misses", "Embedding cache misses", labels=["model", "worker"]
         )
+        generated = CounterMetricFamily(
+            "laneway_completion_tokens", "Tokens generated", labels=["model", "worker"]
+        )
         for snap in self.snapshots:
             worker = snap.get("worker", "?")
             for model, m in snap.get("models", {}).items():
                 buckets = [(le, float(n)) for le, n in m["batch_size_buckets"].items()]
                 buckets.append(("+Inf", float(m["forwards"])))
                 sizes.add_metric([model, worker], buckets, sum_value=float(m["items"]))
-                hits.add_metric([model, worker], float(m["cache_hits"]))
-                misses.add_metric([model, worker], float(m["cache_misses"]))
-        yield sizes
-        yield hits
-        yield misses
+                # each capability's engine reports its own counters
+                for family, key in (
+                    (hits, "cache_hits"),
+                    (misses, "cache_misses"),
+                    (generated, "completion_tokens"),
+                ):
+                    if key in m:
+                        family.add_metric([model, worker], float(m[key]))
+        yield from (sizes, hits, misses, generated)
 
 
 WORKER_STATS = WorkerStatsCollector()

@@ -361,3 +361,20 @@ def test_worker_still_serves_after_bad_input(stack: Stack) -> None:
     out = client.chat.completions.create(**ask("still there?", max_tokens=4))
     assert out.choices[0].message.content is not None
     assert json.loads(out.model_dump_json())["usage"]["completion_tokens"] <= 4
+
+
+def test_metrics_count_generated_tokens(stack: Stack) -> None:
+    client = stack.openai_client()
+    client.chat.completions.create(**ask("count me", max_tokens=4))
+    with stack.http() as http:
+        deadline = time.monotonic() + 10
+        while True:
+            text = http.get("/metrics").text
+            if f'laneway_completion_tokens_total{{model="{CHAT}"' in text:
+                break
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.5)
+    assert (
+        'laneway_request_duration_seconds_count{model="test/tiny-llama",route="/v1/chat/completions"'
+        in text
+    )
