@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.chat_models import build_llama, chat_entry, write_catalog
+from tests.chat_models import build_llama, build_qwen_vl, chat_entry, write_catalog
 from tests.harness import Stack
 from tests.integration.batch_support import jsonl, read_lines, wait_finished
 
@@ -21,6 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 CHAT = "test/tiny-llama"
 SLOW = "test/tiny-llama-one-slot"  # one running sequence at a time, long completions
+VL = "test/tiny-qwen-vl"
+INLINE_MAX = 4096  # images over this travel by file-store reference
+IMAGE_MAX = 200_000
 EMBED = "laneway/fake-embeddings"
 PROMPTS = ["hello there", "what is the capital of france", "tell me about dogs"]
 
@@ -31,23 +34,33 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_qwen_vl(tmp_path_factory.mktemp("vl"))
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, vl_dir: Path
+) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("chat-stack")
     catalog = write_catalog(
         root / "catalog.yaml",
         [
             chat_entry(CHAT, model_dir, max_input_tokens=512, max_tokens=24, max_running=8),
             chat_entry(SLOW, model_dir, max_input_tokens=4096, max_tokens=3000, max_running=1),
+            chat_entry(VL, vl_dir, images=True, max_tokens=12),
         ],
     )
     stack = Stack(
         root,
-        models=[CHAT, SLOW, EMBED],
+        models=[CHAT, SLOW, VL, EMBED],
         model_config=catalog,
         capability="chat",
         env={
             "LANEWAY_IMAGE_FETCH": "true",
             "LANEWAY_IMAGE_FETCH_HOSTS": "127.0.0.1,10.0.0.1,169.254.169.254,localhost",
+            "LANEWAY_IMAGE_INLINE_MAX_BYTES": str(INLINE_MAX),
+            "LANEWAY_IMAGE_MAX_BYTES": str(IMAGE_MAX),
         },
     )
     try:
@@ -378,3 +391,86 @@ def test_metrics_count_generated_tokens(stack: Stack) -> None:
         'laneway_request_duration_seconds_count{model="test/tiny-llama",route="/v1/chat/completions"'
         in text
     )
+
+
+def noise_png(side: int, seed: int = 0) -> bytes:
+    """A PNG of random pixels: it does not compress, so its size follows ``side``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def image_message(png: bytes, text: str = "what is in this picture?") -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": data_uri(png)}},
+            ],
+        }
+    ]
+
+
+def vl_reference(vl_dir: Path, png: bytes, text: str, max_tokens: int) -> str:
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from tests.chat_models import qwen_vl_inputs
+
+    tok = AutoTokenizer.from_pretrained(vl_dir)
+    model = AutoModelForImageTextToText.from_pretrained(vl_dir).eval()
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image"}]}]
+    picture = Image.open(io.BytesIO(png)).convert("RGB")
+    inputs = qwen_vl_inputs(tok, AutoImageProcessor.from_pretrained(vl_dir), messages, [picture])
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    return str(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def stored_images(stack: Stack) -> list[Path]:
+    return [p for p in stack.root.rglob("images/*") if p.is_file()]
+
+
+@pytest.mark.parametrize("side", [16, 120], ids=["inline", "by-reference"])
+def test_an_image_answer_equals_model_generate(stack: Stack, vl_dir: Path, side: int) -> None:
+    png = noise_png(side)
+    assert (len(png) > INLINE_MAX) == (side > 16)
+    client = stack.openai_client()
+    out = client.chat.completions.create(
+        model=VL,
+        messages=image_message(png),
+        temperature=0,
+        max_tokens=10,  # type: ignore[arg-type]
+    )
+    assert out.choices[0].message.content == vl_reference(
+        vl_dir, png, "what is in this picture?", 10
+    )
+    assert out.usage is not None and out.usage.prompt_tokens > 10
+    assert stored_images(stack) == []  # a stored copy is deleted once the request is done
+
+
+def test_an_oversized_or_undecodable_image_is_refused(stack: Stack) -> None:
+    big = noise_png(300)
+    assert len(big) > IMAGE_MAX
+    with stack.http() as http:
+        for png in (big, b"\x89PNG\r\n\x1a\n" + b"broken" * 10):
+            body = {"model": VL, "messages": image_message(png)}
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, response.text
+            assert error_of(response)["param"] == "messages[0].content[1].image_url.url"

@@ -15,6 +15,7 @@ sequence, left-padded to a common length with an attention mask. A backend gives
 
 from __future__ import annotations
 
+import io
 import logging
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -22,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    DynamicCache,
+)
 
 from tasks.chat import ChatLimits
 from tasks.errors import InvalidRequest
@@ -136,11 +143,17 @@ def merge(a: Batch | None, b: Batch) -> Batch:
     return Batch(a.cache, mask, torch.cat([a.offsets, b.offsets]))
 
 
+IMAGE_PAD = "<|image_pad|>"  # Qwen-VL's image placeholder, one per image in the template
+
+
 class TransformersChatBackend(ChatBackend):
-    """A causal language model with its tokenizer's chat template."""
+    """A causal language model with its tokenizer's chat template; with
+    ``supports_images`` in its catalog defaults, a Qwen-VL-style image-text model, whose
+    images go through its image processor and multimodal rope (see ``_vision``)."""
 
     tokenizer: Any
     model: Any
+    image_processor: Any = None
 
     def load(self) -> None:
         self.limits = ChatLimits.from_entry(self.entry)
@@ -148,8 +161,14 @@ class TransformersChatBackend(ChatBackend):
         dtype = _DTYPES.get(self.entry.dtype, torch.float32)
         if self.device == "cpu" and dtype is torch.float16:
             dtype = torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        auto = AutoModelForImageTextToText if self.limits.supports_images else AutoModelForCausalLM
+        self.model = auto.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()
+        if self.limits.supports_images:
+            # the image processor alone: AutoProcessor needs torchvision for Qwen-VL's
+            # video half; the processor's other job (expanding placeholders) is done here
+            self.image_processor = AutoImageProcessor.from_pretrained(self.model_path)
+            self.image_token = int(self.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
         self._init_tokens()
         log.info("loaded %s on %s (%s)", self.entry.id, self.device, dtype)
 
@@ -169,12 +188,13 @@ class TransformersChatBackend(ChatBackend):
     # -- prompts ------------------------------------------------------------------------
 
     def render(self, messages: Sequence[dict[str, Any]], images: Sequence[bytes]) -> Prompt:
-        if images:
+        if images and self.image_processor is None:
             raise InvalidRequest(f"model {self.entry.id!r} does not accept images")
-        flat = [{**m, "content": _flat_text(m.get("content"))} for m in messages]
+        if self.image_processor is None:
+            messages = [{**m, "content": _flat_text(m.get("content"))} for m in messages]
         try:
             ids = self.tokenizer.apply_chat_template(
-                flat, add_generation_prompt=True, tokenize=True, return_dict=False
+                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except Exception as exc:  # a template's raise_exception: the messages break a rule
             raise InvalidRequest(
@@ -183,7 +203,31 @@ class TransformersChatBackend(ChatBackend):
             ) from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return Prompt(list(ids))
+        if not images:
+            return Prompt(list(ids))
+        return self._vision(list(ids), images)
+
+    def _vision(self, ids: list[int], images: Sequence[bytes]) -> Prompt:
+        """Each image's placeholder repeated to its token count, and its pixels (numpy:
+        torch runs on the scheduler thread only, see ``workers.runtime.off_main_thread``)."""
+        if ids.count(self.image_token) != len(images):
+            raise InvalidRequest(
+                f"model {self.entry.id!r}'s chat template placed "
+                f"{ids.count(self.image_token)} images, not {len(images)}",
+                param="messages",
+            )
+        pictures = [_picture(data) for data in images]
+        vision = self.image_processor(images=pictures, return_tensors="np")
+        merge = int(self.image_processor.merge_size) ** 2
+        counts = iter(int(thw.prod()) // merge for thw in vision["image_grid_thw"])
+        expanded: list[int] = []
+        for token in ids:
+            expanded.extend([token] * next(counts) if token == self.image_token else [token])
+        extra = {
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
+        return Prompt(expanded, extra)
 
     # -- forwards -----------------------------------------------------------------------
 
@@ -195,6 +239,27 @@ class TransformersChatBackend(ChatBackend):
             raise OutOfMemory(str(exc)) from exc
 
     def prefill(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, Batch]:
+        """Text prompts in one forward; a prompt with images in one of its own (its
+        pixels and multimodal positions are its own)."""
+        text = [i for i, p in enumerate(prompts) if not p.extra]
+        parts: list[tuple[list[int], torch.Tensor, Batch]] = []
+        if text:
+            parts.append((text, *self._prefill_text([prompts[i] for i in text])))
+        for i, p in enumerate(prompts):
+            if p.extra:
+                parts.append(([i], *self._prefill_image(p)))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        order = [i for rows, _, _ in parts for i in rows]
+        batch: Batch | None = None
+        for _, _, b in parts:
+            batch = merge(batch, b)
+        assert batch is not None
+        logits = torch.cat([lg for _, lg, _ in parts])
+        back = torch.as_tensor([order.index(i) for i in range(len(prompts))])
+        return logits[back], select(batch, back.tolist())
+
+    def _prefill_text(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, Batch]:
         width = max(len(p.ids) for p in prompts)
         ids = torch.full((len(prompts), width), 0, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -207,12 +272,43 @@ class TransformersChatBackend(ChatBackend):
         out = self._forward(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=self._rope(positions),
             cache=cache,
             logits_to_keep=1,
         )
         offsets = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
         return out.logits[:, -1, :].float(), Batch(cache, mask, offsets)
+
+    def _prefill_image(self, prompt: Prompt) -> tuple[torch.Tensor, Batch]:
+        """Qwen-VL: positions from the model's own rope index, kept per row as an offset
+        (the text after an image is positioned behind its token count)."""
+        ids = torch.as_tensor([prompt.ids], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        grid = torch.as_tensor(prompt.extra["image_grid_thw"], device=self.device)
+        pixels = torch.as_tensor(prompt.extra["pixel_values"], device=self.device)
+        token_types = (ids == self.image_token).to(torch.int32)
+        positions, deltas = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=token_types, image_grid_thw=grid, attention_mask=mask
+        )
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            pixel_values=pixels.to(self.model.dtype),
+            image_grid_thw=grid,
+            mm_token_type_ids=token_types,
+            cache=cache,
+            logits_to_keep=1,
+        )
+        offsets = deltas.view(1).to(torch.long)
+        return out.logits[:, -1, :].float(), Batch(cache, mask, offsets)
+
+    def _rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """(rows, n) positions, as three identical rows for a multimodal-rope model."""
+        if self.image_processor is None:
+            return positions
+        return positions.unsqueeze(0).expand(3, *positions.shape)
 
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         positions = (batch.mask.sum(dim=1) + batch.offsets).unsqueeze(1)
@@ -220,7 +316,7 @@ class TransformersChatBackend(ChatBackend):
         out = self._forward(
             input_ids=tokens.to(self.device).unsqueeze(1),
             attention_mask=batch.mask,
-            position_ids=positions,
+            position_ids=self._rope(positions),
             cache=batch.cache,
         )
         return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
@@ -241,3 +337,14 @@ def _flat_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+
+
+def _picture(data: bytes) -> Any:
+    """Image bytes (checked by ``tasks.images`` before they got here) as an RGB image."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        raise InvalidRequest(f"an image could not be decoded: {exc}", param="messages") from None
