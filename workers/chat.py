@@ -73,7 +73,7 @@ class Images:
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):
                 if part.get("type") == "image":  # from the API: bytes inline or stored
-                    images.append(from_wire(part["image"], self.store))
+                    images.append(self._stored(part["image"]))
                     if "ref" in part["image"]:
                         refs.append(part["image"])
                 elif part.get("type") == "image_url":  # from a batch line: fetched here
@@ -88,6 +88,14 @@ class Images:
                 parts.append({"type": "image"})
             out.append({**message, "content": parts})
         return out, images, refs
+
+    def _stored(self, wire: dict[str, Any]) -> bytes:
+        try:
+            return from_wire(wire, self.store)
+        except (OSError, ValueError) as exc:  # deleted meanwhile, or not an image reference
+            raise InvalidRequest(
+                f"an image of the request is gone: {exc}", param="messages"
+            ) from None
 
     def release(self, refs: list[dict[str, Any]], _: object = None) -> None:
         for ref in refs:

@@ -383,7 +383,8 @@ class ChatEngine:
         return logprob_entry(chosen, top)
 
     def _advance(self, choice: Choice, token: int, logprob: dict[str, Any] | None) -> None:
-        """Append ``token`` to ``choice`` and decide whether it is finished."""
+        """Append ``token`` to ``choice`` and decide whether it is finished. The text is
+        decoded each step only when it is needed then (a stream, stop strings)."""
         s = choice.job.sampling
         choice.generated.append(token)
         self.tokens_out += 1
@@ -391,7 +392,12 @@ class ChatEngine:
             choice.logprobs.append(logprob)
             choice.fresh_logprobs += 1
         if token in self.backend.eos_ids:
+            choice.text = self.backend.text(choice.generated)
             choice.finish_reason = "stop"
+            return
+        total = len(choice.job.prompt.ids) + len(choice.generated)
+        done = len(choice.generated) >= s.max_tokens or total >= self.limits.context_length
+        if not (done or s.stop or choice.job.emit is not None):
             return
         text = self.backend.text(choice.generated)
         for stop in s.stop:
@@ -400,8 +406,7 @@ class ChatEngine:
                 choice.text, choice.finish_reason = text[:at], "stop"
                 return
         choice.text = text
-        total = len(choice.job.prompt.ids) + len(choice.generated)
-        if len(choice.generated) >= s.max_tokens or total >= self.limits.context_length:
+        if done:
             choice.finish_reason = "length"
 
     def _publish(self, job: ChatJob) -> None:
@@ -438,7 +443,14 @@ class ChatEngine:
         self._gone_at = now
         unique = list({j: None for j in jobs})
         wall = time.time()
-        dead = {j for j in unique if j.meta.deadline is not None and j.meta.deadline < wall}
+        # a deadline is the latest start: a running stream is ended by its caller instead
+        dead = {
+            j
+            for j in unique
+            if j.meta.deadline is not None
+            and j.meta.deadline < wall
+            and not any(c.generated for c in j.choices)
+        }
         ids = [j.meta.request_id for j in unique if j.meta.request_id and j.lane == LIVE]
         if ids and self.gone is not None:
             try:
