@@ -242,6 +242,7 @@ def build_llama(
     seed: int = 0,
     eos: bool = True,
     name: str = "tiny-llama",
+    bert_tokenizer: bool = False,
 ) -> Path:
     """A random ``LlamaForCausalLM`` (float32 safetensors) with the chat tokenizer, saved
     into ``root / name``; returns that directory. ``eos=False``: no eos in config.json nor
@@ -251,7 +252,11 @@ def build_llama(
 
     out = Path(root) / name
     out.mkdir(parents=True, exist_ok=True)
-    tok = chat_tokenizer([], TEXT_TEMPLATE, max_positions)
+    tok = (
+        bert_chat_tokenizer()
+        if bert_tokenizer
+        else chat_tokenizer([], TEXT_TEMPLATE, max_positions)
+    )
     eos_id = tok.convert_tokens_to_ids(IM_END) if eos else None
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -273,8 +278,24 @@ def build_llama(
         bos_token_id=tok.bos_token_id, eos_token_id=eos_id, pad_token_id=tok.pad_token_id
     )
     model.save_pretrained(str(out), safe_serialization=True)
-    _save_tokenizer(tok, out)
+    if bert_tokenizer:
+        tok.save_pretrained(str(out))
+    else:
+        _save_tokenizer(tok, out)
     return out
+
+
+def bert_chat_tokenizer() -> Any:
+    """The packaged MiniLM tokenizer as it is (``BertTokenizer``: [CLS] .. [SEP] framing,
+    ``token_type_ids`` in its outputs) with the ChatML markers and a chat template set:
+    the tokenizer on which ``transformers serve`` without continuous batching answers 500."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.chat_template = TEXT_TEMPLATE
+    return tok
 
 
 def build_qwen_vl(

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CHAT = "test/tiny-llama"
 SLOW = "test/tiny-llama-one-slot"  # one running sequence at a time, long completions
 VL = "test/tiny-qwen-vl"
+BERT = "test/tiny-llama-bert-tokenizer"  # its tokenizer returns token_type_ids
 INLINE_MAX = 4096  # images over this travel by file-store reference
 IMAGE_MAX = 200_000
 EMBED = "laneway/fake-embeddings"
@@ -34,13 +35,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("bert"), bert_tokenizer=True, name="bert")
+
+
+@pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_qwen_vl(tmp_path_factory.mktemp("vl"))
 
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, vl_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, vl_dir: Path, bert_dir: Path
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("chat-stack")
     catalog = write_catalog(
@@ -49,11 +55,12 @@ def stack(
             chat_entry(CHAT, model_dir, max_input_tokens=512, max_tokens=24, max_running=8),
             chat_entry(SLOW, model_dir, max_input_tokens=4096, max_tokens=3000, max_running=1),
             chat_entry(VL, vl_dir, images=True, max_tokens=12),
+            chat_entry(BERT, bert_dir, max_tokens=12),
         ],
     )
     stack = Stack(
         root,
-        models=[CHAT, SLOW, VL, EMBED],
+        models=[CHAT, SLOW, VL, BERT, EMBED],
         model_config=catalog,
         capability="chat",
         env={
@@ -74,6 +81,10 @@ def stack(
 
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> Any:
+    return greedy_reference(model_dir)
+
+
+def greedy_reference(model_dir: Path) -> Any:
     """``model.generate`` greedy, in this process, on the same weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +130,18 @@ def test_greedy_text_and_usage_equal_model_generate(stack: Stack, reference: Any
         assert choice.finish_reason == ("length" if new_tokens == 20 else "stop")
         assert out.object == "chat.completion" and out.model == CHAT
         assert out.system_fingerprint and out.id.startswith("chatcmpl-")
+
+
+def test_a_tokenizer_with_token_type_ids_is_served(stack: Stack, bert_dir: Path) -> None:
+    """``transformers serve`` without continuous batching answers 500 here."""
+    from transformers import AutoTokenizer
+
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(bert_dir)("hello")
+    client = stack.openai_client()
+    out = client.chat.completions.create(
+        model=BERT, messages=[{"role": "user", "content": "hello"}], temperature=0, max_tokens=8
+    )
+    assert out.choices[0].message.content == greedy_reference(bert_dir)("hello", 8)[0]
 
 
 def test_stream_deltas_concatenate_to_the_text(stack: Stack) -> None:
@@ -474,3 +497,18 @@ def test_an_oversized_or_undecodable_image_is_refused(stack: Stack) -> None:
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 400, response.text
             assert error_of(response)["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_remote_images_are_refused_when_fetching_is_off(stack: Stack) -> None:
+    """Last in this module: it restarts the API with the default (fetching off)."""
+    stack.restart_api({"LANEWAY_IMAGE_FETCH": "false"})
+    image = {"type": "image_url", "image_url": {"url": "https://images.example.com/cat.png"}}
+    with stack.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": VL, "messages": [{"role": "user", "content": [image]}]},
+        )
+        assert response.status_code == 400, response.text
+        assert "data:" in error_of(response)["message"]
+        ok = http.post("/v1/chat/completions", json=ask("and now?", max_tokens=2))
+    assert ok.status_code == 200, ok.text
