@@ -17,14 +17,8 @@ from typing import Any
 from configs.catalog import CatalogEntry, load_catalog
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
-from tasks.chat import (
-    choice_body,
-    completion_body,
-    fingerprint,
-    parse_body,
-    served_entry,
-    to_work,
-)
+from tasks.chat import parse_body, served_entry, to_work
+from tasks.chat_bodies import choice_body, completion_body, fingerprint
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, get_file_store
 from tasks.images import from_wire, release, resolve_image_url_sync

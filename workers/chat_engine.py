@@ -36,7 +36,8 @@ import torch
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.chat import ChatLimits, TokenLogprob, check_context, logprob_entry
+from tasks.chat import ChatLimits, check_context
+from tasks.chat_bodies import TokenLogprob, logprob_entry
 from tasks.errors import LanewayError
 from tasks.names import BATCH, LIVE, Lane
 from workers.backends import backend_class

@@ -1,7 +1,8 @@
 """OpenAI /v1/chat/completions response models, for the OpenAPI document.
 
 The request schema is the task contract (Batch API lines are parsed with it in the
-workers), so it lives in ``tasks/chat.py``; the bodies are built by its functions.
+workers), so it lives in ``tasks/chat.py``; the bodies are built by the functions of
+``tasks/chat_bodies.py``.
 """
 
 from __future__ import annotations

@@ -21,22 +21,19 @@ import orjson
 from api.live import LiveClient, LiveStream
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.chat import (
-    CAPABILITY,
-    ChatCompletionRequest,
+from tasks.chat import CAPABILITY, ChatCompletionRequest, parse_body, served_entry, to_work
+from tasks.chat_bodies import (
     choice_body,
     chunk_body,
     chunk_choice,
     completion_body,
     fingerprint,
     new_completion_id,
-    parse_body,
-    served_entry,
-    to_work,
 )
 from tasks.errors import InvalidRequest, LanewayError, invalid_request
 from tasks.filestore import FileStore
-from tasks.images import ImageFetcher, release, resolve_image_url, to_wire
+from tasks.image_fetch import ImageFetcher
+from tasks.images import release, resolve_image_url, to_wire
 from tasks.replies import DONE, ERROR, Reply
 from tasks.usage import Usage
 

@@ -18,18 +18,20 @@ from tasks.chat import (
     ENDPOINT,
     ChatCompletionRequest,
     ChatLimits,
-    TokenLogprob,
     check_context,
     check_supported,
+    parse_body,
+    served_entry,
+    to_work,
+)
+from tasks.chat_bodies import (
+    TokenLogprob,
     choice_body,
     chunk_body,
     chunk_choice,
     completion_body,
     logprob_entry,
     new_completion_id,
-    parse_body,
-    served_entry,
-    to_work,
     usage_body,
 )
 from tasks.contract import served_entry as generic_served_entry
