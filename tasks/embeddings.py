@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from configs.catalog import Catalog, CatalogEntry
-from tasks.errors import InvalidRequest, ModelNotFound, invalid_request, quote, register_field_hint
+from tasks import contract
+from tasks.errors import InvalidRequest, invalid_request, register_field_hint
 
 CAPABILITY = "embeddings"
 ENDPOINT = "/v1/embeddings"
@@ -67,19 +68,7 @@ def normalise_input(request: EmbeddingRequest, max_items: int) -> list[str | lis
 
 
 def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:
-    if model not in served:
-        raise ModelNotFound(
-            f"The model {quote(model)} does not exist or is not served here; served: "
-            f"{', '.join(served)}",
-            param="model",
-        )
-    entry = catalog.get(model)
-    if entry.capability != CAPABILITY:
-        raise InvalidRequest(
-            f"model {model!r} is a {entry.capability} model, not an embeddings model",
-            param="model",
-        )
-    return entry
+    return contract.served_entry(catalog, served, model, CAPABILITY)
 
 
 def check_dimensions(entry: CatalogEntry, dimensions: int | None) -> None:
