@@ -5,6 +5,7 @@ the cache surgery (merge, select, trim) mixed up gives a wrong continuation."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -41,6 +42,7 @@ class FakeChat(ChatBackend):
         self.oom_over: int | None = None  # decode raises OutOfMemory above this many rows
         self.gate = threading.Event()
         self.gate.set()
+        self.delay_s = 0.0  # per decode step
 
     def load(self) -> None:
         self.warm = True
@@ -76,6 +78,7 @@ class FakeChat(ChatBackend):
 
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         self.gate.wait(10)
+        time.sleep(self.delay_s)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
         if self.oom_over is not None and batch.rows > self.oom_over:
             self.ooms += 1
@@ -166,14 +169,17 @@ def test_out_of_memory_halves_the_batch_and_fails_nothing(make: Any) -> None:
 
 def test_a_departed_caller_is_dropped_and_frees_its_rows(make: Any) -> None:
     engine, backend = make(max_running=1)
+    backend.delay_s = 0.01  # the long job would hold the one slot for 4 s
     gone: set[str] = set()
     engine.gone = lambda ids: {i for i in ids if i in gone}
     long = engine.submit(work("long one", 400), meta=JobMeta("r-long"))
     while not backend.decodes:
         threading.Event().wait(0.01)
     gone.add("r-long")
+    started = time.monotonic()
     short = engine.submit(work("short", 3), meta=JobMeta("r-short"))
     assert len(short.result(5).choices[0]["text"].split()) == 3
+    assert time.monotonic() - started < 1.0
     with pytest.raises(Dropped):
         long.result(5)
 
