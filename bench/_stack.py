@@ -327,3 +327,25 @@ def sequential_p50(base: str, request: Request, requests: int, warmup: int = 20)
     """p50 of ``request`` sent one at a time by a lean client: one aiohttp session on one
     kept-alive connection, after ``warmup`` unmeasured requests."""
     return statistics.median(asyncio.run(_sequential(base, request, requests, warmup)))
+
+
+@dataclass
+class Goal:
+    """One line of a bench's summary: what was aimed at, what was measured, met or not."""
+
+    name: str
+    goal: str
+    measured: str
+    met: bool
+
+
+def print_summary(table: list[Goal]) -> None:
+    """The goals as a table, each marked met or MISSED."""
+    width = max(len(g.name) for g in table)
+    goal_w = max(len("goal"), *(len(g.goal) for g in table))
+    measured_w = max(len("measured"), *(len(g.measured) for g in table))
+    print()
+    print(f"{'':{width}}  {'goal':>{goal_w}}  {'measured':>{measured_w}}")
+    for g in table:
+        verdict = "met" if g.met else "MISSED"
+        print(f"{g.name:{width}}  {g.goal:>{goal_w}}  {g.measured:>{measured_w}}  {verdict}")

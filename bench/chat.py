@@ -52,7 +52,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _stack import CpuMeter
+from _stack import CpuMeter, Goal, print_summary
 
 from laneway.embedded_redis import free_port
 from laneway.stack import Processes, wait_healthy
@@ -527,14 +527,6 @@ def measure_peer(model_dir: Path, args: argparse.Namespace) -> Served:
 # ------------------------------------------------------------------------------- report
 
 
-@dataclass
-class Goal:
-    name: str
-    goal: str
-    measured: str
-    met: bool
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
@@ -609,17 +601,6 @@ def goals(laneway: Served | None, peer: Served | None, raw_rate: float, raw: Raw
     errors = sum(len(s.load.errors) for s in (laneway, peer) if s is not None)
     out.append(Goal("failed requests in the load runs", "0", str(errors), errors == 0))
     return out
-
-
-def print_summary(table: list[Goal]) -> None:
-    width = max(len(g.name) for g in table)
-    goal_w = max(len("goal"), *(len(g.goal) for g in table))
-    measured_w = max(len("measured"), *(len(g.measured) for g in table))
-    print()
-    print(f"{'':{width}}  {'goal':>{goal_w}}  {'measured':>{measured_w}}")
-    for g in table:
-        verdict = "met" if g.met else "MISSED"
-        print(f"{g.name:{width}}  {g.goal:>{goal_w}}  {g.measured:>{measured_w}}  {verdict}")
 
 
 # --------------------------------------------------------------------------------- main

@@ -45,12 +45,14 @@ from _stack import (
     MODEL,
     BenchStack,
     CpuMeter,
+    Goal,
     Load,
     MakeRequest,
     RedisMemory,
     Request,
     cpu_by_role,
     load_backend,
+    print_summary,
     redis_memory,
     run_load,
     sequential_p50,
@@ -283,14 +285,6 @@ def measure_served(stack: BenchStack, args: argparse.Namespace) -> Served:
     return Served(latency, batching, plumbing, memory, foreign)
 
 
-@dataclass
-class Goal:
-    name: str
-    goal: str
-    measured: str
-    met: bool
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
@@ -396,14 +390,6 @@ def report_machine(before: Raw, after: Raw, foreign: dict[str, float], loads: li
         print("WARNING: the machine was not quiet; these numbers are not trustworthy")
     errors = sum(load.errors for load in loads)
     return Goal("failed requests in the load runs", "0", str(errors), errors == 0)
-
-
-def print_summary(goals: list[Goal]) -> None:
-    width = max(len(g.name) for g in goals)
-    print()
-    print(f"{'':{width}}  {'goal':>8}  {'measured':>10}")
-    for g in goals:
-        print(f"{g.name:{width}}  {g.goal:>8}  {g.measured:>10}  {'met' if g.met else 'MISSED'}")
 
 
 def report(

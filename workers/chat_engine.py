@@ -40,7 +40,7 @@ from tasks.chat import ChatLimits, check_context
 from tasks.chat_bodies import TokenLogprob, logprob_entry
 from tasks.errors import LanewayError
 from tasks.names import BATCH, LIVE, Lane
-from workers.backends import backend_class
+from workers.backends import load_backend
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt, merge, select
 from workers.batching import BATCH_SIZE_BUCKETS, Dropped, ForwardStats, GoneCheck, JobMeta
 
@@ -151,12 +151,7 @@ class ChatEngine:
     def load(
         cls, entry: CatalogEntry, settings: Settings, *, device: str, gone: GoneCheck | None
     ) -> ChatEngine:
-        path = entry.resolve_path(auto_download=settings.auto_download)
-        backend = backend_class(entry)(entry, device=device, model_path=path)
-        if not isinstance(backend, ChatBackend):
-            raise TypeError(f"{entry.backend} is not a ChatBackend")
-        backend.load()
-        backend.warmup()
+        backend = load_backend(entry, settings, device=device, kind=ChatBackend)  # type: ignore[type-abstract]
         return cls(backend, settings, gone=gone)
 
     @property

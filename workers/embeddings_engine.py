@@ -21,7 +21,7 @@ from configs.settings import Settings
 from tasks.embeddings import check_dimensions
 from tasks.errors import LanewayError
 from tasks.names import LIVE, Lane
-from workers.backends import backend_class
+from workers.backends import load_backend
 from workers.backends.embeddings import EmbeddingBackend
 from workers.batching import BATCH_SIZE_BUCKETS, Batcher, GoneCheck, JobMeta
 from workers.cache import EmbeddingCache, cache_key
@@ -64,12 +64,7 @@ class EmbeddingEngine:
     def load(
         cls, entry: CatalogEntry, settings: Settings, *, device: str, gone: GoneCheck | None
     ) -> EmbeddingEngine:
-        path = entry.resolve_path(auto_download=settings.auto_download)
-        backend = backend_class(entry)(entry, device=device, model_path=path)
-        if not isinstance(backend, EmbeddingBackend):
-            raise TypeError(f"{entry.backend} is not an EmbeddingBackend")
-        backend.load()
-        backend.warmup()
+        backend = load_backend(entry, settings, device=device, kind=EmbeddingBackend)  # type: ignore[type-abstract]
         return cls(backend, settings, gone=gone)
 
     @property

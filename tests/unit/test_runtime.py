@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import workers.embeddings_engine as engine_module
+import workers.backends as backends_module
 from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
@@ -148,7 +148,7 @@ def test_start_loads_and_warms_models_off_the_main_thread(
             threads.append(threading.current_thread())
             super().warmup()
 
-    monkeypatch.setattr(engine_module, "backend_class", lambda _entry: Recording)
+    monkeypatch.setattr(backends_module, "backend_class", lambda _entry: Recording)
     monkeypatch.setattr(WorkerRuntime, "publish_readiness", lambda self: None)
     monkeypatch.setattr(WorkerRuntime, "_beat_loop", lambda self: None)
     entry = load_catalog().get(FAKE)
