@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,10 +23,10 @@ from tasks.chat_bodies import choice_body, completion_body, fingerprint
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, get_file_store
 from tasks.images import from_wire, release, resolve_image_url_sync
-from tasks.names import BATCH, LIVE
+from tasks.names import BATCH, LIVE, Lane
 from tasks.usage import Usage
 from workers.batching import JobMeta
-from workers.chat_engine import ChatEngine, ChatResult
+from workers.chat_engine import ChatEngine, ChatResult, Submission
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
 
@@ -99,35 +100,38 @@ class Images:
                 log.warning("could not delete a stored image %s", ref.get("ref"))
 
 
-def submit(
-    runtime: WorkerRuntime,
-    images: Images,
-    work: dict[str, Any],
-    *,
-    lane: str,
-    meta: JobMeta,
-    emit: Any = None,
-) -> Future[ChatResult]:
-    """One request on its model's engine (its stored images deleted once done)."""
-    refs: list[dict[str, Any]] = []
-    try:
-        target = engine(runtime, str(work.get("model")))
-        messages, data, refs = images.take(work["messages"])
-    except LanewayError as exc:
-        images.release(refs)
-        failed: Future[ChatResult] = Future()
-        failed.set_exception(exc)
-        return failed
-    future = target.submit(
-        {**work, "messages": messages},
-        images=data,
-        lane=BATCH if lane == BATCH else LIVE,
-        meta=meta,
-        emit=emit,
-    )
-    if refs:
-        future.add_done_callback(partial(images.release, refs))
-    return future
+@dataclass(frozen=True)
+class Request:
+    work: dict[str, Any]
+    meta: JobMeta
+    emit: Any = None
+
+
+def submit_all(
+    runtime: WorkerRuntime, images: Images, requests: Sequence[Request], *, lane: Lane
+) -> list[Future[ChatResult]]:
+    """Requests on their models' engines, those of one model in one submission (so the
+    ones that arrived together start together); stored images are deleted once done."""
+    futures: list[Future[ChatResult]] = [Future() for _ in requests]
+    by_model: dict[str, list[tuple[int, Submission, list[dict[str, Any]]]]] = {}
+    for n, request in enumerate(requests):
+        refs: list[dict[str, Any]] = []
+        try:
+            engine(runtime, str(request.work.get("model")))
+            messages, data, refs = images.take(request.work["messages"])
+        except LanewayError as exc:
+            images.release(refs)
+            futures[n].set_exception(exc)
+            continue
+        sub = Submission({**request.work, "messages": messages}, data, request.meta, request.emit)
+        by_model.setdefault(str(request.work["model"]), []).append((n, sub, refs))
+    for model, items in by_model.items():
+        started = engine(runtime, model).submit_many([sub for _, sub, _ in items], lane=lane)
+        for (n, _, refs), future in zip(items, started, strict=True):
+            futures[n] = future
+            if refs:
+                future.add_done_callback(partial(images.release, refs))
+    return futures
 
 
 class ChatLive:
@@ -138,14 +142,15 @@ class ChatLive:
         self.images = Images(runtime, get_file_store(runtime.settings))
 
     def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
-        futures: list[Future[Any]] = []
-        for request in requests:
-            meta = JobMeta(request["id"], request.get("deadline"), request.get("sent_at"))
-            emit = partial(_emit, sink, request) if request.get("stream") else None
-            futures.append(
-                submit(self.runtime, self.images, request, lane=LIVE, meta=meta, emit=emit)
+        todo = [
+            Request(
+                r,
+                JobMeta(r["id"], r.get("deadline"), r.get("sent_at")),
+                partial(_emit, sink, r) if r.get("stream") else None,
             )
-        return futures
+            for r in requests
+        ]
+        return list(submit_all(self.runtime, self.images, todo, lane=LIVE))
 
     def encode(self, request: dict[str, Any], result: ChatResult) -> tuple[bytes, dict[str, Any]]:
         usage = {
@@ -195,19 +200,20 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     images = Images(runtime, get_file_store(settings))
 
     def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
-        futures: list[Future[ChatResult]] = []
         entry = catalog.get(model)
-        for body, rid in zip(bodies, request_ids, strict=True):
+        todo: list[Request] = []
+        failed: dict[int, LanewayError] = {}
+        for n, (body, rid) in enumerate(zip(bodies, request_ids, strict=True)):
             try:
                 request = parse_body(body)
                 served_entry(catalog, settings.models, request.model)
                 work = {**to_work(request, entry, settings), "stream": False}
             except LanewayError as exc:
-                failed: Future[ChatResult] = Future()
-                failed.set_exception(exc)
-                futures.append(failed)
+                failed[n] = exc
                 continue
-            futures.append(submit(runtime, images, work, lane=BATCH, meta=JobMeta(rid)))
+            todo.append(Request(work, JobMeta(rid)))
+        started = iter(submit_all(runtime, images, todo, lane=BATCH))
+        futures = [_failed(failed[n]) if n in failed else next(started) for n in range(len(bodies))]
         outcomes: list[Outcome] = []
         for rid, future in zip(request_ids, futures, strict=True):
             try:
@@ -218,3 +224,9 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         return outcomes
 
     return execute
+
+
+def _failed(exc: LanewayError) -> Future[ChatResult]:
+    future: Future[ChatResult] = Future()
+    future.set_exception(exc)
+    return future

@@ -79,6 +79,16 @@ class Sampling:
         )
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One request for ``ChatEngine.submit_many``."""
+
+    work: dict[str, Any]
+    images: Sequence[bytes] = ()
+    meta: JobMeta = field(default_factory=JobMeta)
+    emit: Emit | None = None
+
+
 @dataclass
 class ChatResult:
     choices: list[dict[str, Any]]  # {index, text, finish_reason, logprobs}
@@ -188,16 +198,31 @@ class ChatEngine:
     ) -> Future[ChatResult]:
         """Render and check one request, queue it; its future completes when every
         choice has finished (``emit`` gets each step's new text before that)."""
-        try:
-            job = self._job(work, images, lane, meta or JobMeta(), emit)
-        except LanewayError as exc:
-            failed: Future[ChatResult] = Future()
-            failed.set_exception(exc)
-            return failed
-        with self._cond:
-            (self._batch if lane == BATCH else self._live).append(job)
-            self._cond.notify()
-        return job.future
+        [future] = self.submit_many([Submission(work, images, meta or JobMeta(), emit)], lane=lane)
+        return future
+
+    def submit_many(
+        self, submissions: Sequence[Submission], *, lane: Lane = LIVE
+    ) -> list[Future[ChatResult]]:
+        """Several requests queued at once (rendered first, then one lock and one wake-up),
+        so that requests that arrive together are admitted, and prefilled, together."""
+        futures: list[Future[ChatResult]] = []
+        jobs: list[ChatJob] = []
+        for sub in submissions:
+            try:
+                job = self._job(sub.work, sub.images, lane, sub.meta, sub.emit)
+            except LanewayError as exc:
+                failed: Future[ChatResult] = Future()
+                failed.set_exception(exc)
+                futures.append(failed)
+                continue
+            jobs.append(job)
+            futures.append(job.future)
+        if jobs:
+            with self._cond:
+                (self._batch if lane == BATCH else self._live).extend(jobs)
+                self._cond.notify()
+        return futures
 
     def _job(
         self,
