@@ -142,6 +142,7 @@ class ChatEngine:
         self.gone = gone
         self.stats = ForwardStats()
         self.tokens_out = 0
+        self.preempted = 0  # batch jobs sent back to wait for a live one
         self._live: deque[ChatJob] = deque()
         self._batch: deque[ChatJob] = deque()
         self._running: list[Choice] = []  # in the order of the batch's rows
@@ -183,6 +184,7 @@ class ChatEngine:
                 zip(map(str, BATCH_SIZE_BUCKETS), stats.buckets, strict=True)
             ),
             "completion_tokens": self.tokens_out,
+            "preempted": self.preempted,
         }
 
     # -- submission ---------------------------------------------------------------------
@@ -254,8 +256,10 @@ class ChatEngine:
                     self._cond.wait()
                 if self._stopped:
                     return
-                admitted = self._admit()
+                admitted, preempt = self._admit()
             try:
+                if preempt:
+                    self._preempt(preempt)
                 if admitted:
                     self._prefill(admitted)
                 if self._running:
@@ -267,30 +271,61 @@ class ChatEngine:
     def _waiting(self) -> bool:
         return bool(self._live or self._batch)
 
-    def _admit(self) -> list[ChatJob]:
-        """Jobs to start now (holds the lock): live first; batch only when no live waits."""
+    def _admit(self) -> tuple[list[ChatJob], list[ChatJob]]:
+        """(jobs to start now, running batch jobs to preempt for them); holds the lock.
+        Live first; batch only when no live job waits. A live job that finds no room
+        preempts running batch jobs, newest first: they go back to wait and resume later
+        by prefilling what they had generated, so a live request never waits for a
+        batch sequence to finish."""
         if self._cap_until and time.monotonic() > self._cap_until:
             self._cap, self._cap_until = self.limits.max_running, 0.0
-        jobs = {c.job for c in self._running}
-        rows = len(self._running)
-        used = sum(j.reserve for j in jobs)
+        running = list({c.job: None for c in self._running})
+        rows = sum(j.sampling.n for j in running)
+        used = sum(j.reserve for j in running)
+        preempt: list[ChatJob] = []
         taken: list[ChatJob] = []
+
+        def fits(job: ChatJob) -> bool:
+            if rows == 0 and not taken:
+                return True  # alone, it runs whatever its size
+            return rows + job.sampling.n <= self._cap and used + job.reserve <= self.token_budget
+
         for queue in (self._live, self._batch):
             if queue is self._batch and self._live:
                 break  # a live job still waits for room: nothing is admitted ahead of it
             while queue:
                 job = queue[0]
-                n = job.sampling.n
-                alone = rows == 0 and not taken
-                if not alone and (rows + n > self._cap or used + job.reserve > self.token_budget):
+                if queue is self._live:
+                    for victim in reversed(running):
+                        if fits(job):
+                            break
+                        if victim.lane == BATCH and victim not in preempt:
+                            preempt.append(victim)
+                            rows -= victim.sampling.n
+                            used -= victim.reserve
+                if not fits(job):
                     break
                 queue.popleft()
                 if job.future.done():  # dropped while it waited
                     continue
                 taken.append(job)
-                rows += n
+                rows += job.sampling.n
                 used += job.reserve
-        return taken
+        return taken, preempt
+
+    def _preempt(self, jobs: list[ChatJob]) -> None:
+        """Take ``jobs`` out of the running batch and put them back first in their queue."""
+        gone = set(jobs)
+        keep = [i for i, c in enumerate(self._running) if c.job not in gone]
+        if self._state is not None and self._logits is not None:
+            if keep:
+                self._state = select(self._state, keep)
+                self._logits = self._logits[torch.as_tensor(keep, dtype=torch.long)]
+            else:
+                self._state, self._logits = None, None
+        self._running = [self._running[i] for i in keep]
+        self.preempted += len(jobs)
+        self._requeue(jobs)
 
     def _prefill(self, jobs: list[ChatJob]) -> None:
         jobs = self._drop_gone(jobs, force=True)
