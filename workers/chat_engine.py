@@ -42,7 +42,14 @@ from tasks.errors import LanewayError
 from tasks.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt, merge, select
-from workers.batching import BATCH_SIZE_BUCKETS, Dropped, ForwardStats, GoneCheck, JobMeta
+from workers.batching import (
+    BATCH_SIZE_BUCKETS,
+    FRESH_S,
+    Dropped,
+    ForwardStats,
+    GoneCheck,
+    JobMeta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +358,11 @@ class ChatEngine:
         tokens, logprobs = self._sample(self._logits)
         for row, choice in enumerate(self._running):
             self._advance(choice, tokens[row], logprobs[row] if logprobs else None)
+        emitted = False
         for job in {c.job: None for c in self._running}:
-            self._publish(job)
+            emitted |= self._publish(job)
+        if emitted:
+            time.sleep(0)  # let the reply writer send them before the next forward
         self._drop_gone([c.job for c in self._running])
         keep = [i for i, c in enumerate(self._running) if c.finish_reason is None]
         if not keep:
@@ -465,12 +475,15 @@ class ChatEngine:
         if done:
             choice.finish_reason = "length"
 
-    def _publish(self, job: ChatJob) -> None:
-        """Stream the new text of a streaming job; complete the job once all is done."""
+    def _publish(self, job: ChatJob) -> bool:
+        """Stream the new text of a streaming job; complete the job once all is done.
+        True when it sent something."""
+        sent = False
         if job.emit is not None:
             deltas = [d for c in job.choices if (d := _delta(c)) is not None]
             if deltas:
                 job.emit(deltas)
+                sent = True
         if all(c.finish_reason is not None for c in job.choices) and not job.future.done():
             job.future.set_result(
                 ChatResult(
@@ -487,6 +500,8 @@ class ChatEngine:
                     completion_tokens=sum(len(c.generated) for c in job.choices),
                 )
             )
+            sent = True
+        return sent
 
     # -- callers that went away -----------------------------------------------------------
 
@@ -507,7 +522,14 @@ class ChatEngine:
             and j.meta.deadline < wall
             and not any(c.generated for c in j.choices)
         }
-        ids = [j.meta.request_id for j in unique if j.meta.request_id and j.lane == LIVE]
+        # a caller cannot have hung up on a request sent moments ago: no round trip for it
+        ids = [
+            j.meta.request_id
+            for j in unique
+            if j.meta.request_id
+            and j.lane == LIVE
+            and (j.meta.sent_at is None or wall - j.meta.sent_at > FRESH_S)
+        ]
         if ids and self.gone is not None:
             try:
                 gone = self.gone([i for i in ids if i])
