@@ -43,6 +43,13 @@ class Forwarder(Protocol):
     def forward(self, batch: Sequence[Sequence[int]]) -> Iterable[Any]: ...
 
 
+def failed(exc: BaseException) -> Future[Any]:
+    """A future that already failed with ``exc`` (a request refused before compute)."""
+    future: Future[Any] = Future()
+    future.set_exception(exc)
+    return future
+
+
 class Dropped(Exception):
     """The job was dropped before compute (caller gone or deadline passed)."""
 

@@ -25,7 +25,7 @@ from tasks.filestore import FileStore, get_file_store
 from tasks.images import from_wire, release, resolve_image_url_sync
 from tasks.names import BATCH, LIVE, Lane
 from tasks.usage import Usage
-from workers.batching import JobMeta
+from workers.batching import JobMeta, failed
 from workers.chat_engine import ChatEngine, ChatResult, Submission
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
@@ -202,18 +202,20 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
         entry = catalog.get(model)
         todo: list[Request] = []
-        failed: dict[int, LanewayError] = {}
+        refused: dict[int, LanewayError] = {}
         for n, (body, rid) in enumerate(zip(bodies, request_ids, strict=True)):
             try:
                 request = parse_body(body)
                 served_entry(catalog, settings.models, request.model)
                 work = {**to_work(request, entry, settings), "stream": False}
             except LanewayError as exc:
-                failed[n] = exc
+                refused[n] = exc
                 continue
             todo.append(Request(work, JobMeta(rid)))
         started = iter(submit_all(runtime, images, todo, lane=BATCH))
-        futures = [_failed(failed[n]) if n in failed else next(started) for n in range(len(bodies))]
+        futures = [
+            failed(refused[n]) if n in refused else next(started) for n in range(len(bodies))
+        ]
         outcomes: list[Outcome] = []
         for rid, future in zip(request_ids, futures, strict=True):
             try:
@@ -224,9 +226,3 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         return outcomes
 
     return execute
-
-
-def _failed(exc: LanewayError) -> Future[ChatResult]:
-    future: Future[ChatResult] = Future()
-    future.set_exception(exc)
-    return future

@@ -49,6 +49,7 @@ from workers.batching import (
     ForwardStats,
     GoneCheck,
     JobMeta,
+    failed,
 )
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,7 @@ class ChatEngine:
             try:
                 job = self._job(sub.work, sub.images, lane, sub.meta, sub.emit)
             except LanewayError as exc:
-                failed: Future[ChatResult] = Future()
-                failed.set_exception(exc)
-                futures.append(failed)
+                futures.append(failed(exc))
                 continue
             jobs.append(job)
             futures.append(job.future)

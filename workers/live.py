@@ -44,7 +44,7 @@ from tasks.errors import InternalError, LanewayError
 from tasks.names import REPLY_TTL_S, reply_queue
 from tasks.publish import MalformedMessage, TaskMessage, decode_message
 from tasks.replies import DELTA, DONE, ERROR, encode_reply
-from workers.batching import Dropped
+from workers.batching import Dropped, failed
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ class LiveConsumer:
             futures = self.handler.submit([r.request for r in requests], self.writer)
         except Exception as exc:  # a handler bug: every request of the round hears of it
             log.exception("live handler failed to start %d requests", len(requests))
-            futures = [_failed(exc) for _ in requests]
+            futures = [failed(exc) for _ in requests]
         for request, future in zip(requests, futures, strict=True):
             future.add_done_callback(partial(self.writer.put, request))
 
@@ -422,9 +422,3 @@ class LiveConsumer:
                 continue
             out.append(LiveRequest(message, started))
         return out
-
-
-def _failed(exc: BaseException) -> Future[Any]:
-    future: Future[Any] = Future()
-    future.set_exception(exc)
-    return future
