@@ -10,7 +10,6 @@ event in the stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 
 from api.live import LiveClient, LiveStream
+from api.serving import load_json
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.chat import CAPABILITY, ChatCompletionRequest, parse_body, served_entry, to_work
@@ -30,7 +30,7 @@ from tasks.chat_bodies import (
     fingerprint,
     new_completion_id,
 )
-from tasks.errors import InvalidRequest, LanewayError, invalid_request
+from tasks.errors import LanewayError
 from tasks.filestore import FileStore
 from tasks.image_fetch import ImageFetcher
 from tasks.images import release, resolve_image_url, to_wire
@@ -43,15 +43,7 @@ Disconnected = Callable[[], Awaitable[Any]]
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
-    if not raw.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:  # the standard parser also takes lone surrogates (then refused by name)
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid_request([{"type": "json_invalid"}]) from None
+    body, _ = load_json(raw)
     return parse_body(body)
 
 

@@ -10,13 +10,13 @@ the rest of the response.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from api.live import LiveClient
+from api.serving import load_json
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.embeddings import (
@@ -27,7 +27,6 @@ from tasks.embeddings import (
     parse_body,
     served_entry,
 )
-from tasks.errors import InvalidRequest, invalid_request
 
 __all__ = ["create_embeddings", "normalise_input", "parse_request", "served_entry"]
 
@@ -56,21 +55,11 @@ def _fast(body: Any) -> EmbeddingRequest | None:
 
 
 def parse_request(raw: bytes) -> EmbeddingRequest:
-    if not raw.strip():
-        raise InvalidRequest("The request body is empty; send a JSON object.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None  # the standard parser decides (it also takes lone surrogates)
-    else:
+    body, strict = load_json(raw)
+    if strict:
         request = _fast(body)
         if request is not None:
             return request
-    if body is None:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid_request([{"type": "json_invalid"}]) from None
     return parse_body(body)
 
 
