@@ -150,7 +150,7 @@ class ChatEngine:
         self.gone = gone
         self.stats = ForwardStats()
         self.tokens_out = 0
-        self.preempted = 0  # batch jobs sent back to wait for a live one
+        self.preempted = 0  # jobs sent back to wait (for a live one, or out of memory)
         self._live: deque[ChatJob] = deque()
         self._batch: deque[ChatJob] = deque()
         self._running: list[Choice] = []  # in the order of the batch's rows
@@ -319,19 +319,18 @@ class ChatEngine:
                 used += job.reserve
         return taken, preempt
 
-    def _preempt(self, jobs: list[ChatJob]) -> None:
-        """Take ``jobs`` out of the running batch and put them back first in their queue."""
+    def _preempt(self, jobs: list[ChatJob]) -> list[int]:
+        """Take ``jobs`` out of the running batch and put them back first in their queue
+        (each resumes later by prefilling what it had generated). The rows kept."""
         gone = set(jobs)
         keep = [i for i, c in enumerate(self._running) if c.job not in gone]
-        if self._state is not None and self._logits is not None:
-            if keep:
-                self._state = select(self._state, keep)
-                self._logits = self._logits[torch.as_tensor(keep, dtype=torch.long)]
-            else:
-                self._state, self._logits = None, None
+        index = torch.as_tensor(keep, dtype=torch.long)
+        self._state = select(self._state, keep) if keep and self._state is not None else None
+        self._logits = self._logits[index] if keep and self._logits is not None else None
         self._running = [self._running[i] for i in keep]
         self.preempted += len(jobs)
         self._requeue(jobs)
+        return keep
 
     def _prefill(self, jobs: list[ChatJob]) -> None:
         jobs = self._drop_gone(jobs, force=True)
@@ -373,6 +372,9 @@ class ChatEngine:
         self._decode(torch.as_tensor([tokens[i] for i in keep], dtype=torch.long))
 
     def _decode(self, tokens: torch.Tensor) -> None:
+        """One decode step. Out of memory: the newest half of the running jobs goes back
+        to wait (``_preempt``) and the running batch stays at most the other half for the
+        cooldown; a single request that does not fit alone fails."""
         assert self._state is not None
         while True:
             try:
@@ -380,30 +382,20 @@ class ChatEngine:
                 self.stats.record(len(self._running))
                 return
             except OutOfMemory:
-                if self._state.rows == 1:
+                jobs = list({c.job: None for c in self._running})
+                if len(jobs) == 1:
                     raise
-                keep = self._shed()
                 # the decode appended the mask column before it failed: undo it
                 self._state.mask = self._state.mask[:, :-1]
-                self._state = select(self._state, keep)
+                self._logits = None  # the last step's, already sampled
+                keep = self._preempt(jobs[len(jobs) // 2 :])
+                self._cap = len(keep)
+                self._cap_until = time.monotonic() + self.cooldown_s
+                log.warning(
+                    "out of memory on %s: running batch capped at %d", self.entry.id, self._cap
+                )
+                assert self._state is not None
                 tokens = tokens[torch.as_tensor(keep, dtype=torch.long)]
-
-    def _shed(self) -> list[int]:
-        """Out of memory: the newest half of the running jobs goes back to wait; the
-        running batch stays at most the other half for the cooldown. The rows kept."""
-        jobs = list({c.job: None for c in self._running})
-        back = set(jobs[max(len(jobs) // 2, 1) :]) if len(jobs) > 1 else set()
-        keep = [i for i, c in enumerate(self._running) if c.job not in back]
-        if not back:  # one job with several choices: keep half of its rows
-            keep = keep[: max(len(keep) // 2, 1)]
-            back_rows = set(range(len(self._running))) - set(keep)
-            log.warning("out of memory: %d sequences of one request wait", len(back_rows))
-        self._cap = max(len(keep), 1)
-        self._cap_until = time.monotonic() + self.cooldown_s
-        log.warning("out of memory on %s: running batch capped at %d", self.entry.id, self._cap)
-        self._running = [self._running[i] for i in keep]
-        self._requeue(list(back))
-        return keep
 
     def _requeue(self, jobs: list[ChatJob]) -> None:
         with self._cond:

@@ -221,3 +221,14 @@ def test_a_live_job_preempts_batch_jobs_that_hold_every_slot(make: Any) -> None:
     assert time.monotonic() - started < 0.5
     assert [f.result(10).choices[0]["text"] for f in batch] == expected
     assert engine.preempted >= 1
+
+
+def test_one_request_that_does_not_fit_alone_fails_instead_of_hanging(make: Any) -> None:
+    """Out of memory with a single request running (its n=3 choices): no other request
+    can make room, so it fails (before, half of its choices were dropped: a hang)."""
+    engine, backend = make(max_running=8)
+    backend.oom_over = 1
+    with pytest.raises(OutOfMemory):
+        engine.submit(work("three choices", 5, n=3)).result(5)
+    backend.oom_over = None
+    assert len(engine.submit(work("next", 3)).result(5).choices[0]["text"].split()) == 3
