@@ -96,6 +96,16 @@ class ForwardStats:
     items: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))
 
+    def snapshot(self) -> dict[str, Any]:
+        """What /metrics reads of every engine: forwards, items and the histogram."""
+        return {
+            "forwards": self.forwards,
+            "items": self.items,
+            "batch_size_buckets": dict(
+                zip(map(str, BATCH_SIZE_BUCKETS), self.buckets, strict=True)
+            ),
+        }
+
     def record(self, size: int) -> None:
         self.forwards += 1
         self.items += size

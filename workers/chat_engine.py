@@ -43,7 +43,6 @@ from tasks.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt, merge, select
 from workers.batching import (
-    BATCH_SIZE_BUCKETS,
     FRESH_S,
     Dropped,
     ForwardStats,
@@ -184,13 +183,8 @@ class ChatEngine:
         self._thread.join(timeout=5)
 
     def metrics(self) -> dict[str, Any]:
-        stats = self.stats
         return {
-            "forwards": stats.forwards,
-            "items": stats.items,
-            "batch_size_buckets": dict(
-                zip(map(str, BATCH_SIZE_BUCKETS), stats.buckets, strict=True)
-            ),
+            **self.stats.snapshot(),
             "completion_tokens": self.tokens_out,
             "preempted": self.preempted,
         }

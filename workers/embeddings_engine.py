@@ -23,7 +23,7 @@ from tasks.errors import LanewayError
 from tasks.names import LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.embeddings import EmbeddingBackend
-from workers.batching import BATCH_SIZE_BUCKETS, Batcher, GoneCheck, JobMeta
+from workers.batching import Batcher, GoneCheck, JobMeta
 from workers.cache import EmbeddingCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,8 @@ class EmbeddingEngine:
         self.batcher.stop()
 
     def metrics(self) -> dict[str, Any]:
-        stats = self.batcher.stats
-        buckets = dict(zip(map(str, BATCH_SIZE_BUCKETS), stats.buckets, strict=True))
         return {
-            "forwards": stats.forwards,
-            "items": stats.items,
-            "batch_size_buckets": buckets,
+            **self.batcher.stats.snapshot(),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
         }
