@@ -2,6 +2,9 @@
 
 The packaged catalog (``configs/models.yaml``) is merged with an optional user catalog
 (``LANEWAY_MODEL_CONFIG``); entries of the user catalog replace packaged ones by id.
+An entry may list ``aliases``, other names clients may send as ``model`` (``whisper-1``
+for the default speech model, so code written for OpenAI runs unchanged); an alias in
+the user catalog takes the name from a packaged entry.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class CatalogEntry:
     extra: dict[str, Any] = field(default_factory=dict)
     # the whole ``defaults`` mapping as given (capability-specific keys, e.g. chat's)
     options: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
 
     @property
     def supports_dimensions(self) -> bool:
@@ -73,17 +77,42 @@ class CatalogEntry:
 class Catalog:
     def __init__(self, entries: dict[str, CatalogEntry]) -> None:
         self.entries = entries
+        # alias -> id; entries later in ``entries`` (the user catalog's) win a name
+        self.aliases: dict[str, str] = {}
+        for entry in entries.values():
+            for alias in entry.aliases:
+                if alias in entries:
+                    raise CatalogError(f"model {entry.id!r}: alias {alias!r} is a model id")
+                self.aliases[alias] = entry.id
+
+    def find(self, name: str) -> CatalogEntry | None:
+        """The entry a client's ``model`` names, by id or alias; None when none does."""
+        entry = self.entries.get(name)
+        if entry is None and name in self.aliases:
+            entry = self.entries[self.aliases[name]]
+        return entry
 
     def get(self, model_id: str) -> CatalogEntry:
-        try:
-            return self.entries[model_id]
-        except KeyError:
+        entry = self.find(model_id)
+        if entry is None:
             raise CatalogError(
                 f"unknown model {model_id!r}; catalog ids: {', '.join(sorted(self.entries))}"
-            ) from None
+            )
+        return entry
+
+    def names(self, served: list[str]) -> list[str]:
+        """Every name the served models answer to: their ids, then their aliases."""
+        ids = set(served)
+        return list(served) + [a for a, mid in self.aliases.items() if mid in ids]
 
     def served(self, model_ids: list[str]) -> list[CatalogEntry]:
         """The entries for LANEWAY_MODELS, failing fast on any unknown id."""
+        aliased = [m for m in model_ids if m not in self.entries and m in self.aliases]
+        if aliased:
+            raise CatalogError(
+                "LANEWAY_MODELS names catalog ids, not aliases: "
+                + ", ".join(f"{a} (an alias of {self.aliases[a]})" for a in aliased)
+            )
         unknown = [m for m in model_ids if m not in self.entries]
         if unknown:
             raise CatalogError(
@@ -114,7 +143,10 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
     if "path" in source and not Path(source["path"]).is_absolute():
         source = {**source, "path": str((origin.parent / source["path"]).resolve())}
     defaults = raw.get("defaults", {}) or {}
-    known = {"id", "capability", "backend", "source", "defaults", "memory_mb"}
+    known = {"id", "capability", "backend", "source", "defaults", "memory_mb", "aliases"}
+    aliases = raw.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise CatalogError(f"{origin}: model {model_id!r}: aliases must be a list of names")
     return CatalogEntry(
         id=model_id,
         capability=capability,
@@ -128,6 +160,7 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
         matryoshka_dims=tuple(int(d) for d in defaults.get("matryoshka_dims", []) or []),
         extra={k: v for k, v in raw.items() if k not in known},
         options=dict(defaults),
+        aliases=tuple(aliases),
     )
 
 

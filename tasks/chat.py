@@ -562,7 +562,7 @@ def to_work(
     stop = request.stop
     options = request.stream_options
     return {
-        "model": request.model,
+        "model": entry.id,  # an alias resolved: workers know ids
         "messages": [
             {"role": m.role, "content": _work_content(m.content)} for m in request.messages
         ],

@@ -12,15 +12,15 @@ def _a(word: str) -> str:
 
 
 def served_entry(catalog: Catalog, served: list[str], model: str, capability: str) -> CatalogEntry:
-    """The catalog entry of ``model``: 404 when it is not served here, 400 when it serves
-    another capability than the route it was sent to."""
-    if model not in served:
+    """The catalog entry ``model`` names (by id or alias): 404 when it is not served here,
+    400 when it serves another capability than the route it was sent to."""
+    entry = catalog.find(model)
+    if entry is None or entry.id not in served:
         raise ModelNotFound(
             f"The model {quote(model)} does not exist or is not served here; served: "
-            f"{', '.join(served)}",
+            f"{', '.join(catalog.names(served))}",
             param="model",
         )
-    entry = catalog.get(model)
     if entry.capability != capability:
         raise InvalidRequest(
             f"model {quote(model)} is {_a(entry.capability)} model, not {_a(capability)} model",

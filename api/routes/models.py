@@ -11,10 +11,10 @@ from tasks.errors import ModelNotFound, quote
 router = APIRouter()
 
 
-def _card(state: AppState, model_id: str) -> ModelCard:
-    entry = state.catalog.get(model_id)
+def _card(state: AppState, name: str) -> ModelCard:
+    entry = state.catalog.get(name)
     return ModelCard(
-        id=entry.id,
+        id=name,
         created=state.started_at,
         capability=entry.capability,
         max_input_tokens=entry.max_input_tokens,
@@ -24,13 +24,14 @@ def _card(state: AppState, model_id: str) -> ModelCard:
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(state: StateDep) -> ModelList:
-    return ModelList(data=[_card(state, m) for m in state.settings.models])
+    names = state.catalog.names(state.settings.models)  # aliases too: clients pick by name
+    return ModelList(data=[_card(state, m) for m in names])
 
 
 @router.get(
     "/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404)
 )
 async def get_model(model_id: str, state: StateDep) -> ModelCard:
-    if model_id not in state.settings.models:
+    if model_id not in state.catalog.names(state.settings.models):
         raise ModelNotFound(f"The model {quote(model_id)} does not exist", param="model")
     return _card(state, model_id)

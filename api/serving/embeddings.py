@@ -78,7 +78,7 @@ async def create_embeddings(
     reply = await live.call(
         CAPABILITY,
         {
-            "model": request.model,
+            "model": entry.id,
             "input": items,
             "dimensions": request.dimensions,
             "encoding_format": request.encoding_format,

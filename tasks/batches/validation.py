@@ -9,7 +9,7 @@ from typing import Any
 
 import xxhash
 
-from configs.catalog import Catalog, CatalogError
+from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.errors import quote
@@ -158,16 +158,13 @@ def _check_model(
     model = body.get("model")
     if not isinstance(model, str):
         return ("missing_required_parameter", "'body.model' is required", "body.model")
-    try:
-        entry = catalog.get(model)
-    except CatalogError:
-        entry = None
-    if entry is None or model not in settings.models or entry.capability != capability:
+    entry = catalog.find(model)  # by id or alias; the batch records the id
+    if entry is None or entry.id not in settings.models or entry.capability != capability:
         message = f"the model {quote(model)} is not served for {endpoint}"
         return ("model_not_found", message, "body.model")
     if v.model is None:
-        v.model = model
-    elif model != v.model:
+        v.model = entry.id
+    elif entry.id != v.model:
         message = (
             f"all requests in a batch must use one model; line {lineno} uses {quote(model)}, "
             f"earlier lines {v.model!r}"
