@@ -142,13 +142,16 @@ class LiveClient:
         payload: dict[str, Any],
         *,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
+        timeout: float | None = None,
     ) -> Reply:
         """Enqueue ``payload`` on the capability's live lane and return the worker's reply.
 
-        ``disconnected`` makes an awaitable that resolves when the caller hangs up."""
+        ``disconnected`` makes an awaitable that resolves when the caller hangs up;
+        ``timeout`` (default ``LANEWAY_REQUEST_TIMEOUT_S``) bounds the wait for the reply,
+        for work whose compute grows with its input (long audio)."""
         await self._check_capacity(capability, str(payload.get("model")))
         request_id = uuid.uuid4().hex
-        timeout = self.settings.request_timeout_s
+        timeout = timeout or self.settings.request_timeout_s
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
