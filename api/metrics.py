@@ -101,6 +101,9 @@ class WorkerStatsCollector(Collector):
         generated = CounterMetricFamily(
             "laneway_completion_tokens", "Tokens generated", labels=["model", "worker"]
         )
+        audio = CounterMetricFamily(
+            "laneway_audio_seconds", "Seconds of audio transcribed", labels=["model", "worker"]
+        )
         for snap in self.snapshots:
             worker = snap.get("worker", "?")
             for model, m in snap.get("models", {}).items():
@@ -112,10 +115,11 @@ class WorkerStatsCollector(Collector):
                     (hits, "cache_hits"),
                     (misses, "cache_misses"),
                     (generated, "completion_tokens"),
+                    (audio, "audio_seconds"),
                 ):
                     if key in m:
                         family.add_metric([model, worker], float(m[key]))
-        yield from (sizes, hits, misses, generated)
+        yield from (sizes, hits, misses, generated, audio)
 
 
 WORKER_STATS = WorkerStatsCollector()

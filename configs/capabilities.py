@@ -61,6 +61,15 @@ REGISTRY: dict[str, Capability] = {
             api_routes="api.routes.chat",
             worker="workers.chat",
         ),
+        Capability(
+            name="audio",
+            # our extension: OpenAI's Batch API has no audio endpoints
+            batch_endpoints=("/v1/audio/transcriptions",),
+            default_backend="workers.backends.audio_faster_whisper:FasterWhisperBackend",
+            contract="tasks.audio",
+            api_routes="api.routes.audio",
+            worker="workers.audio",
+        ),
     )
 }
 CAPABILITIES: tuple[str, ...] = tuple(REGISTRY)

@@ -178,5 +178,7 @@ def _read(path: Path) -> dict[str, CatalogEntry]:
 def load_catalog(user_catalog: Path | None = None) -> Catalog:
     entries = _read(PACKAGED_CATALOG)
     if user_catalog is not None:
-        entries.update(_read(Path(user_catalog)))
+        for model_id, entry in _read(Path(user_catalog)).items():
+            entries.pop(model_id, None)  # a replaced entry moves last: its aliases win
+            entries[model_id] = entry
     return Catalog(entries)

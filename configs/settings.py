@@ -105,6 +105,20 @@ class Settings(BaseSettings):
         "not inside the Redis message",
     )
 
+    # audio (transcriptions, translations)
+    audio_max_bytes: int = Field(
+        default=25 * 1024 * 1024, ge=1024, description="largest audio upload (413 beyond)"
+    )
+    audio_max_duration_s: float = Field(
+        default=4 * 3600.0, gt=0, description="longest audio accepted, in seconds (400 beyond)"
+    )
+    audio_window_s: float = Field(
+        default=120.0,
+        ge=10,
+        description="long audio is decoded and transcribed in windows of this many seconds "
+        "(a worker holds one window, not the file), cut at the quietest moment near the end",
+    )
+
     # Batch API
     max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1)

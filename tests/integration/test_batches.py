@@ -318,7 +318,7 @@ def test_deleted_input_file(client: Any, http: httpx.Client) -> None:
 BAD_CREATES: list[tuple[str, dict[str, Any], str | None]] = [
     # (id, fields over a good body, param)
     ("unsupported-endpoint", {"endpoint": "/v1/completions"}, "endpoint"),
-    ("audio-endpoint", {"endpoint": "/v1/audio/transcriptions"}, "endpoint"),
+    ("translations-endpoint", {"endpoint": "/v1/audio/translations"}, "endpoint"),
     ("unsupported-window", {"completion_window": "1h"}, "completion_window"),
     ("17-metadata-pairs", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ("metadata-number", {"metadata": {"k": 1}}, "metadata"),

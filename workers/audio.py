@@ -1,0 +1,183 @@
+"""The audio capability on the worker: live transcriptions and translations (streamed or
+not) and Batch API lines.
+
+A live request names the copy of its upload in the file store (``audio.key``), which
+this worker deletes once the request is done; a batch line names a file uploaded with
+purpose ``user_data``, which stays the caller's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
+
+from configs.catalog import CatalogEntry, load_catalog
+from tasks import files
+from tasks.audio import parse_body, served_entry, to_work
+from tasks.audio_bodies import outcome_body, usage
+from tasks.batches.chunks import Executor
+from tasks.batches.lines import Outcome
+from tasks.db import session_scope
+from tasks.errors import InvalidRequest, LanewayError
+from tasks.filestore import FileStore, get_file_store
+from tasks.names import BATCH, LIVE
+from workers.audio_engine import SpeechEngine, SpeechResult, Submission
+from workers.backends.audio import Segment, SpeechOptions
+from workers.batching import failed
+from workers.live import StreamSink
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def engine(runtime: WorkerRuntime, model: str) -> SpeechEngine:
+    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
+    found = runtime.engine(model)
+    if not isinstance(found, SpeechEngine):
+        raise InvalidRequest(f"model {model!r} is not an audio model", param="model")
+    return found
+
+
+def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> SpeechEngine:
+    """The capability registry's entry point for loading a model (off the main thread)."""
+    return SpeechEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
+
+
+def options(work: dict[str, Any]) -> SpeechOptions:
+    return SpeechOptions(
+        task=str(work.get("task", "transcribe")),
+        language=work.get("language"),
+        prompt=work.get("prompt"),
+        temperature=float(work.get("temperature", 0.0)),
+        words=bool(work.get("words")),
+    )
+
+
+def segment_wire(seg: Segment) -> dict[str, Any]:
+    """A segment as ``tasks.audio_bodies`` reads it (JSON-able)."""
+    return {
+        "start": seg.start,
+        "end": seg.end,
+        "text": seg.text,
+        "tokens": list(seg.tokens),
+        "temperature": seg.temperature,
+        "avg_logprob": seg.avg_logprob,
+        "compression_ratio": seg.compression_ratio,
+        "no_speech_prob": seg.no_speech_prob,
+        "words": [{"word": w.word, "start": w.start, "end": w.end} for w in seg.words],
+    }
+
+
+def result_wire(result: SpeechResult, *, segments: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"language": result.language, "duration": result.duration}
+    if segments:
+        out["segments"] = [segment_wire(s) for s in result.segments]
+    return out
+
+
+class SpeechLive:
+    """``LiveHandler`` for /v1/audio/transcriptions and /v1/audio/translations."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.store = get_file_store(runtime.settings)
+
+    def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
+        futures: list[Future[Any]] = []
+        for r in requests:
+            key = str((r.get("audio") or {}).get("key", ""))
+            try:
+                path = str(self.store.path(key))
+                sub = Submission(
+                    path,
+                    options(r),
+                    request_id=r.get("id"),
+                    deadline=r.get("deadline"),
+                    sent_at=r.get("sent_at"),
+                    emit=partial(_emit, sink, r) if r.get("stream") else None,
+                )
+                [future] = engine(self.runtime, str(r.get("model"))).submit_many([sub], lane=LIVE)
+            except (LanewayError, ValueError) as exc:
+                future = failed(exc if isinstance(exc, LanewayError) else InvalidRequest(str(exc)))
+            future.add_done_callback(partial(_delete, self.store, key))
+            futures.append(future)
+        return futures
+
+    def encode(self, request: dict[str, Any], result: SpeechResult) -> tuple[bytes, dict[str, Any]]:
+        # a stream's segments went in its deltas
+        return b"", result_wire(result, segments=not request.get("stream"))
+
+
+def _emit(sink: StreamSink, request: dict[str, Any], segments: list[Segment]) -> None:
+    sink.delta(request, segments=[segment_wire(s) for s in segments])
+
+
+def _delete(store: FileStore, key: str, _: object = None) -> None:
+    try:
+        if key:
+            store.delete(key)
+    except (OSError, ValueError):
+        log.warning("could not delete the uploaded audio %s", key)
+
+
+def live_handler(runtime: WorkerRuntime) -> SpeechLive:
+    """The capability registry's entry point for live requests."""
+    return SpeechLive(runtime)
+
+
+def _user_file(store: FileStore, file_id: str) -> str:
+    """The path of a file uploaded with purpose ``user_data`` (a batch line's audio)."""
+    with session_scope() as s:
+        try:
+            row = files.get_file(s, file_id)
+        except LanewayError:
+            raise InvalidRequest(f"No such File object: {file_id!r}", param="file") from None
+        if row.purpose != "user_data":
+            raise InvalidRequest(
+                f"file {file_id!r} has purpose {row.purpose!r}; audio files for batches are "
+                "uploaded with purpose 'user_data'",
+                param="file",
+            )
+        return str(store.path(row.storage_key))
+
+
+def batch_executor(runtime: WorkerRuntime) -> Executor:
+    """Batch API lines of /v1/audio/transcriptions: parsed and checked like the live
+    route, then transcribed on the batch lane (live requests first)."""
+    settings = runtime.settings
+    catalog = load_catalog(settings.model_config_path)
+    store = get_file_store(settings)
+
+    def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
+        works: list[dict[str, Any] | LanewayError] = []
+        subs: list[Submission] = []
+        for body in bodies:
+            try:
+                request = parse_body(body)
+                entry = served_entry(catalog, settings.models, request.model)
+                work = to_work(request, entry, "transcribe", {})
+                subs.append(Submission(_user_file(store, request.file), options(work)))
+                works.append(work)
+            except LanewayError as exc:
+                works.append(exc)
+        started = iter(engine(runtime, model).submit_many(subs, lane=BATCH))
+        return [
+            Outcome.error(w) if isinstance(w, LanewayError) else _outcome(w, rid, next(started))
+            for w, rid in zip(works, request_ids, strict=True)
+        ]
+
+    return execute
+
+
+def _outcome(work: dict[str, Any], request_id: str, future: Future[SpeechResult]) -> Outcome:
+    try:
+        result = future.result()
+    except LanewayError as exc:
+        return Outcome.error(exc)
+    except Exception:
+        log.exception("batch request %s failed", request_id)
+        return Outcome.internal(request_id)
+    return Outcome(200, outcome_body(work, result_wire(result)), usage(result.duration))
