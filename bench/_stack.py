@@ -27,10 +27,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class BenchStack:
-    """Redis, migrations, one CPU worker and the API, through laneway.stack (the launcher
-    `laneway up` and the tests use); each process logs under ``root/logs``."""
+    """Redis, migrations, one CPU worker of ``capability`` and the API, through
+    laneway.stack (the launcher `laneway up` and the tests use); each process logs under
+    ``root/logs``."""
 
-    def __init__(self, root: Path, **env: str) -> None:
+    def __init__(self, root: Path, *, capability: str = "embeddings", **env: str) -> None:
         self.root = root
         base = {
             **os.environ,
@@ -46,7 +47,7 @@ class BenchStack:
         self.env = self.procs.env
         self.procs.migrate()
         self.port = free_port()
-        self.worker = self.procs.worker("embeddings", device="cpu")
+        self.worker = self.procs.worker(capability, device="cpu")
         self.api = self.procs.api(host="127.0.0.1", port=self.port)
         self.base = f"http://127.0.0.1:{self.port}"
 
