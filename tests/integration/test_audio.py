@@ -417,3 +417,60 @@ def test_metrics_count_audio_seconds(stack: Stack, client: Any) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no audio seconds in /metrics: {series}")
+
+
+def _hostile() -> list[tuple[str, dict[str, Any]]]:
+    wav = clip_path("clip01").read_bytes()
+    boundary = "x-boundary"
+    broken = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{ALIAS}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+    ).encode()  # cut inside the file part's headers
+    return [
+        (
+            "too-many-fields",
+            {
+                "data": {f"f{i}": "x" for i in range(40)} | {"model": ALIAS},
+                "files": {"file": ("a.wav", wav)},
+            },
+        ),
+        (
+            "two-files",
+            {
+                "data": {"model": ALIAS},
+                "files": [("file", ("a.wav", wav)), ("file", ("b.wav", wav))],
+            },
+        ),
+        ("file-as-text", {"data": {"model": ALIAS, "file": "not a file"}}),
+        (
+            "broken-multipart",
+            {
+                "content": broken,
+                "headers": {"content-type": f"multipart/form-data; boundary={boundary}"},
+            },
+        ),
+        ("no-boundary", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}}),
+        (
+            "nul-language",
+            {"data": {"model": ALIAS, "language": "e\x00n"}, "files": {"file": ("a.wav", wav)}},
+        ),
+        (
+            "huge-prompt",
+            {"data": {"model": ALIAS, "prompt": "ü" * 5000}, "files": {"file": ("a.wav", wav)}},
+        ),
+        ("model-null-bytes", {"data": {"model": "\x00" * 10}, "files": {"file": ("a.wav", wav)}}),
+        (
+            "non-ascii-filename",
+            {
+                "data": {"model": ALIAS, "response_format": "txt"},
+                "files": {"file": ("ç" * 300 + ".wav", wav)},
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _hostile(), ids=lambda c: c[0])
+def test_hostile_forms_are_400(http: httpx.Client, case: tuple[str, dict[str, Any]]) -> None:
+    response = http.post("/v1/audio/transcriptions", **case[1])
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert_openai_error(response, response.status_code)
