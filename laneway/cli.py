@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from laneway.batch_cli import add_parser as add_batch_parser
 from laneway.stack import Processes
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     from workers.launcher import run_gpu_workers
 
-    return run_gpu_workers(args.capability, args.gpus)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    headroom = {} if args.headroom_mb is None else {"headroom_mb": args.headroom_mb}
+    return run_gpu_workers(args.capability, args.gpus, models, **headroom)
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
@@ -232,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = sub.add_parser("workers", help="one worker per GPU")
     workers.add_argument("--capability", default="embeddings")
-    workers.add_argument("--gpus", default="all", help="all or a comma list of indices")
+    workers.add_argument(
+        "--gpus", default="all", help="all or a comma list of indices (nvidia-smi's)"
+    )
+    workers.add_argument("--models", help="comma list (default: LANEWAY_MODELS of the capability)")
+    workers.add_argument(
+        "--headroom-mb",
+        type=int,
+        help="MB each GPU keeps back beyond the models' memory_mb (default 1024)",
+    )
     workers.set_defaults(func=cmd_workers)
 
     migrate = sub.add_parser("migrate", help="bring the database to the latest revision")
@@ -242,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--host", default="127.0.0.1")
     flower.add_argument("--port", type=int, default=5555)
     flower.set_defaults(func=cmd_flower)
+
+    add_batch_parser(sub)  # `laneway batch submit|status|list|cancel|download`
     return parser
 
 

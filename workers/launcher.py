@@ -4,6 +4,7 @@ consumer (workers/live.py) and `<capability>.batch` hints with Celery's own cons
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -15,10 +16,11 @@ from celery.worker.control import Panel, inspect_command
 from kombu import Exchange, Queue
 
 from configs.capabilities import CAPABILITIES
-from configs.catalog import CatalogError, load_catalog
+from configs.catalog import CatalogEntry, CatalogError, load_catalog
 from configs.settings import Settings, get_settings
 from tasks.celery_app import get_celery
 from tasks.names import BATCH, LIVE, queue_name
+from workers import placement
 from workers import tasks as task_bodies
 from workers.runtime import WorkerRuntime
 
@@ -52,17 +54,7 @@ def run_worker(
     settings: Settings | None = None,
 ) -> None:
     settings = settings or get_settings()
-    if capability not in CAPABILITIES:
-        raise SystemExit(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
-    catalog = load_catalog(settings.model_config_path)
-    try:
-        entries = [
-            e for e in catalog.served(list(models or settings.models)) if e.capability == capability
-        ]
-    except CatalogError as exc:
-        raise SystemExit(str(exc)) from None
-    if not entries:
-        raise SystemExit(f"none of the served models has capability {capability!r}")
+    entries = capability_entries(capability, models, settings)
     device = pin_device(device)
     runtime = WorkerRuntime(settings, capability=capability, device=device, entries=entries)
     runner = task_bodies.make_batch_runner(runtime)
@@ -112,28 +104,96 @@ def report_live_queue(name: str) -> None:
         return [*celery_own(state), live]
 
 
-def run_gpu_workers(capability: str, gpus: str) -> int:
-    """One worker process per GPU (`--gpus all` or `0,2`); returns when all have exited."""
-    import torch
-
-    count = torch.cuda.device_count()
-    indices = list(range(count)) if gpus == "all" else [int(g) for g in gpus.split(",") if g]
-    if not indices:
-        raise SystemExit("no GPUs found; use `laneway worker --device cpu`")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "laneway.cli",
-                "worker",
-                "--capability",
-                capability,
-                "--device",
-                f"cuda:{i}",
-            ]
+def run_gpu_workers(
+    capability: str,
+    gpus: str,
+    models: Sequence[str] | None = None,
+    *,
+    headroom_mb: int = placement.DEFAULT_HEADROOM_MB,
+    settings: Settings | None = None,
+) -> int:
+    """One worker process per GPU (`--gpus all` or `0,2`), each serving the models that
+    `workers.placement` puts on it; returns when all have exited."""
+    settings = settings or get_settings()
+    entries = capability_entries(capability, models, settings)
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        log.warning("CUDA_VISIBLE_DEVICES is ignored here: --gpus picks nvidia-smi's indices")
+    found = placement.inventory(placement.parse_gpus(gpus))
+    try:
+        result = placement.complete(
+            placement.plan(entries, found, headroom_mb=headroom_mb), entries
         )
-        for i in indices
-    ]
+    except placement.PlacementError as exc:
+        raise SystemExit(f"laneway workers --capability {capability}: {exc}") from None
+    for line in describe_plan(result, found):
+        print(line, flush=True)
+    procs = []
+    for index, ids in result.assignments.items():
+        argv, env = gpu_worker_command(capability, index, ids)
+        procs.append(subprocess.Popen(argv, env=env))
     codes = [p.wait() for p in procs]
     return max(codes, default=0)
+
+
+def capability_entries(
+    capability: str, models: Sequence[str] | None, settings: Settings
+) -> list[CatalogEntry]:
+    """The served models of ``capability``: ``models`` (each must have it), else those of
+    LANEWAY_MODELS that have it."""
+    if capability not in CAPABILITIES:
+        raise SystemExit(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    try:
+        entries = load_catalog(settings.model_config_path).served(list(models or settings.models))
+    except CatalogError as exc:
+        raise SystemExit(str(exc)) from None
+    if models:
+        other = [f"{e.id} ({e.capability})" for e in entries if e.capability != capability]
+        if other:
+            raise SystemExit(f"--models names models of another capability: {', '.join(other)}")
+    entries = [e for e in entries if e.capability == capability]
+    if not entries:
+        raise SystemExit(f"none of the served models has capability {capability!r}")
+    return entries
+
+
+def describe_plan(result: placement.Plan, gpus: Sequence[placement.Gpu]) -> list[str]:
+    """One line per GPU: index, name, free MB, what it serves (or that it gets no worker)."""
+    lines = []
+    for gpu in gpus:
+        ids = result.assignments.get(gpu.index)
+        what = (
+            f"{', '.join(ids)} ({result.left_mb[gpu.index]} MB left)"
+            if ids
+            else "no worker (cannot hold every model)"
+        )
+        lines.append(f"GPU {gpu.index} ({gpu.name}, {gpu.free_mb} MB free): {what}")
+    return lines
+
+
+def gpu_worker_command(
+    capability: str, index: int, models: Sequence[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of the worker for GPU ``index``: it sees that GPU alone, as
+    cuda:0, and its name (`audio-gpu1`) is in its argv (`ps`) and LANEWAY_WORKER_NAME."""
+    name = f"{capability}-gpu{index}"
+    argv = [
+        sys.executable,
+        "-X",  # CPython keeps unknown -X options in sys._xoptions: a name that ps shows
+        f"laneway_worker={name}",
+        "-m",
+        "laneway.cli",
+        "worker",
+        "--capability",
+        capability,
+        "--device",
+        "cuda:0",
+        "--models",
+        ",".join(models),
+    ]
+    env = {
+        **os.environ,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # the indices NVML and nvidia-smi use
+        "CUDA_VISIBLE_DEVICES": str(index),
+        "LANEWAY_WORKER_NAME": name,
+    }
+    return argv, env

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -222,3 +225,24 @@ def test_delete_a_file(client: Any) -> None:
     with pytest.raises(openai.NotFoundError):
         client.files.content(upload.id)
     assert upload.id not in {f.id for f in client.files.list()}
+
+
+def test_the_batch_cli_completes_a_batch_with_progress(up: Up, tmp_path: Path) -> None:
+    """`laneway batch submit --wait` as a person runs it, against `laneway up`."""
+    source = tmp_path / "in.jsonl"
+    lines = [line(f"c{i}", f"cli text {i}") for i in range(120)] + [line("bad", "")]
+    source.write_bytes(to_jsonl(lines))
+    flags = ["--endpoint", ENDPOINT, "--wait", "--interval", "0.2", "--base-url", up.base_url]
+    done = subprocess.run(
+        [sys.executable, "-m", "laneway.cli", "batch", "submit", str(source), *flags],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in_progress" in done.stdout or "completed" in done.stdout, done.stdout
+    assert "/121 done" in done.stdout, done.stdout  # the progress line's counts
+    out = (tmp_path / "in.output.jsonl").read_text().splitlines()
+    errors = (tmp_path / "in.errors.jsonl").read_text().splitlines()
+    assert len(out) == 120 and len(errors) == 1
+    assert json.loads(errors[0])["custom_id"] == "bad"

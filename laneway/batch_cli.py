@@ -1,0 +1,612 @@
+"""`laneway batch submit | status | list | cancel | download`: the Batch API for people.
+
+It speaks plain HTTP (httpx) to any laneway, local or remote: ``--base-url`` (else
+``LANEWAY_BASE_URL``, else http://127.0.0.1:8000) and ``--api-key`` (else
+``OPENAI_API_KEY``). ``submit`` checks the JSONL file before uploading it, and with
+``--wait`` follows the batch with a progress line, then downloads its output and error
+files next to the input. Ctrl-C while waiting detaches: the batch keeps running.
+
+Exit codes: 0 the batch completed (or the request succeeded), 1 the batch failed,
+expired or was cancelled, or the server answered with an error, 2 bad usage or a bad
+input file, 130 detached with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+FINISHED = ("completed", "failed", "expired", "cancelled")
+MAX_PROBLEMS = 5
+RATE_WINDOW_S = 30.0
+
+EXIT_OK, EXIT_BATCH, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
+
+Json = dict[str, Any]
+Batch = Json  # a batch object as /v1/batches returns it
+
+
+class ApiError(Exception):
+    """The server answered with an error (its OpenAI error message) or could not be reached."""
+
+
+class UsageError(Exception):
+    """Bad arguments or a bad input file: exit 2."""
+
+
+class Detached(Exception):
+    """Ctrl-C while following a batch (it keeps running)."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(batch_id)
+        self.batch_id = batch_id
+
+
+# -- the input file check --------------------------------------------------------------------
+
+
+def _line_problem(raw: bytes, endpoint: str, seen: set[str]) -> str | None:
+    """What is wrong with one non-blank line of a batch input file (None: nothing)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
+        return f"must be a JSON object, this is {kind}"
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "'custom_id' is missing" if custom_id is None else "'custom_id' must be a string"
+    if custom_id in seen:
+        return f"custom_id {custom_id!r} is used more than once"
+    seen.add(custom_id)
+    if obj.get("method") != "POST":
+        return f"'method' is {obj.get('method')!r}, must be 'POST'"
+    if obj.get("url") != endpoint:
+        return f"'url' is {obj.get('url')!r}, must be the --endpoint {endpoint!r}"
+    if not isinstance(obj.get("body"), dict):
+        return "'body' must be a JSON object"
+    return None
+
+
+def check_jsonl(
+    path: Path, endpoint: str, max_problems: int = MAX_PROBLEMS
+) -> tuple[int, list[str]]:
+    """Read ``path`` line by line: (requests, problems as ``line N: what``), stopping after
+    ``max_problems``. Blank lines are allowed, as the server allows them."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    count = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            count += 1
+            problem = _line_problem(raw, endpoint, seen)
+            if problem is not None:
+                problems.append(f"line {lineno}: {problem}")
+                if len(problems) >= max_problems:
+                    problems.append(f"(stopped after {max_problems} problems)")
+                    break
+    if count == 0 and not problems:
+        problems.append("the file has no requests")
+    return count, problems
+
+
+def output_paths(input_path: Path) -> tuple[Path, Path]:
+    """``in.jsonl`` -> ``in.output.jsonl``, ``in.errors.jsonl``; another name keeps its
+    suffix: ``in.txt`` -> ``in.txt.output.jsonl``."""
+    name = input_path.name
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") and name != ".jsonl" else name
+    return (
+        input_path.with_name(f"{stem}.output.jsonl"),
+        input_path.with_name(f"{stem}.errors.jsonl"),
+    )
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+def base_url(cli_value: str | None, env: dict[str, str] | os._Environ[str]) -> str:
+    """--base-url, else LANEWAY_BASE_URL, else the default; a trailing /v1 is dropped."""
+    url = (cli_value or env.get("LANEWAY_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    return url.removesuffix("/v1")
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text.strip()[:500] or response.reason_phrase
+    return f"HTTP {response.status_code}: {message}"
+
+
+class Api:
+    """The few /v1/files and /v1/batches calls the CLI makes."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url
+        self.http = httpx.Client(
+            base_url=url,
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(60.0, connect=10.0),
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach {self.url}: {exc}") from exc
+        if response.is_error:
+            raise ApiError(_error_message(response))
+        return response.json()
+
+    def upload(self, path: Path) -> Json:
+        with path.open("rb") as f:  # httpx streams a file object in chunks
+            files = {"file": (path.name, f, "application/jsonl")}
+            result: Json = self._call("POST", "/v1/files", files=files, data={"purpose": "batch"})
+        return result
+
+    def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> Batch:
+        body: dict[str, Any] = {
+            "input_file_id": file_id,
+            "endpoint": endpoint,
+            "completion_window": window,
+        }
+        if metadata:
+            body["metadata"] = metadata
+        result: Batch = self._call("POST", "/v1/batches", json=body)
+        return result
+
+    def retrieve(self, batch_id: str) -> Batch:
+        result: Batch = self._call("GET", f"/v1/batches/{batch_id}")
+        return result
+
+    def listing(self, limit: int) -> Json:
+        result: Json = self._call("GET", "/v1/batches", params={"limit": limit})
+        return result
+
+    def cancel(self, batch_id: str) -> Batch:
+        result: Batch = self._call("POST", f"/v1/batches/{batch_id}/cancel")
+        return result
+
+    def download(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to ``dest`` (via ``dest.part``); returns its line count."""
+        part = dest.with_name(dest.name + ".part")
+        lines = 0
+        try:
+            with self.http.stream("GET", f"/v1/files/{file_id}/content") as response:
+                if response.is_error:
+                    response.read()
+                    raise ApiError(_error_message(response))
+                with part.open("wb") as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+                        lines += chunk.count(b"\n")
+        except httpx.HTTPError as exc:
+            part.unlink(missing_ok=True)
+            raise ApiError(f"downloading {file_id} from {self.url}: {exc}") from exc
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        part.replace(dest)
+        return lines
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``0:00:16``, ``12:03:00``."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_rate(rate: float | None) -> str:
+    if rate is None:
+        return "-/s"
+    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
+
+
+def progress_line(batch: Batch, rate: float | None) -> str:
+    """``batch_abc  in_progress  1200/5000 done  3 failed  240/s  ETA 0:00:16``; done counts
+    completed and failed requests alike."""
+    counts = batch.get("request_counts") or {}
+    total = int(counts.get("total") or 0)
+    failed = int(counts.get("failed") or 0)
+    done = int(counts.get("completed") or 0) + failed
+    line = f"{batch['id']}  {batch['status']}  {done}/{total} done  {failed} failed"
+    line += f"  {format_rate(rate)}"
+    if batch["status"] in FINISHED:
+        return line
+    if rate and total > done:
+        return f"{line}  ETA {format_duration((total - done) / rate)}"
+    return f"{line}  ETA -"
+
+
+@dataclass
+class Progress:
+    """Follows a batch's counts: the rate is the measured change of completed + failed
+    over the last ``window`` seconds. On a TTY one line is redrawn in place; otherwise a
+    line is printed whenever the status or the counts change."""
+
+    out: TextIO
+    tty: bool
+    window: float = RATE_WINDOW_S
+    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    last_key: tuple[Any, ...] | None = None
+    width: int = 0
+
+    def rate(self, now: float, done: int) -> float | None:
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first_t, first_done = self.samples[0]
+        if now - first_t <= 0:
+            return None
+        return max(0.0, (done - first_done) / (now - first_t))
+
+    def update(self, batch: Batch, now: float) -> str:
+        counts = batch.get("request_counts") or {}
+        done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+        line = progress_line(batch, self.rate(now, done))
+        key = (batch["status"], counts.get("completed"), counts.get("failed"), counts.get("total"))
+        if self.tty:
+            self.out.write("\r" + line.ljust(self.width))
+            self.width = max(self.width, len(line))
+            self.out.flush()
+        elif key != self.last_key:
+            self.out.write(line + "\n")
+            self.out.flush()
+        self.last_key = key
+        return line
+
+    def finish(self) -> None:
+        if self.tty and self.width:
+            self.out.write("\n")
+            self.out.flush()
+            self.width = 0
+
+
+def wait(
+    api: Api,
+    batch_id: str,
+    progress: Progress,
+    interval: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Batch:
+    """Poll the batch every ``interval`` seconds until it is finished."""
+    try:
+        while True:
+            batch = api.retrieve(batch_id)
+            progress.update(batch, clock())
+            if batch["status"] in FINISHED:
+                return batch
+            sleep(interval)
+    finally:
+        progress.finish()
+
+
+# -- printing ---------------------------------------------------------------------------------
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe(batch: Batch) -> list[str]:
+    """The lines `status` prints: status, counts, file ids, metadata, errors."""
+    counts = batch.get("request_counts") or {}
+    rows = [
+        ("id", batch.get("id")),
+        ("status", batch.get("status")),
+        ("endpoint", batch.get("endpoint")),
+        ("model", batch.get("model")),
+        (
+            "requests",
+            f"{counts.get('completed', 0)} completed  {counts.get('failed', 0)} failed  "
+            f"{counts.get('total', 0)} total",
+        ),
+        ("input file", batch.get("input_file_id")),
+        ("output file", batch.get("output_file_id")),
+        ("error file", batch.get("error_file_id")),
+        ("created", _when(batch.get("created_at"))),
+        ("expires", _when(batch.get("expires_at"))),
+    ]
+    for key in ("completed", "failed", "expired", "cancelled"):
+        if batch.get(f"{key}_at"):
+            rows.append((key, _when(batch[f"{key}_at"])))
+    if batch.get("metadata"):
+        pairs = ", ".join(f"{k}={v}" for k, v in batch["metadata"].items())
+        rows.append(("metadata", pairs))
+    lines = [f"{name:<12} {value if value is not None else '-'}" for name, value in rows]
+    errors = (batch.get("errors") or {}).get("data") or []
+    if errors:
+        lines.append("errors:")
+        for e in errors:
+            where = f"line {e['line']}: " if e.get("line") else ""
+            lines.append(f"  {where}{e.get('message')} ({e.get('code')})")
+    return lines
+
+
+def _resume_hint(batch_id: str) -> str:
+    return (
+        f"detached; batch {batch_id} keeps running on the server (it was not cancelled).\n"
+        f"  follow it:   laneway batch status {batch_id} --wait\n"
+        f"  results:     laneway batch download {batch_id}\n"
+        f"  stop it:     laneway batch cancel {batch_id}"
+    )
+
+
+def _exit_for(batch: Batch) -> int:
+    return EXIT_OK if batch["status"] == "completed" else EXIT_BATCH
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every command gets: the API client and where to print."""
+
+    api: Api
+    out: TextIO
+    err: TextIO
+    interval: float
+
+
+def _download_results(ctx: Context, batch: Batch, output: Path, errors: Path) -> None:
+    for file_id, dest, what in (
+        (batch.get("output_file_id"), output, "output"),
+        (batch.get("error_file_id"), errors, "errors"),
+    ):
+        if file_id:
+            lines = ctx.api.download(file_id, dest)
+            print(f"{what:<7} {dest} ({lines} lines)", file=ctx.out)
+
+
+def _follow(ctx: Context, batch_id: str) -> Batch:
+    progress = Progress(ctx.out, tty=ctx.out.isatty())
+    try:
+        return wait(ctx.api, batch_id, progress, ctx.interval)
+    except KeyboardInterrupt:
+        raise Detached(batch_id) from None
+
+
+def _finished_summary(ctx: Context, batch: Batch) -> None:
+    counts = batch.get("request_counts") or {}
+    print(
+        f"batch {batch['id']} {batch['status']}: {counts.get('completed', 0)} completed, "
+        f"{counts.get('failed', 0)} failed of {counts.get('total', 0)}",
+        file=ctx.out,
+    )
+    for e in (batch.get("errors") or {}).get("data") or []:
+        where = f"line {e['line']}: " if e.get("line") else ""
+        print(f"  {where}{e.get('message')} ({e.get('code')})", file=ctx.out)
+
+
+def cmd_submit(ctx: Context, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    count, problems = check_jsonl(path, args.endpoint)
+    if problems:
+        detail = "\n".join(f"  {p}" for p in problems)
+        raise UsageError(f"{path} is not a valid batch input (nothing uploaded):\n{detail}")
+    upload = ctx.api.upload(path)
+    print(f"uploaded {path} ({count} requests) as {upload['id']}", file=ctx.out)
+    batch = ctx.api.create(upload["id"], args.endpoint, args.completion_window, dict(args.metadata))
+    print(f"created {batch['id']} ({batch['status']})", file=ctx.out)
+    if not args.wait:
+        print(f"follow it with: laneway batch status {batch['id']} --wait", file=ctx.out)
+        return EXIT_OK
+    batch = _follow(ctx, batch["id"])
+    _finished_summary(ctx, batch)
+    _download_results(ctx, batch, *output_paths(path))
+    return _exit_for(batch)
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    batch = _follow(ctx, args.batch_id) if args.wait else ctx.api.retrieve(args.batch_id)
+    print("\n".join(describe(batch)), file=ctx.out)
+    return _exit_for(batch) if args.wait else EXIT_OK
+
+
+def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
+    page = ctx.api.listing(args.limit)
+    rows = page.get("data") or []
+    if not rows:
+        print("no batches", file=ctx.out)
+    for b in rows:
+        counts = b.get("request_counts") or {}
+        done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
+        print(
+            f"{b['id']}  {b['status']:<11}  {b.get('endpoint')}  "
+            f"{done}/{counts.get('total', 0)} done  {counts.get('failed', 0)} failed  "
+            f"{_when(b.get('created_at'))}",
+            file=ctx.out,
+        )
+    if page.get("has_more"):
+        print("(more batches; raise --limit, at most 100, to see them)", file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_cancel(ctx: Context, args: argparse.Namespace) -> int:
+    batch = ctx.api.cancel(args.batch_id)
+    print(f"{batch['id']} {batch['status']}", file=ctx.out)
+    return EXIT_OK
+
+
+def cmd_download(ctx: Context, args: argparse.Namespace) -> int:
+    batch = ctx.api.retrieve(args.batch_id)
+    if batch["status"] not in FINISHED:
+        print(
+            f"batch {batch['id']} is {batch['status']}; its files come when it finishes: "
+            f"laneway batch status {batch['id']} --wait",
+            file=ctx.err,
+        )
+        return EXIT_BATCH
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _finished_summary(ctx, batch)
+    output = directory / f"{batch['id']}.output.jsonl"
+    errors = directory / f"{batch['id']}.errors.jsonl"
+    _download_results(ctx, batch, output, errors)
+    return _exit_for(batch)
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+Command = Callable[[Context, argparse.Namespace], int]
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    """Build the client, run ``command`` and turn its failures into exit codes."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per poll
+    out: TextIO = getattr(args, "out", None) or sys.stdout
+    err: TextIO = getattr(args, "err", None) or sys.stderr
+    url = base_url(args.base_url, os.environ)
+    api = Api(url, args.api_key or os.environ.get("OPENAI_API_KEY"), args.transport)
+    try:
+        return command(Context(api, out, err, args.interval), args)
+    except UsageError as exc:
+        print(f"laneway batch: {exc}", file=err)
+        return EXIT_USAGE
+    except ApiError as exc:
+        print(f"laneway batch: {exc}", file=err)
+        return EXIT_BATCH
+    except Detached as exc:
+        print(f"\n{_resume_hint(exc.batch_id)}", file=err)
+        return EXIT_DETACHED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=err)
+        return EXIT_DETACHED
+    finally:
+        api.close()
+
+
+def _metadata(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key, value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 100")
+    return value
+
+
+def _command(parser: argparse.ArgumentParser, command: Command) -> None:
+    parser.add_argument(
+        "--base-url", help=f"the laneway (default: LANEWAY_BASE_URL, else {DEFAULT_BASE_URL})"
+    )
+    parser.add_argument("--api-key", help="bearer token (default: OPENAI_API_KEY)")
+    parser.set_defaults(func=functools.partial(_run, command), transport=None, interval=1.0)
+
+
+def _wait_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=what)
+    parser.add_argument(
+        "--interval", type=_positive, default=1.0, help="seconds between polls (default 1)"
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `batch` and its commands on `laneway`'s subparsers."""
+    batch = sub.add_parser("batch", help="submit and follow batches on a laneway over HTTP")
+    commands = batch.add_subparsers(dest="batch_command", required=True)
+
+    submit = commands.add_parser("submit", help="check, upload and create a batch")
+    submit.add_argument("file", help="the JSONL input file")
+    submit.add_argument("--endpoint", required=True, help="e.g. /v1/embeddings")
+    submit.add_argument("--completion-window", default="24h")
+    submit.add_argument(
+        "--metadata", type=_metadata, action="append", default=[], help="key=value, repeatable"
+    )
+    _wait_options(submit, "follow it, then download its files next to the input")
+    _command(submit, cmd_submit)
+
+    status = commands.add_parser("status", help="a batch's status, counts and files")
+    status.add_argument("batch_id")
+    _wait_options(status, "follow it until it finishes")
+    _command(status, cmd_status)
+
+    listing = commands.add_parser("list", help="recent batches")
+    listing.add_argument("--limit", type=_limit, default=20, help="1 to 100 (default 20)")
+    _command(listing, cmd_list)
+
+    cancel = commands.add_parser("cancel", help="cancel a batch")
+    cancel.add_argument("batch_id")
+    _command(cancel, cmd_cancel)
+
+    download = commands.add_parser("download", help="a finished batch's output and error files")
+    download.add_argument("batch_id")
+    download.add_argument("--dir", default=".", help="where to write them (default: here)")
+    _command(download, cmd_download)
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """`laneway batch ...` on its own (``python -m laneway.batch_cli submit ...``)."""
+    parser = argparse.ArgumentParser(prog="laneway", description=__doc__)
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    args.transport, args.out, args.err = transport, out, err
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
