@@ -62,6 +62,7 @@ class BrokerGauges(Collector):
     def __init__(self) -> None:
         self.depths: dict[str, int] = {}
         self.workers: dict[str, tuple[int, int]] = {}  # model -> (warm, not warm)
+        self.batches: dict[str, int] = {}  # status -> batches (from the database)
 
     def collect(self) -> Iterator[Any]:
         depth = GaugeMetricFamily(
@@ -75,8 +76,14 @@ class BrokerGauges(Collector):
         for model, (warm, cold) in self.workers.items():
             workers.add_metric([model, "true"], float(warm))
             workers.add_metric([model, "false"], float(cold))
+        batches = GaugeMetricFamily(
+            "laneway_batches", "Batch API batches by status", labels=["status"]
+        )
+        for status, n in self.batches.items():
+            batches.add_metric([status], float(n))
         yield depth
         yield workers
+        yield batches
 
 
 class WorkerStatsCollector(Collector):
@@ -89,37 +96,63 @@ class WorkerStatsCollector(Collector):
         self.snapshots = [json.loads(r) for r in raw if r]
 
     def collect(self) -> Iterator[Any]:
+        labels = ["model", "worker"]
         sizes = HistogramMetricFamily(
-            "laneway_forward_batch_size", "Requests per forward pass", labels=["model", "worker"]
+            "laneway_forward_batch_size", "Requests per forward pass", labels=labels
         )
-        hits = CounterMetricFamily(
-            "laneway_embedding_cache_hits", "Embedding cache hits", labels=["model", "worker"]
+        seconds = HistogramMetricFamily(
+            "laneway_forward_seconds",
+            "Seconds per forward pass (a decode step for chat, a segment or a batch of clips "
+            "for audio)",
+            labels=labels,
         )
-        misses = CounterMetricFamily(
-            "laneway_embedding_cache_misses", "Embedding cache misses", labels=["model", "worker"]
+        waits = HistogramMetricFamily(
+            "laneway_queue_wait_seconds",
+            "Seconds from the API's send (live) or the engine's intake (batch) to compute",
+            labels=[*labels, "lane"],
         )
-        generated = CounterMetricFamily(
-            "laneway_completion_tokens", "Tokens generated", labels=["model", "worker"]
-        )
-        audio = CounterMetricFamily(
-            "laneway_audio_seconds", "Seconds of audio transcribed", labels=["model", "worker"]
-        )
+        counters = {
+            key: CounterMetricFamily(name, doc, labels=labels) for key, name, doc in ENGINE_COUNTERS
+        }
         for snap in self.snapshots:
             worker = snap.get("worker", "?")
             for model, m in snap.get("models", {}).items():
-                buckets = [(le, float(n)) for le, n in m["batch_size_buckets"].items()]
-                buckets.append(("+Inf", float(m["forwards"])))
-                sizes.add_metric([model, worker], buckets, sum_value=float(m["items"]))
+                sizes.add_metric(
+                    [model, worker], *_histogram(m["batch_size_buckets"], m["forwards"], m["items"])
+                )
+                if "forward_seconds" in m:
+                    seconds.add_metric([model, worker], *_snapshot(m["forward_seconds"]))
+                for lane, hist in (m.get("queue_wait_seconds") or {}).items():
+                    waits.add_metric([model, worker, lane], *_snapshot(hist))
                 # each capability's engine reports its own counters
-                for family, key in (
-                    (hits, "cache_hits"),
-                    (misses, "cache_misses"),
-                    (generated, "completion_tokens"),
-                    (audio, "audio_seconds"),
-                ):
+                for key, family in counters.items():
                     if key in m:
                         family.add_metric([model, worker], float(m[key]))
-        yield from (sizes, hits, misses, generated, audio)
+        yield from (sizes, seconds, waits, *counters.values())
+
+
+# counters engines may report: (snapshot key, metric name, help)
+ENGINE_COUNTERS = (
+    ("cache_hits", "laneway_embedding_cache_hits", "Embedding cache hits"),
+    ("cache_misses", "laneway_embedding_cache_misses", "Embedding cache misses"),
+    ("completion_tokens", "laneway_completion_tokens", "Tokens generated"),
+    ("preempted", "laneway_chat_preempted", "Batch sequences preempted by live requests"),
+    ("audio_seconds", "laneway_audio_seconds", "Seconds of audio transcribed"),
+)
+
+
+def _histogram(
+    buckets: Mapping[str, int], count: float, total: float
+) -> tuple[list[tuple[str, float]], float]:
+    """A worker's cumulative buckets as prometheus_client takes them (+Inf added)."""
+    out = [(le, float(n)) for le, n in buckets.items()]
+    out.append(("+Inf", float(count)))
+    return out, float(total)
+
+
+def _snapshot(hist: Mapping[str, Any]) -> tuple[list[tuple[str, float]], float]:
+    """``workers.batching.Histogram.snapshot()`` as prometheus_client takes it."""
+    return _histogram(hist["buckets"], hist["count"], hist["sum"])
 
 
 WORKER_STATS = WorkerStatsCollector()

@@ -77,6 +77,7 @@ class SpeechJob:
     duration: float = 0.0  # seconds decoded so far
     language: str = ""
     segments: list[Segment] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def opened(self) -> bool:
@@ -196,6 +197,7 @@ class SpeechEngine:
         if job.lane == LIVE and job.sub.deadline is not None and job.sub.deadline < time.time():
             self._fail(job, Dropped("deadline passed before the audio was started"))
             return
+        self.stats.waited(job.lane, job.sub.sent_at, job.arrived)
         job.windows = windows(
             job.sub.path,
             window_s=self.settings.audio_window_s,
@@ -219,17 +221,17 @@ class SpeechEngine:
             options = replace(options, prompt=tail)
         job.transcript = self.backend.transcribe(window.samples, options)
         job.language = job.language or job.transcript.language
-        self.stats.record(1)
 
     def _run_clips(self, jobs: list[SpeechJob]) -> None:
         clips = [j.clip for j in jobs if j.clip is not None]
+        began = time.perf_counter()
         try:
             results = self.backend.transcribe_many(clips, jobs[0].sub.options)
         except Exception as exc:
             for job in jobs:
                 self._fail(job, exc)
             return
-        self.stats.record(len(jobs))
+        self.stats.record(len(jobs), time.perf_counter() - began)
         for job, (language, segments) in zip(jobs, results, strict=True):
             job.clip, job.language = None, language
             job.segments = list(segments)
@@ -243,6 +245,7 @@ class SpeechEngine:
     def _advance(self, job: SpeechJob) -> None:
         """One more segment of a long file (or its next window, or its end)."""
         assert job.transcript is not None and job.windows is not None
+        began = time.perf_counter()
         segment = next(job.transcript.segments, None)
         if segment is None:
             if job.last_window:
@@ -252,6 +255,7 @@ class SpeechEngine:
             self._enter(job, window)
             self._start_window(job, window)
             return
+        self.stats.record(1, time.perf_counter() - began)  # one segment: the unit of work
         segment = segment.shifted(job.offset)
         job.segments.append(segment)
         if job.sub.emit is not None:

@@ -74,6 +74,7 @@ class Job:
     out: list[Any] = field(default_factory=list)
     remaining: int = 0
     arrived: float = field(default_factory=time.monotonic)
+    started: bool = False  # its first input reached a forward (queue wait recorded)
 
 
 @dataclass(eq=False)
@@ -83,35 +84,77 @@ class _Item:
     seq: list[int]
 
 
-# upper bounds of the forward batch-size histogram the worker reports
+# upper bounds of the histograms the worker reports: forward batch sizes, seconds a
+# forward took, and seconds a request waited (from the API's send, or from its submission
+# to the engine for batch work) until its compute started
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class Histogram:
+    """Cumulative bucket counts and a sum: constant memory however long the worker lives."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        self.n += 1
+        self.total += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        buckets = dict(zip(map(str, self.bounds), self.counts, strict=True))
+        return {"buckets": buckets, "sum": self.total, "count": self.n}
 
 
 @dataclass
 class ForwardStats:
-    """Per-forward numbers the worker reports to the API's /metrics: running totals and
-    cumulative histogram counts, so a long-lived worker keeps constant memory."""
+    """Per-forward numbers the worker reports to the API's /metrics (through Redis, with
+    its heartbeat): batch sizes, forward seconds and queue wait per lane."""
 
-    forwards: int = 0
-    items: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_SIZE_BUCKETS))
+    sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    waits: dict[str, Histogram] = field(default_factory=dict)
+
+    @property
+    def forwards(self) -> int:
+        return self.sizes.n
+
+    @property
+    def items(self) -> int:
+        return int(self.sizes.total)
 
     def snapshot(self) -> dict[str, Any]:
-        """What /metrics reads of every engine: forwards, items and the histogram."""
+        """What /metrics reads of every engine."""
+        sizes = self.sizes.snapshot()
         return {
-            "forwards": self.forwards,
-            "items": self.items,
-            "batch_size_buckets": dict(
-                zip(map(str, BATCH_SIZE_BUCKETS), self.buckets, strict=True)
-            ),
+            "forwards": sizes["count"],
+            "items": int(sizes["sum"]),
+            "batch_size_buckets": sizes["buckets"],
+            "forward_seconds": self.seconds.snapshot(),
+            "queue_wait_seconds": {lane: h.snapshot() for lane, h in self.waits.items()},
         }
 
-    def record(self, size: int) -> None:
-        self.forwards += 1
-        self.items += size
-        for i, bound in enumerate(BATCH_SIZE_BUCKETS):
-            if size <= bound:
-                self.buckets[i] += 1
+    def record(self, size: int, seconds: float | None = None) -> None:
+        """One forward of ``size`` inputs that took ``seconds``."""
+        self.sizes.observe(size)
+        if seconds is not None:
+            self.seconds.observe(seconds)
+
+    def waited(self, lane: str, sent_at: float | None, arrived: float) -> None:
+        """A request of ``lane`` starts compute: its wait since the API sent it
+        (``sent_at``, wall clock: live requests), else since it reached the engine
+        (``arrived``, ``time.monotonic``)."""
+        wait = time.time() - sent_at if sent_at is not None else time.monotonic() - arrived
+        self.waits.setdefault(lane, Histogram(SECONDS_BUCKETS)).observe(max(0.0, wait))
 
 
 # requests younger than this skip the "has the caller gone?" look-up in Redis
@@ -303,6 +346,10 @@ class Batcher:
         """One forward; when it raises, split it in halves and run each again, so the
         item that breaks it fails its own job alone and every other job still gets its
         vectors (a bad request costs about 2·log2(batch) extra forwards)."""
+        for job in {it.job: None for it in items if not it.job.started}:
+            job.started = True
+            self.stats.waited(job.lane, job.sent_at, job.arrived)
+        began = time.perf_counter()
         try:
             vectors = self.backend.forward([it.seq for it in items])
         except Exception as exc:
@@ -318,7 +365,7 @@ class Batcher:
                 if part:
                     self._forward(part)
             return
-        self.stats.record(len(items))
+        self.stats.record(len(items), time.perf_counter() - began)
         for it, vec in zip(items, vectors, strict=True):
             job = it.job
             if job.future.done():

@@ -331,6 +331,10 @@ class ChatEngine:
         choices = [c for j in jobs for c in j.choices if c.finish_reason is None]
         if not choices:
             return
+        for job in jobs:
+            if not any(c.generated for c in job.choices):  # not a preempted one resuming
+                self.stats.waited(job.lane, job.meta.sent_at, job.arrived)
+        began = time.perf_counter()
         try:
             logits, batch = self.backend.prefill([c.resume_prompt() for c in choices])
         except OutOfMemory:
@@ -340,7 +344,7 @@ class ChatEngine:
             self._requeue(jobs[half:])
             self._prefill(jobs[:half])
             return
-        self.stats.record(len(choices))
+        self.stats.record(len(choices), time.perf_counter() - began)
         self._state = merge(self._state, batch)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._running.extend(choices)
@@ -372,8 +376,9 @@ class ChatEngine:
         assert self._state is not None
         while True:
             try:
+                began = time.perf_counter()
                 self._logits = self.backend.decode(self._state, tokens)
-                self.stats.record(len(self._running))
+                self.stats.record(len(self._running), time.perf_counter() - began)
                 return
             except OutOfMemory:
                 jobs = list({c.job: None for c in self._running})

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import StateDep
 from api.metrics import BROKER, WORKER_STATS, exposition
 from api.protocol.errors import error_responses
 from api.protocol.ops import HEALTH_RESPONSES, METRICS_RESPONSES
 from configs.capabilities import CAPABILITIES
+from tasks.batches.service import count_by_status
+from tasks.db import session_scope
 from tasks.names import LANES, queue_name, worker_metrics_key
 
 router = APIRouter()
@@ -60,4 +65,11 @@ async def metrics(state: StateDep) -> Response:
         WORKER_STATS.update(await state.redis.mget(keys) if keys else [])
     except (RedisError, OSError):
         pass  # serve what the API itself knows
+    with suppress(SQLAlchemyError):  # the database down: the other numbers still serve
+        BROKER.batches = await run_in_threadpool(_batch_counts)
     return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _batch_counts() -> dict[str, int]:
+    with session_scope() as s:
+        return count_by_status(s)

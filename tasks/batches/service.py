@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -233,6 +233,12 @@ def request_cancel(session: Session, batch_id: str) -> BatchRow:
     session.flush()
     session.refresh(row)
     return row
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Batches per status (what /metrics reports as ``laneway_batches``)."""
+    rows = session.execute(select(BatchRow.status, func.count()).group_by(BatchRow.status))
+    return {str(status): int(n) for status, n in rows}
 
 
 def notify(capability: str, batch_id: str) -> None:

@@ -285,6 +285,11 @@ def test_metrics(stack: Stack, client: Any) -> None:
         time.sleep(0.5)
     assert forwards > 0
     assert sample(samples, "laneway_forward_batch_size_sum", model=MINILM) >= forwards
+    # the worker's forward seconds and live queue wait, one observation per forward/request
+    assert sample(samples, "laneway_forward_seconds_count", model=MINILM) == forwards
+    assert sample(samples, "laneway_forward_seconds_sum", model=MINILM) > 0
+    assert sample(samples, "laneway_queue_wait_seconds_count", model=MINILM, lane="live") >= 1
+    assert "laneway_batches" in samples  # batches by status, from the database
     assert (
         sample(
             samples,
