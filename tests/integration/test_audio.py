@@ -414,6 +414,9 @@ def test_metrics_count_audio_seconds(stack: Stack, client: Any) -> None:
     while time.monotonic() < deadline:
         series = metrics(stack).get("laneway_audio_seconds_total", [])
         if any(labels.get("model") == TINY and value > 4 for labels, value in series):
+            # the batches of this module, counted from the database
+            batches = metrics(stack)["laneway_batches"]
+            assert any(labels == {"status": "completed"} and n >= 2 for labels, n in batches)
             return
         time.sleep(0.5)
     raise AssertionError(f"no audio seconds in /metrics: {series}")
