@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api import errors, openapi
+from api import docs, errors, openapi
 from api.live import LiveClient
 from api.middleware import Gate
 from api.responses import SafeJSONResponse
@@ -50,9 +50,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="OpenAI-compatible embeddings and Batch API on Celery, Redis and SQL.",
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
+        # served by api/docs.py with local assets (FastAPI's load them from a CDN)
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
     openapi.install(app, settings)
+    docs.install(app)
     capability_routes = [cap.api_module() for cap in REGISTRY.values()]
     app.add_middleware(
         Gate,

@@ -25,11 +25,17 @@ from tasks.errors import AuthenticationFailed, LanewayError, PayloadTooLarge
 # what the API key protects: every OpenAI route, and (a setting) the operator pages
 V1_PREFIX = "/v1/"
 OPS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")
+# the pages' scripts, styles and icon (api/docs.py): guarded exactly when the pages are
+DOCS_ASSETS = "/docs/assets"
 
 
 def is_protected(path: str, *, protect_ops: bool) -> bool:
     """Whether the API key (when one is set) guards ``path``."""
-    return path.startswith(V1_PREFIX) or (protect_ops and path in OPS_PATHS)
+    if path.startswith(V1_PREFIX):
+        return True
+    return protect_ops and (
+        path in OPS_PATHS or path == DOCS_ASSETS or path.startswith(f"{DOCS_ASSETS}/")
+    )
 
 
 class _TooLarge(StarletteHTTPException):

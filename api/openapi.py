@@ -8,6 +8,7 @@ the document declares the bearer scheme on every route the key protects.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,11 +18,16 @@ from api.middleware import is_protected
 from configs.settings import Settings
 
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")
+_DEFS_REF = "#/$defs/"
+_COMPONENTS_REF = "#/components/schemas/"
 
 
 def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    schema = get_openapi(
-        title=app.title, version=app.version, description=app.description, routes=app.routes
+    # a deep copy: routes' ``openapi_extra`` dicts end up in the document by reference
+    schema = copy.deepcopy(
+        get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
     )
     for path, operations in schema.get("paths", {}).items():
         protected = settings.api_key and is_protected(path, protect_ops=settings.protect_ops)
@@ -32,9 +38,40 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     for name in _FASTAPI_422:
         components.get("schemas", {}).pop(name, None)
+    _lift_defs(schema.get("paths", {}), components.setdefault("schemas", {}))
     if settings.api_key:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return schema
+
+
+def _lift_defs(node: Any, schemas: dict[str, Any]) -> None:
+    """Move every inline ``$defs`` under ``node`` into ``schemas`` and point the
+    ``#/$defs/<name>`` references at ``#/components/schemas/<name>`` (in place)."""
+    if isinstance(node, list):
+        for item in node:
+            _lift_defs(item, schemas)
+        return
+    if not isinstance(node, dict):
+        return
+    for name, definition in node.pop("$defs", {}).items():
+        _lift_defs(definition, schemas)
+        if schemas.setdefault(name, definition) != definition:
+            raise ValueError(f"two different schemas are both named {name!r}")
+    if "$ref" in node:
+        node["$ref"] = _component_ref(node["$ref"])
+    discriminator = node.get("discriminator")
+    if isinstance(discriminator, dict) and isinstance(discriminator.get("mapping"), dict):
+        mapping = discriminator["mapping"]
+        for key, ref in mapping.items():
+            mapping[key] = _component_ref(ref)
+    for value in node.values():
+        _lift_defs(value, schemas)
+
+
+def _component_ref(ref: Any) -> Any:
+    if isinstance(ref, str) and ref.startswith(_DEFS_REF):
+        return _COMPONENTS_REF + ref.removeprefix(_DEFS_REF)
+    return ref
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -139,6 +139,13 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(default=5.0, gt=0)
 
+    # Flower (`laneway flower`)
+    flower_basic_auth: str | None = Field(
+        default=None,
+        description="Flower's basic auth, user:password (comma-separated for several); "
+        "unset: Flower's own FLOWER_BASIC_AUTH, if any",
+    )
+
     @field_validator("models", "image_fetch_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -151,6 +158,17 @@ class Settings(BaseSettings):
     def _non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("LANEWAY_MODELS must name at least one catalog id")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_password_pairs(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for pair in value.split(","):
+            user, colon, password = pair.partition(":")
+            if not (user and colon and password):
+                raise ValueError("LANEWAY_FLOWER_BASIC_AUTH must be user:password[,user:password]")
         return value
 
     @property

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -114,8 +115,22 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return run_gpu_workers(args.capability, args.gpus, models, **headroom)
 
 
-def cmd_flower(args: argparse.Namespace) -> int:
-    settings = _settings()
+# Flower forgets a worker this long after it went offline: a restarted worker comes back
+# under a new name (its pid is in it), so without this the dead ones pile up on the page
+FLOWER_PURGE_OFFLINE_S = 3600
+
+
+def flower_command(
+    settings: Settings, host: str, port: int, environ: Mapping[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment `laneway flower` runs Flower with.
+
+    Only the broker URL is needed for the queues: on Redis, Flower reads their lengths
+    (``/api/queues/length``) itself; ``--broker-api`` is for RabbitMQ's management API. The
+    queue names come from the workers' ``active_queues``, which laneway's workers answer
+    with both lanes (see ``workers/launcher.py``). The basic auth goes in the environment
+    (Flower reads ``FLOWER_BASIC_AUTH``), not in argv, where ``ps`` would show it.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -123,10 +138,19 @@ def cmd_flower(args: argparse.Namespace) -> int:
         "--broker",
         settings.effective_redis_url,
         "flower",
-        f"--port={args.port}",
-        f"--address={args.host}",
+        f"--port={port}",
+        f"--address={host}",
+        f"--purge_offline_workers={FLOWER_PURGE_OFFLINE_S}",
     ]
-    os.execv(sys.executable, argv)
+    env = dict(environ)
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    return argv, env
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    argv, env = flower_command(_settings(), args.host, args.port, os.environ)
+    os.execve(sys.executable, argv, env)
     return 0  # pragma: no cover
 
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 KEY = "sk-test-\u00e9-not-ascii"  # a key a user might really choose
 GOOD = {"Authorization": b"Bearer " + KEY.encode("utf-8")}
-OPS = ("/metrics", "/openapi.json", "/docs", "/redoc")
+OPS = ("/metrics", "/openapi.json", "/docs", "/redoc", "/docs/assets/swagger-ui-bundle.js")
 
 
 @pytest.fixture(scope="module")
