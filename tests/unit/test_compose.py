@@ -1,13 +1,25 @@
-"""docker-compose.yml: authentication is required, and Redis and Postgres stay off the host.
+"""docker-compose.yml and docker/Dockerfile.*, checked without a Docker engine.
 
-There is no Docker engine in the test environment, so the file is loaded with PyYAML and
-Compose's variable interpolation is reimplemented here for the forms the file may use:
-`$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`, `${VAR?err}`, `$$`.
+Authentication is required, and Redis and Postgres stay off the host. Every `laneway`
+command (compose `command`, Dockerfile CMD/ENTRYPOINT) parses with the real CLI parser and
+names real capabilities, devices and catalog models; every served capability has a worker;
+every `LANEWAY_*` variable set is a real setting; health checks hit real, open API routes
+with a tool the image has; published ports are the ports the commands listen on; every
+COPY/ADD source exists and survives .dockerignore. `docker compose config` runs where a
+compose plugin is installed.
+
+The compose file is loaded with PyYAML and Compose's variable interpolation is
+reimplemented here for the forms the file may use: `$VAR`, `${VAR}`, `${VAR:-default}`,
+`${VAR-default}`, `${VAR:?err}`, `${VAR?err}`, `$$`. Each checker returns a list of
+problems naming the service or file:line, so one test reports every mistake at once.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,12 +27,39 @@ from typing import Any
 import pytest
 import yaml
 
-COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+from tests.deploy_checks import (
+    _NAME,
+    AUTH_ENV,
+    LOOPBACK,
+    ROOT,
+    Dockerfile,
+    build_problems,
+    cli_variables,
+    command_problems,
+    compose_env_problems,
+    dependency_problems,
+    dockerfile_problems,
+    dockerignore_rules,
+    env_problems,
+    exec_form,
+    healthcheck_problems,
+    host_ip_and_target,
+    ignored,
+    laneway_commands,
+    laneway_problems,
+    port_problems,
+    service_command,
+    service_dockerfile,
+    setting_variables,
+    simple_commands,
+    worker_problems,
+)
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 REQUIRED = {"api": "LANEWAY_API_KEY", "flower": "FLOWER_BASIC_AUTH"}
 DATA_PORTS = {"5432", "6379"}  # Postgres, Redis (container side)
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
-_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _TOKEN = re.compile(
     rf"\$(?:(?P<escaped>\$)"
     rf"|\{{(?P<braced>{_NAME})(?:(?P<op>:?[-?])(?P<arg>[^}}]*))?\}}"
@@ -80,18 +119,6 @@ def render(env: Mapping[str, str]) -> dict[str, Any]:
     return config
 
 
-def host_ip_and_target(port: str | int | dict[str, Any]) -> tuple[str, str]:
-    """(host IP, container port) of a `ports:` entry, short or long syntax; '' = all."""
-    if isinstance(port, dict):
-        return str(port.get("host_ip", "")), str(port["target"])
-    spec = str(port).split("/")[0]
-    if spec.startswith("["):  # [::1]:5432:5432
-        ip, _, rest = spec[1:].partition("]:")
-        return ip, rest.split(":")[-1]
-    parts = spec.split(":")
-    return (parts[0] if len(parts) == 3 else ""), parts[-1]
-
-
 @pytest.mark.parametrize(("service", "var"), sorted(REQUIRED.items()))
 def test_auth_variables_are_required_interpolations(service: str, var: str) -> None:
     raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"][service]["environment"]
@@ -148,3 +175,333 @@ def test_postgres_and_redis_are_not_published_on_all_interfaces() -> None:
             ip, target = host_ip_and_target(port)
             if is_data_store or target in DATA_PORTS:
                 assert ip in LOOPBACK, f"{name} publishes {port!r} on all interfaces"
+
+
+# --- the real files ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return render(AUTH_ENV)
+
+
+@pytest.fixture(scope="module")
+def services(config: dict[str, Any]) -> dict[str, Any]:
+    return config["services"]  # type: ignore[no-any-return]
+
+
+def report(problems: list[str]) -> str:
+    return "\n" + "\n".join(problems)
+
+
+def test_the_checks_see_every_laneway_command(services: dict[str, Any]) -> None:
+    # not vacuous: each image built here runs laneway, and all the server commands appear
+    seen = set()
+    for name, service in services.items():
+        commands = laneway_commands(service_command(service))
+        assert commands or "build" not in service, f"{name} runs no laneway command"
+        seen |= {args[0] for args in commands}
+    assert {"api", "migrate", "worker", "workers", "flower"} <= seen
+
+
+def test_builds_name_existing_dockerfiles(services: dict[str, Any]) -> None:
+    problems = build_problems(services)
+    assert not problems, report(problems)
+    used = {df.name for s in services.values() if (df := service_dockerfile(s))}
+    assert used == {df.relative_to(ROOT).as_posix() for df in DOCKERFILES}
+
+
+def test_service_commands_parse_with_the_cli(services: dict[str, Any]) -> None:
+    problems = command_problems(services)
+    assert not problems, report(problems)
+
+
+def test_environment_sets_only_real_settings(config: dict[str, Any]) -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())  # the x- blocks as written
+    extensions = {k: v for k, v in raw.items() if k.startswith("x-")}
+    problems = compose_env_problems(interpolate_all(extensions, AUTH_ENV, []) | config)
+    assert not problems, report(problems)
+
+
+def test_every_served_capability_has_a_worker(services: dict[str, Any]) -> None:
+    problems = worker_problems(services)
+    assert not problems, report(problems)
+
+
+def test_health_checks_hit_real_routes(services: dict[str, Any]) -> None:
+    problems = healthcheck_problems(services)
+    assert not problems, report(problems)
+
+
+def test_published_ports_are_the_listening_ports(services: dict[str, Any]) -> None:
+    problems = port_problems(services)
+    assert not problems, report(problems)
+
+
+def test_dependencies_can_be_met(services: dict[str, Any]) -> None:
+    problems = dependency_problems(services)
+    assert not problems, report(problems)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile(path: Path) -> None:
+    problems = dockerfile_problems(Dockerfile.load(path))
+    assert not problems, report(problems)
+
+
+def compose_command() -> list[str]:
+    """`docker compose` or a v2 `docker-compose`; skips the test when neither is here."""
+    reasons = []
+    if docker := shutil.which("docker"):
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+        said = (probe.stderr.strip().splitlines() or [""])[0][:80]
+        reasons.append(f"the docker CLI has no compose plugin ({said})")
+    else:
+        reasons.append("no docker CLI")
+    if standalone := shutil.which("docker-compose"):
+        probe = subprocess.run([standalone, "version"], capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0 and re.search(r"v2\.|version 2\.", probe.stdout):
+            return [standalone]
+        reasons.append("docker-compose is not Compose v2")
+    else:
+        reasons.append("no docker-compose")
+    pytest.skip("no Compose v2 to run `docker compose config`: " + "; ".join(reasons))
+
+
+def test_docker_compose_config() -> None:
+    compose = compose_command()
+    base = [*compose, "--env-file", os.devnull, "-f", str(COMPOSE_FILE), "--profile", "gpu"]
+    clean = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    done = subprocess.run(
+        [*base, "config", "--quiet"],
+        env=clean | AUTH_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = subprocess.run(
+        [*base, "config", "--quiet"], env=clean, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0
+    assert "LANEWAY_API_KEY" in refused.stderr or "FLOWER_BASIC_AUTH" in refused.stderr
+
+
+# --- the checkers catch what they are for --------------------------------------------------
+
+BROKEN = """
+x-env: &env
+  LANEWAY_REDIS_URL: redis://redis:6379/0
+  LANEWAY_MODLES: sentence-transformers/all-MiniLM-L6-v2
+services:
+  api:
+    build: {context: ., dockerfile: docker/Dockerfile.api}
+    environment:
+      <<: *env
+      LANEWAY_MODELS: sentence-transformers/all-MiniLM-L6-v2,Systran/faster-whisper-tiny.en
+    command: ["sh", "-c", "laneway migrate && exec laneway api --host 0.0.0.0 --port 8000"]
+    ports: ["8080:8080"]
+    healthcheck:
+      test: ["CMD-SHELL", "curl -f http://localhost:8000/healthz || exit 1"]
+  api-two:
+    environment: {LANEWAY_PORT: "9000", LANEWAY_API_WORKERS: "0"}
+    command: laneway api --host 0.0.0.0 --no-migrat
+  api-three:
+    environment: {LANEWAY_MODELS: laneway/fake-embeddings}
+    command: ["laneway", "api", "--port", "8000"]
+    ports: ["8000:8000"]
+    healthcheck:
+      test: ["CMD", "python", "-c", "import urllib.request as u; u.urlopen('http://api:8001/v1/models')"]
+  embeddings:
+    build: {context: ., dockerfile: docker/Dockerfile.worker-gpu}
+    environment: *env
+    command: ["laneway", "worker", "--capability", "embedding", "--device", "gpu0"]
+    depends_on:
+      api: {condition: service_healthy}
+  chat:
+    environment: {LANEWAY_MODELS: "sentence-transformers/all-MiniLM-L6-v2"}
+    command: ["laneway", "workers", "--capability", "chat", "--gpus", "first"]
+    depends_on:
+      redis: {condition: service_healthy}
+  redis:
+    image: redis:7-alpine
+  flower:
+    command: ["laneway", "flower", "--port", "5555"]
+    ports: ["5555:5555"]
+"""
+
+
+@pytest.fixture
+def broken() -> dict[str, Any]:
+    return yaml.safe_load(BROKEN)  # type: ignore[no-any-return]
+
+
+def assert_reported(problems: list[str], *expected: tuple[str, str]) -> None:
+    """Each (where, what) appears together in one problem."""
+    for where, what in expected:
+        assert any(p.startswith(f"{where}:") and what in p for p in problems), (
+            f"{where}: {what!r} not reported in" + report(problems)
+        )
+
+
+def test_broken_commands_are_reported(broken: dict[str, Any]) -> None:
+    problems = command_problems(broken["services"])
+    assert_reported(
+        problems,
+        ("api-two", "unrecognized arguments: --no-migrat"),
+        ("embeddings", "unknown capability 'embedding'"),
+        ("embeddings", "--device takes auto, cpu or cuda:N, not 'gpu0'"),
+        ("chat", "--gpus takes all or indices, not 'first'"),
+    )
+    assert not [p for p in problems if p.startswith(("api:", "api-three:", "flower:"))]
+
+
+def test_bad_laneway_command_lines() -> None:
+    assert_reported(
+        laneway_problems(["serve"], "s"),
+        ("s", "invalid choice: 'serve'"),
+    )
+    assert_reported(
+        laneway_problems(["worker", "--device", "cpu"], "s"),
+        ("s", "the following arguments are required: --capability"),
+    )
+    whisper = "Systran/faster-whisper-tiny.en"
+    assert_reported(
+        laneway_problems(["worker", "--capability", "embeddings", "--models", whisper], "s"),
+        ("s", f"--models names {whisper!r}, a model of 'audio'"),
+    )
+    assert_reported(
+        laneway_problems(["workers", "--models", "no-such/model"], "s"),
+        ("s", "--models names 'no-such/model', no catalog id"),
+    )
+    assert laneway_problems(["up", "--device", "cuda:1"], "s") == []
+
+
+def test_unknown_and_invalid_variables_are_reported(broken: dict[str, Any]) -> None:
+    problems = compose_env_problems(broken)
+    assert_reported(
+        problems,
+        ("x-env", "LANEWAY_MODLES is not a laneway setting"),
+        ("api", "LANEWAY_MODLES is not a laneway setting"),  # merged in through <<
+        ("api-two", "api_workers"),
+    )
+    assert_reported(
+        env_problems({"LANEWAY_MODELS": "no-such/model"}, "svc"),
+        ("svc", "unknown model(s) no-such/model"),
+    )
+    assert_reported(
+        env_problems({"LANEWAY_MODELS": "whisper-1"}, "svc"),
+        ("svc", "names catalog ids, not aliases"),
+    )
+    fine = {"POSTGRES_USER": "x", "LANEWAY_LOG_LEVEL": "DEBUG", "laneway_task_events": "1"}
+    assert env_problems(fine | {"LANEWAY_MODEL_CONFIG": "/m.yaml"}, "svc") == []
+    assert "LANEWAY_LOG_LEVEL" in cli_variables()
+    assert "LANEWAY_MODEL_CONFIG_PATH" not in setting_variables()  # the alias is read
+
+
+def test_a_capability_without_a_worker_is_reported(broken: dict[str, Any]) -> None:
+    services = broken["services"]
+    services["embeddings"]["command"][3] = "embeddings"
+    problems = worker_problems(services)
+    assert_reported(
+        problems,
+        ("api", "serves Systran/faster-whisper-tiny.en (audio) but no service"),
+        ("chat", "has no model of that capability"),
+    )
+    assert not [p for p in problems if "(embeddings)" in p]
+
+
+def test_broken_health_checks_are_reported(broken: dict[str, Any]) -> None:
+    problems = healthcheck_problems(broken["services"])
+    assert_reported(
+        problems,
+        ("api", "healthcheck runs curl, which docker/Dockerfile.api does not install"),
+        ("api", "GET /healthz, no route of the API"),
+        ("api-two", "runs `laneway api` but has no healthcheck"),
+        ("api-three", "asks api, not the container itself"),
+        ("api-three", "asks port 8001, the API listens on 8000"),
+        ("api-three", "/v1/models, which needs the API key"),
+    )
+
+
+def test_ports_and_dependencies_are_checked(broken: dict[str, Any]) -> None:
+    services = broken["services"]
+    assert_reported(
+        port_problems(services),
+        ("api", "publishes '8080:8080', but its command listens on 8000"),
+        ("api-three", "listens on 127.0.0.1, out of reach"),
+        ("flower", "listens on 127.0.0.1, out of reach"),
+    )
+    assert_reported(
+        dependency_problems(services),
+        ("embeddings", "waits for api to be healthy, which it never is"),
+        ("chat", "waits for redis to be healthy; it has no check"),
+    )
+    assert_reported(
+        build_problems(services),
+        ("embeddings", "build.dockerfile 'docker/Dockerfile.worker-gpu' does not exist"),
+    )
+
+
+BROKEN_DOCKERFILE = """\
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 \\
+    LANEWAY_FILESTORE=/data/files
+WORKDIR /app
+COPY pyproject.toml README.md ./
+RUN pip install '.[postgres]'
+COPY api ./api
+COPY no-such-dir ./x
+COPY tests ./tests
+COPY --from=build /wheels /wheels
+EXPOSE 8000
+CMD ["sh", "-c", "laneway migrate && exec laneway api --prot 8000"]
+"""
+
+
+def test_dockerfile_problems_name_file_and_line() -> None:
+    problems = dockerfile_problems(Dockerfile.parse("docker/Dockerfile.test", BROKEN_DOCKERFILE))
+    assert_reported(
+        problems,
+        ("docker/Dockerfile.test:2", "LANEWAY_FILESTORE is not a laneway setting"),
+        ("docker/Dockerfile.test:6", "`pip install .` runs before api, configs"),
+        ("docker/Dockerfile.test:8", "COPY no-such-dir: no such path in the context"),
+        ("docker/Dockerfile.test:9", "COPY tests: excluded by .dockerignore"),
+        ("docker/Dockerfile.test:12", "unrecognized arguments: --prot"),
+    )
+    assert len(problems) == 5, report(problems)
+    listens_locally = BROKEN_DOCKERFILE.replace("--prot 8000", "--port 9000")
+    assert_reported(
+        dockerfile_problems(Dockerfile.parse("D", listens_locally)),
+        ("D:12", "listens on 127.0.0.1 only"),
+        ("D:12", "listens on 9000, not EXPOSEd"),
+    )
+
+
+def test_shell_commands_are_split() -> None:
+    script = "A=1 laneway migrate && exec laneway api --port 8000; echo done | cat"
+    assert simple_commands(["sh", "-c", script]) == [
+        ["laneway", "migrate"],
+        ["laneway", "api", "--port", "8000"],
+        ["echo", "done"],
+        ["cat"],
+    ]
+    assert laneway_commands("python -m laneway.cli worker --capability audio") == [
+        ["worker", "--capability", "audio"]
+    ]
+    assert laneway_commands(exec_form("laneway flower")) == [["flower"]]
+
+
+def test_dockerignore_rules() -> None:
+    rules = dockerignore_rules("**/__pycache__\n*.egg-info\n/data\ntests\n!tests/keep\n")
+    assert ignored("api/routes/__pycache__/x.pyc", rules)
+    assert ignored("laneway.egg-info", rules)
+    assert ignored("data/x", rules)
+    assert ignored("tests/unit", rules)
+    assert not ignored("tests/keep", rules)
+    assert not ignored("api", rules)
+    assert not ignored("sub/laneway.egg-info", rules)  # * does not cross folders
