@@ -318,8 +318,8 @@ def test_stats_count_forwards_and_items(
     assert batcher.stats.forwards == 3
     assert batcher.stats.items == 7
     # cumulative counts per bucket bound (1, 2, 4, ...): sizes 3, 3, 1
-    assert batcher.stats.buckets[:4] == [1, 1, 3, 3]
-    assert batcher.stats.buckets[-1] == 3
+    assert batcher.stats.sizes.counts[:4] == [1, 1, 3, 3]
+    assert batcher.stats.sizes.counts[-1] == 3
 
 
 # -- adaptive batching: wait for more only under load -------------------------------------
