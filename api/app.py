@@ -18,12 +18,15 @@ from api.state import AppState
 from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
 from configs.settings import Settings, get_settings
+from laneway.logs import configure as configure_logging
 from tasks.db import get_engine
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    if not logging.getLogger().handlers:  # an API process uvicorn spawned (--workers N)
+        configure_logging()
     settings = settings or get_settings()
     catalog = load_catalog(settings.model_config_path)
     catalog.served(settings.models)  # fail fast on unknown ids

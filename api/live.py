@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from api.publisher import BoundedPublisher
 from api.registry import WorkerRegistry
 from configs.settings import Settings
+from laneway.logs import REQUEST_ID
 from tasks.errors import (
     ClientGone,
     GatewayTimeout,
@@ -202,6 +203,8 @@ class LiveClient:
                 {
                     **payload,
                     "id": request_id,
+                    # the caller's request id (X-Request-ID), for the worker's log
+                    "request_id": REQUEST_ID.get(),
                     "reply_to": self.reply_to,
                     "deadline": now + timeout,
                     "sent_at": now,

@@ -9,6 +9,7 @@ stranger cannot make the API buffer a 16 MB body; a body over the limit is refus
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
@@ -18,9 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.direct import DirectRoute
 from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, route_label
+from api.request_ids import HEADER, request_id_of
 from api.responses import dumps
 from api.state import AppState
+from laneway.logs import REQUEST_ID
 from tasks.errors import AuthenticationFailed, LanewayError, PayloadTooLarge
+
+ACCESS = logging.getLogger("laneway.access")
 
 # what the API key protects: every OpenAI route, and (a setting) the operator pages
 V1_PREFIX = "/v1/"
@@ -83,8 +88,25 @@ class Gate:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        path: str = scope["path"]
         headers = dict(scope.get("headers") or [])
+        request_id = request_id_of(headers)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self._serve(scope, receive, send, headers, started)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        started: float,
+    ) -> None:
+        path: str = scope["path"]
+        rid_header = (HEADER, scope["state"]["request_id"].encode("ascii"))
         limit = self.body_limits.get(path, self.max_bytes)
         length = headers.get(b"content-length")
         refusal = self._refusal(path, headers)
@@ -92,7 +114,7 @@ class Gate:
             refusal = _too_large(limit)
         if refusal is not None:  # answered before routing: find the route it aimed at
             route = self._route_of(scope)
-            await self._refuse(send, refusal, route)
+            await self._refuse(send, refusal, route, rid_header)
             self._observe(scope, refusal.status_code, started, route)
             return
         status = {"code": 500}
@@ -110,6 +132,7 @@ class Gate:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
         direct = self.direct.get((scope["method"], path))
@@ -120,7 +143,7 @@ class Gate:
                 await self.app(scope, limited_receive, send_wrapper)
         except _TooLarge:
             status["code"] = 413
-            await self._refuse(send, _too_large(limit), route_label(scope))
+            await self._refuse(send, _too_large(limit), route_label(scope), rid_header)
         # routed by now: the router set the route it matched (none: unmatched)
         self._observe(scope, status["code"], started, route_label(scope))
 
@@ -145,12 +168,15 @@ class Gate:
                 return str(getattr(route, "path", UNMATCHED_ROUTE))
         return UNMATCHED_ROUTE
 
-    async def _refuse(self, send: Send, exc: LanewayError, route: str) -> None:
+    async def _refuse(
+        self, send: Send, exc: LanewayError, route: str, rid_header: tuple[bytes, bytes]
+    ) -> None:
         ERRORS.labels(route=route, code=str(exc.status_code)).inc()
         body = dumps(exc.body())
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
+            rid_header,
         ]
         if isinstance(exc, AuthenticationFailed):
             headers.append((b"www-authenticate", b"Bearer"))
@@ -159,9 +185,17 @@ class Gate:
 
     def _observe(self, scope: Scope, status: int, started: float, route: str) -> None:
         model = model_label(scope.get("state", {}).get("model"), self.served_models)
-        REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(
-            time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(seconds)
+        if ACCESS.isEnabledFor(logging.INFO):  # JSON logs only (laneway.logs)
+            fields = {
+                "method": scope.get("method"),
+                "route": route,
+                "model": model or None,
+                "status": status,
+                "latency_ms": round(seconds * 1000, 3),
+            }
+            ACCESS.info("request", extra={"fields": fields})
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from laneway.batch_cli import add_parser as add_batch_parser
+from laneway.logs import configure as configure_logging
 from laneway.stack import Processes
 
 if TYPE_CHECKING:
@@ -283,10 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(
-        level=os.environ.get("LANEWAY_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()  # LANEWAY_LOG_LEVEL, LANEWAY_LOG_FORMAT (laneway/logs.py)
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
 

@@ -47,6 +47,7 @@ from tasks.replies import DELTA, DONE, ERROR, encode_reply
 from workers.batching import Dropped, failed
 
 log = logging.getLogger(__name__)
+REQUESTS = logging.getLogger("laneway.requests")
 
 BLOCK_S = 1  # how long an idle pop blocks (and so how long a stop may take to be seen)
 WRITE_MAX = 4096  # replies in one pipelined write at most
@@ -76,7 +77,8 @@ class LiveHandler(Protocol):
 @dataclass(frozen=True, slots=True)
 class LiveRequest:
     message: TaskMessage
-    started: float
+    started: float  # time.perf_counter() when it was taken off the queue
+    taken_at: float = 0.0  # time.time() then (the log's queue wait)
 
     @property
     def request(self) -> dict[str, Any]:
@@ -267,6 +269,14 @@ class ReplyWriter:
 
     def _frame(self, request: LiveRequest, future: Future[Any]) -> bytes | None:
         """The reply frame for one finished request (None: nobody to answer)."""
+        frame, status = self._encode(request, future)
+        if REQUESTS.isEnabledFor(logging.INFO):  # JSON logs only (laneway.logs)
+            _log_request(request, status)
+        return frame
+
+    def _encode(self, request: LiveRequest, future: Future[Any]) -> tuple[bytes | None, str]:
+        """The reply frame, and the outcome for the log (``ok``, ``dropped`` or the
+        error's status code)."""
         rid = request.request_id
         seq = self._next_seq(request.request, last=True)
         error = future.exception()
@@ -277,16 +287,33 @@ class ReplyWriter:
                 error = exc
             else:
                 self.events.finished(request, None)
-                return encode_reply(rid, DONE, body, **seq, **fields)
+                return encode_reply(rid, DONE, body, **seq, **fields), "ok"
         self.events.finished(request, error)
         if isinstance(error, Dropped):
             log.info("dropped %s: caller gone", rid)
-            return None
+            return None, "dropped"
         if not isinstance(error, LanewayError):
             # the detail stays in this log, under the id the caller is told
             log.error("live request %s failed", rid, exc_info=error)
             error = InternalError.for_request(rid)
-        return encode_reply(rid, ERROR, error=error.to_wire(), **seq)
+        return encode_reply(rid, ERROR, error=error.to_wire(), **seq), str(error.status_code)
+
+
+def _log_request(request: LiveRequest, status: str) -> None:
+    """One line per live request in the worker's JSON log, under the caller's request id."""
+    body = request.request
+    now = time.time()
+    sent = body.get("sent_at")
+    fields = {
+        "model": body.get("model"),
+        "status": status,
+        "queue_wait_ms": round((request.taken_at - sent) * 1000, 3) if sent else None,
+        "total_ms": round((now - sent) * 1000, 3) if sent else None,
+    }
+    REQUESTS.info(
+        "live request",
+        extra={"request_id": body.get("request_id") or request.request_id, "fields": fields},
+    )
 
 
 class LiveConsumer:
@@ -420,5 +447,5 @@ class LiveConsumer:
             if isinstance(deadline, int | float) and deadline < now:
                 log.info("dropping %s: deadline passed before it was picked up", request["id"])
                 continue
-            out.append(LiveRequest(message, started))
+            out.append(LiveRequest(message, started, now))
         return out

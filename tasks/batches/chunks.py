@@ -30,6 +30,7 @@ from tasks.models import BatchRow, ChunkRow, FileRow
 from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
+REQUESTS = logging.getLogger("laneway.requests")  # one line per request (JSON logs)
 
 UNFINISHED = ("pending", "running")
 FINISHED_CHUNK = ("done", "failed")  # committed, with results (failed: chunk_failed lines)
@@ -191,8 +192,16 @@ def compute_chunk(
     result = ChunkResult()
     out: list[bytes] = []
     err: list[bytes] = []
+    log_lines = REQUESTS.isEnabledFor(logging.INFO)  # JSON logs only (laneway/logs.py)
     for i, (req, outcome) in enumerate(zip(requests, outcomes, strict=True)):
         line = output_line(claim.batch_id, claim.line_start + i, req["custom_id"], outcome)
+        if log_lines:  # under the id the output line carries as response.request_id
+            fields = {
+                "batch_id": claim.batch_id,
+                "model": claim.model,
+                "status": outcome.status_code,
+            }
+            REQUESTS.info("batch request", extra={"request_id": ids[i], "fields": fields})
         if outcome.status_code == 200:
             out.append(line)
             result.completed += 1
