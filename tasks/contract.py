@@ -6,7 +6,7 @@ from configs.catalog import Catalog, CatalogEntry
 from tasks.errors import InvalidRequest, ModelNotFound, quote
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
     """``word`` with its indefinite article ("an embeddings", "a chat")."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
@@ -23,7 +23,8 @@ def served_entry(catalog: Catalog, served: list[str], model: str, capability: st
         )
     if entry.capability != capability:
         raise InvalidRequest(
-            f"model {quote(model)} is {_a(entry.capability)} model, not {_a(capability)} model",
+            f"model {quote(model)} is {with_article(entry.capability)} model, "
+            f"not {with_article(capability)} model",
             param="model",
         )
     return entry

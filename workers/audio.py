@@ -33,14 +33,6 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 
-def engine(runtime: WorkerRuntime, model: str) -> SpeechEngine:
-    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
-    found = runtime.engine(model)
-    if not isinstance(found, SpeechEngine):
-        raise InvalidRequest(f"model {model!r} is not an audio model", param="model")
-    return found
-
-
 def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> SpeechEngine:
     """The capability registry's entry point for loading a model (off the main thread)."""
     return SpeechEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
@@ -99,7 +91,9 @@ class SpeechLive:
                     sent_at=r.get("sent_at"),
                     emit=partial(_emit, sink, r) if r.get("stream") else None,
                 )
-                [future] = engine(self.runtime, str(r.get("model"))).submit_many([sub], lane=LIVE)
+                [future] = self.runtime.engine_as(str(r.get("model")), SpeechEngine).submit_many(
+                    [sub], lane=LIVE
+                )
             except (LanewayError, ValueError) as exc:
                 future = failed(exc if isinstance(exc, LanewayError) else InvalidRequest(str(exc)))
             future.add_done_callback(partial(_delete, self.store, key))
@@ -163,7 +157,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                 works.append(work)
             except LanewayError as exc:
                 works.append(exc)
-        started = iter(engine(runtime, model).submit_many(subs, lane=BATCH))
+        started = iter(runtime.engine_as(model, SpeechEngine).submit_many(subs, lane=BATCH))
         return [
             Outcome.error(w) if isinstance(w, LanewayError) else _outcome(w, rid, next(started))
             for w, rid in zip(works, request_ids, strict=True)

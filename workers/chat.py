@@ -33,14 +33,6 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 
-def engine(runtime: WorkerRuntime, model: str) -> ChatEngine:
-    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
-    found = runtime.engine(model)
-    if not isinstance(found, ChatEngine):
-        raise InvalidRequest(f"model {model!r} is not a chat model", param="model")
-    return found
-
-
 def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> ChatEngine:
     """The capability registry's entry point for loading a model (off the main thread)."""
     return ChatEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
@@ -117,7 +109,7 @@ def submit_all(
     for n, request in enumerate(requests):
         refs: list[dict[str, Any]] = []
         try:
-            engine(runtime, str(request.work.get("model")))
+            runtime.engine_as(str(request.work.get("model")), ChatEngine)
             messages, data, refs = images.take(request.work["messages"])
         except LanewayError as exc:
             images.release(refs)
@@ -126,7 +118,9 @@ def submit_all(
         sub = Submission({**request.work, "messages": messages}, data, request.meta, request.emit)
         by_model.setdefault(str(request.work["model"]), []).append((n, sub, refs))
     for model, items in by_model.items():
-        started = engine(runtime, model).submit_many([sub for _, sub, _ in items], lane=lane)
+        started = runtime.engine_as(model, ChatEngine).submit_many(
+            [sub for _, sub, _ in items], lane=lane
+        )
         for (n, _, refs), future in zip(items, started, strict=True):
             futures[n] = future
             if refs:

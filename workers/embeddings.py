@@ -86,7 +86,7 @@ class EmbeddingsLive:
                 for n, _ in calls
             ]
             try:
-                started = engine(self.runtime, model).submit(
+                started = self.runtime.engine_as(model, EmbeddingEngine).submit(
                     [c for _, c in calls], lane=LIVE, meta=meta
                 )
             except LanewayError as exc:  # e.g. a model this worker does not serve
@@ -119,13 +119,6 @@ def _embedding_outcome(
     return Outcome(200, body, Usage(prompt_tokens=result.prompt_tokens))
 
 
-def engine(runtime: WorkerRuntime, model: str) -> EmbeddingEngine:
-    """The model's engine (``ModelNotFound`` when this worker does not serve it)."""
-    found = runtime.engine(model)
-    assert isinstance(found, EmbeddingEngine)
-    return found
-
-
 def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> EmbeddingEngine:
     """The capability registry's entry point for loading a model (off the main thread)."""
     return EmbeddingEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
@@ -156,7 +149,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                 continue
             parsed.append((n, request.encoding_format))
             calls.append(EmbedCall(items, request.dimensions))
-        results = engine(runtime, model).embed_many(calls, lane=BATCH)
+        results = runtime.engine_as(model, EmbeddingEngine).embed_many(calls, lane=BATCH)
         for (n, encoding), result in zip(parsed, results, strict=True):
             outcomes[n] = _embedding_outcome(model, encoding, result, request_ids[n])
         return [o for o in outcomes if o is not None]

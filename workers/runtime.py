@@ -23,7 +23,8 @@ import redis
 from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.errors import ModelNotFound
+from tasks.contract import with_article
+from tasks.errors import InvalidRequest, ModelNotFound
 from tasks.names import (
     BATCH,
     LIVE,
@@ -34,6 +35,9 @@ from tasks.names import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E")  # an engine class
 
 
 class Engine(Protocol):
@@ -144,8 +148,15 @@ class WorkerRuntime:
                 f"model {model!r} is not served by worker {self.worker_id}", param="model"
             ) from None
 
-
-T = TypeVar("T")
+    def engine_as(self, model: str, kind: type[E]) -> E:
+        """The model's engine, of the kind its capability's worker module drives
+        (``ModelNotFound`` when this worker does not serve it)."""
+        found = self.engine(model)
+        if not isinstance(found, kind):
+            raise InvalidRequest(
+                f"model {model!r} is not {with_article(self.capability)} model", param="model"
+            )
+        return found
 
 
 def off_main_thread(fn: Callable[[], T], *, name: str) -> T:

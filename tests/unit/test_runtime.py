@@ -14,7 +14,6 @@ from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from workers.backends.fake import FakeEmbeddingBackend
-from workers.embeddings import engine
 from workers.embeddings_engine import EmbeddingEngine, EmbedResult
 from workers.runtime import WorkerRuntime, off_main_thread
 
@@ -36,11 +35,11 @@ def make_runtime(cache_size: int) -> WorkerRuntime:
 
 
 def fake(runtime: WorkerRuntime) -> EmbeddingEngine:
-    return engine(runtime, FAKE)
+    return runtime.engine_as(FAKE, EmbeddingEngine)
 
 
 def embed(runtime: WorkerRuntime, model: str, inputs: list[Any], **kw: Any) -> EmbedResult:
-    return engine(runtime, model).embed(inputs, **kw)
+    return runtime.engine_as(model, EmbeddingEngine).embed(inputs, **kw)
 
 
 @pytest.fixture
