@@ -51,10 +51,10 @@ from workers.backends.audio import (
     Transcript,
     Word,
 )
+from workers.backends.torch_dtype import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # one Whisper window
 WINDOW_FRAMES = 3000  # its log-mel frames
 # OpenAI's word grouping (whisper/timing.py)
@@ -70,9 +70,7 @@ class TransformersSpeechBackend(SpeechBackend):
     processor: Any
 
     def load(self) -> None:
-        dtype = _DTYPES.get(self.entry.dtype, torch.float32)
-        if not self.device.startswith("cuda") and dtype is torch.float16:
-            dtype = torch.float32
+        dtype = torch_dtype(self.entry.dtype, self.device)
         self.processor = WhisperProcessor.from_pretrained(self.model_path)
         self.model = WhisperForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()

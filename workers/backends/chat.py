@@ -34,10 +34,9 @@ from transformers import (
 from tasks.chat import ChatLimits
 from tasks.errors import InvalidRequest
 from workers.backends.base import ModelBackend
+from workers.backends.torch_dtype import torch_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class OutOfMemory(Exception):
@@ -158,9 +157,7 @@ class TransformersChatBackend(ChatBackend):
     def load(self) -> None:
         self.limits = ChatLimits.from_entry(self.entry)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        dtype = _DTYPES.get(self.entry.dtype, torch.float32)
-        if self.device == "cpu" and dtype is torch.float16:
-            dtype = torch.float32
+        dtype = torch_dtype(self.entry.dtype, self.device)
         auto = AutoModelForImageTextToText if self.limits.supports_images else AutoModelForCausalLM
         self.model = auto.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()

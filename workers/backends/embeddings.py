@@ -15,10 +15,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from tasks.errors import ContextLengthExceeded, InvalidRequest
 from workers.backends.base import ModelBackend
+from workers.backends.torch_dtype import torch_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def read_pooling(model_path: str) -> tuple[str, bool]:
@@ -86,9 +85,7 @@ class TransformersEmbeddingBackend(EmbeddingBackend):
     def load(self) -> None:
         self.pooling, self.normalize = read_pooling(self.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        dtype = _DTYPES.get(self.entry.dtype, torch.float32)
-        if self.device == "cpu" and dtype is torch.float16:
-            dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
+        dtype = torch_dtype(self.entry.dtype, self.device)
         self.model = AutoModel.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
