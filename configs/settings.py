@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """``s3://bucket/prefix``: the file store's bucket and the key prefix inside it."""
+
+    bucket: str
+    prefix: str = ""  # no leading or trailing '/'; empty: the bucket's top
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        """``ValueError`` with a message naming LANEWAY_FILE_STORE when ``url`` is bad."""
+        parts = urlsplit(url)
+        shape = "LANEWAY_FILE_STORE must be s3://bucket[/prefix]"
+        if parts.scheme.lower() != "s3":
+            raise ValueError(f"{shape} or a directory, not {url!r}")
+        if not parts.netloc:
+            raise ValueError(f"{shape}: {url!r} names no bucket")
+        if not _BUCKET.fullmatch(parts.netloc):
+            raise ValueError(f"{shape}: {parts.netloc!r} is not a bucket name")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{shape}, without ?query or #fragment: {url!r}")
+        prefix = parts.path.strip("/")
+        if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
+            raise ValueError(f"{shape}: the prefix of {url!r} has an empty, . or .. part")
+        return cls(parts.netloc, prefix)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
 class Settings(BaseSettings):
@@ -19,7 +53,39 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".laneway"), description="SQLite file and file store")
     redis_url: str | None = Field(default=None, description="unset: `laneway up` embeds one")
     database_url: str | None = Field(default=None, description="unset: SQLite in data_dir")
-    file_store: Path | None = Field(default=None, description="unset: data_dir/files")
+    file_store: Path | str | None = Field(
+        default=None,
+        description="a directory every process shares, or s3://bucket/prefix (S3-compatible "
+        "object storage, see the s3_* settings); unset: data_dir/files",
+    )
+
+    # file store on S3-compatible object storage
+    s3_endpoint_url: str | None = Field(
+        default=None, description="the S3 API endpoint (MinIO, R2, ...); unset: AWS S3"
+    )
+    s3_region: str | None = Field(
+        default=None, description="unset: boto3's own (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws)"
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        description="with s3_secret_access_key; unset: boto3's credential chain (AWS_* "
+        "variables, ~/.aws, an instance or pod role)",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="with s3_access_key_id; unset: boto3's credential chain"
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] | None = Field(
+        default=None,
+        description="bucket in the path or in the host name; unset: path with "
+        "s3_endpoint_url (MinIO and most self-hosted endpoints need it), boto3's choice without",
+    )
+    s3_part_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="multipart upload part size (S3's minimum is 5 MiB); smaller objects "
+        "are one PUT; a writer holds one part in memory",
+    )
 
     # what is served
     models: Annotated[list[str], NoDecode] = Field(
@@ -146,6 +212,29 @@ class Settings(BaseSettings):
         "unset: Flower's own FLOWER_BASIC_AUTH, if any",
     )
 
+    @field_validator("file_store", mode="before")
+    @classmethod
+    def _file_store_location(cls, value: object) -> object:
+        """A URL stays a string (checked here, so a bad one fails at start-up); anything
+        else is a directory."""
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            if "://" in value:
+                S3Location.parse(value)
+                return value
+            return Path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _s3_key_pair(self) -> Settings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError(
+                "LANEWAY_S3_ACCESS_KEY_ID and LANEWAY_S3_SECRET_ACCESS_KEY go together: set "
+                "both, or neither (boto3's credential chain)"
+            )
+        return self
+
     @field_validator("models", "image_fetch_hosts", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
@@ -180,7 +269,10 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
 
     @property
-    def effective_file_store(self) -> Path:
+    def effective_file_store(self) -> Path | S3Location:
+        """The file store's directory, or its bucket and prefix for an s3:// URL."""
+        if isinstance(self.file_store, str):
+            return S3Location.parse(self.file_store)
         return self.file_store or self.data_dir / "files"
 
     @property

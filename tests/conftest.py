@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from configs.catalog import Catalog, load_catalog
-from tasks.filestore import FileStore
+from tasks.filestore import LocalFileStore
 from tests.harness import Stack, active_stacks
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -110,10 +110,10 @@ def postgres_server_url() -> str | None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FileStore:
+def store(tmp_path: Path) -> LocalFileStore:
     root = tmp_path / "files"
     root.mkdir()
-    return FileStore(root)
+    return LocalFileStore(root)
 
 
 @pytest.fixture

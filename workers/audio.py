@@ -3,7 +3,9 @@ not) and Batch API lines.
 
 A live request names the copy of its upload in the file store (``audio.key``), which
 this worker deletes once the request is done; a batch line names a file uploaded with
-purpose ``user_data``, which stays the caller's.
+purpose ``user_data``, which stays the caller's. The speech engine reads a local file:
+the store's own with a directory store, a temporary copy (removed once the request is
+done) with a remote one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
 from tasks.db import session_scope
 from tasks.errors import InvalidRequest, LanewayError
-from tasks.filestore import FileStore, get_file_store
+from tasks.filestore import FileStore, LocalFile, get_file_store
 from tasks.names import BATCH, LIVE
 from workers.audio_engine import SpeechEngine, SpeechResult, Submission
 from workers.backends.audio import Segment, SpeechOptions
@@ -81,10 +83,11 @@ class SpeechLive:
         futures: list[Future[Any]] = []
         for r in requests:
             key = str((r.get("audio") or {}).get("key", ""))
+            local: LocalFile | None = None
             try:
-                path = str(self.store.path(key))
+                local = _local_file(self.store, key)
                 sub = Submission(
-                    path,
+                    str(local.path),
                     options(r),
                     request_id=r.get("id"),
                     deadline=r.get("deadline"),
@@ -96,7 +99,10 @@ class SpeechLive:
                 )
             except (LanewayError, ValueError) as exc:
                 future = failed(exc if isinstance(exc, LanewayError) else InvalidRequest(str(exc)))
-            future.add_done_callback(partial(_delete, self.store, key))
+            except Exception as exc:  # the store unreachable, a full disk: this request only
+                log.exception("could not start live audio request %s", r.get("id"))
+                future = failed(exc)
+            future.add_done_callback(partial(_delete, self.store, key, local))
             futures.append(future)
         return futures
 
@@ -109,12 +115,23 @@ def _emit(sink: StreamSink, request: dict[str, Any], segments: list[Segment]) ->
     sink.delta(request, segments=[segment_wire(s) for s in segments])
 
 
-def _delete(store: FileStore, key: str, _: object = None) -> None:
+def _local_file(store: FileStore, key: str) -> LocalFile:
+    """``key`` as a file the engine can open (downloaded here from a remote store)."""
     try:
+        return store.local_file(key)
+    except FileNotFoundError:
+        raise InvalidRequest("The audio file is no longer in the file store.") from None
+
+
+def _delete(store: FileStore, key: str, local: LocalFile | None, _: object = None) -> None:
+    """A live request is done: its local copy and its upload go."""
+    try:
+        if local is not None:
+            local.close()
         if key:
             store.delete(key)
-    except (OSError, ValueError):
-        log.warning("could not delete the uploaded audio %s", key)
+    except Exception:  # a done callback must not raise; the API deletes it too
+        log.warning("could not delete the uploaded audio %s", key, exc_info=True)
 
 
 def live_handler(runtime: WorkerRuntime) -> SpeechLive:
@@ -123,7 +140,8 @@ def live_handler(runtime: WorkerRuntime) -> SpeechLive:
 
 
 def _user_file(store: FileStore, file_id: str) -> str:
-    """The path of a file uploaded with purpose ``user_data`` (a batch line's audio)."""
+    """The storage key of a file uploaded with purpose ``user_data`` (a batch line's
+    audio)."""
     with session_scope() as s:
         try:
             row = files.get_file(s, file_id)
@@ -135,7 +153,7 @@ def _user_file(store: FileStore, file_id: str) -> str:
                 "uploaded with purpose 'user_data'",
                 param="file",
             )
-        return str(store.path(row.storage_key))
+        return row.storage_key
 
 
 def batch_executor(runtime: WorkerRuntime) -> Executor:
@@ -148,20 +166,29 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
         works: list[dict[str, Any] | LanewayError] = []
         subs: list[Submission] = []
-        for body in bodies:
-            try:
-                request = parse_body(body)
-                entry = served_entry(catalog, settings.models, request.model)
-                work = to_work(request, entry, "transcribe", {})
-                subs.append(Submission(_user_file(store, request.file), options(work)))
-                works.append(work)
-            except LanewayError as exc:
-                works.append(exc)
-        started = iter(runtime.engine_as(model, SpeechEngine).submit_many(subs, lane=BATCH))
-        return [
-            Outcome.error(w) if isinstance(w, LanewayError) else _outcome(w, rid, next(started))
-            for w, rid in zip(works, request_ids, strict=True)
-        ]
+        local: dict[str, LocalFile] = {}  # by storage key: one copy for lines naming one file
+        try:
+            for body in bodies:
+                try:
+                    request = parse_body(body)
+                    entry = served_entry(catalog, settings.models, request.model)
+                    work = to_work(request, entry, "transcribe", {})
+                    key = _user_file(store, request.file)
+                    if key not in local:
+                        local[key] = _local_file(store, key)
+                    subs.append(Submission(str(local[key].path), options(work)))
+                    works.append(work)
+                except LanewayError as exc:
+                    works.append(exc)
+            started = iter(runtime.engine_as(model, SpeechEngine).submit_many(subs, lane=BATCH))
+            # _outcome waits for each future: every local copy is read when this returns
+            return [
+                Outcome.error(w) if isinstance(w, LanewayError) else _outcome(w, rid, next(started))
+                for w, rid in zip(works, request_ids, strict=True)
+            ]
+        finally:
+            for copy in local.values():
+                copy.close()
 
     return execute
 

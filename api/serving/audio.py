@@ -25,7 +25,7 @@ from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.audio import CAPABILITY, AudioRequest, parse_form, served_entry, to_work
 from tasks.audio_bodies import delta_event, done_event, render
-from tasks.audio_decode import probe
+from tasks.audio_decode import AudioInfo, probe
 from tasks.errors import InvalidRequest, LanewayError, PayloadTooLarge
 from tasks.filestore import FileStore
 from tasks.replies import DONE, ERROR, Reply
@@ -59,16 +59,20 @@ class Upload:
             ) from None
         if size == 0:
             raise InvalidRequest("The audio file is empty.", param="file")
-        info = await asyncio.to_thread(
-            probe, self.store.path(self.key), max_duration_s=settings.audio_max_duration_s
-        )
+        info = await asyncio.to_thread(self._probe, settings.audio_max_duration_s)
         self.duration = info.duration
+
+    def _probe(self, max_duration_s: float) -> AudioInfo:
+        """The stored copy decodes (read in place from a directory store; from a remote
+        store, a temporary local copy removed right after)."""
+        with self.store.local_file(self.key) as local:
+            return probe(local.path, max_duration_s=max_duration_s)
 
     async def discard(self) -> None:
         try:
             await asyncio.to_thread(self.store.delete, self.key)
-        except OSError:
-            log.warning("could not delete uploaded audio %s", self.key)
+        except Exception:  # a local or a remote store's error; the worker deletes it too
+            log.warning("could not delete uploaded audio %s", self.key, exc_info=True)
 
 
 def _fields(form: FormData) -> dict[str, Any]:

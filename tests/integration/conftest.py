@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.harness import Stack
+from tests.s3_server import MotoServer
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +25,13 @@ def client(stack: Stack) -> Any:
 def http(stack: Stack) -> Iterator[httpx.Client]:
     with stack.http() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A real S3 endpoint (moto's server in its own process) for the file store tests."""
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

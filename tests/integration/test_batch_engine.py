@@ -35,7 +35,7 @@ from tasks.batches.service import batch_object, request_cancel
 from tasks.batches.work import BatchWork
 from tasks.db import make_engine, migrate, session_scope
 from tasks.files import delete_file, get_file, list_files
-from tasks.filestore import FileStore
+from tasks.filestore import FileStore, LocalFileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
 from tasks.usage import Usage
 from tests.batch_rows import (
@@ -541,7 +541,7 @@ def test_expiry_streams_the_unfinished_requests(
 # -- finalisers ---------------------------------------------------------------------------------
 
 
-class SlowStore(FileStore):
+class SlowStore(LocalFileStore):
     """A file store whose assembly of result files stops between parts while ``gate`` is
     clear: a finaliser as slow as we like, frozen exactly where the race is."""
 
@@ -669,7 +669,7 @@ def test_concurrent_finishers_write_the_output_once(
     w.drain(limit=3)
     with session_scope() as s:
         request_cancel(s, batch_id)
-    real_concat = FileStore.concat
+    real_concat = LocalFileStore.concat
     interleaved = threading.Event()
 
     def concat(self: FileStore, key: str, parts: Iterable[str]) -> int:
@@ -678,7 +678,7 @@ def test_concurrent_finishers_write_the_output_once(
             assert work(settings, store, catalog).drain() == 0
         return real_concat(self, key, parts)
 
-    monkeypatch.setattr(FileStore, "concat", concat)
+    monkeypatch.setattr(LocalFileStore, "concat", concat)
     w.drain()
     assert interleaved.is_set()
     row = batch(batch_id)
