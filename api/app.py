@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api import docs, errors, openapi
+from api.auth import KeyRing
+from api.limits import RateLimiter
 from api.live import LiveClient
 from api.middleware import Gate
 from api.responses import SafeJSONResponse
@@ -20,6 +22,7 @@ from configs.catalog import load_catalog
 from configs.settings import Settings, get_settings
 from laneway.logs import configure as configure_logging
 from tasks.db import get_engine
+from tasks.keys import load_records
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     catalog = load_catalog(settings.model_config_path)
     catalog.served(settings.models)  # fail fast on unknown ids
+    keys = KeyRing(settings, load_records)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await keys.close()
             await live.stop()
             await redis.aclose()
 
@@ -63,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     capability_routes = [cap.api_module() for cap in REGISTRY.values()]
     app.add_middleware(
         Gate,
-        api_key=settings.api_key,
+        keys=keys,
+        limiter=RateLimiter(settings),
         protect_ops=settings.protect_ops,
         max_bytes=settings.max_request_bytes,
         body_limits={

@@ -10,8 +10,10 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from starlette.types import Receive
 
+from api.auth import Principal
 from api.state import AppState
 from configs.settings import Settings
+from tasks.tenancy import Owner
 
 
 async def get_state(request: Request) -> AppState:
@@ -21,6 +23,13 @@ async def get_state(request: Request) -> AppState:
 
 async def get_settings_dep(state: Annotated[AppState, Depends(get_state)]) -> Settings:
     return state.settings
+
+
+async def get_owner(request: Request) -> Owner:
+    """Whose files and batches the request may see: its key's owner (the gate
+    authenticated it); None with no keys configured."""
+    principal: Principal | None = request.scope.get("state", {}).get("principal")
+    return principal.owner if principal is not None else None
 
 
 async def until_disconnect(receive: Receive) -> Any:
@@ -37,3 +46,4 @@ async def wait_disconnect(request: Request) -> Any:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+OwnerDep = Annotated[Owner, Depends(get_owner)]

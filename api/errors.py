@@ -13,6 +13,7 @@ from starlette.responses import Response
 from api.metrics import ERRORS, route_label
 from api.responses import json_response
 from tasks.errors import (
+    AuthenticationFailed,
     ClientGone,
     InternalError,
     LanewayError,
@@ -33,13 +34,20 @@ _HTTP_TYPES = {
 }
 
 
+def error_headers(exc: LanewayError) -> dict[str, str]:
+    """The headers an error is answered with besides its body (the gate's too)."""
+    if isinstance(exc, QueueFull):  # a full queue, a key over its limits
+        return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, AuthenticationFailed):
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
 def error_response(
     exc: LanewayError, request: Request | None = None, *, route: str | None = None
 ) -> Response:
     """``exc`` in OpenAI's shape, counted under the request's route (or ``route``)."""
-    headers: dict[str, str] = {}
-    if isinstance(exc, QueueFull):
-        headers["Retry-After"] = str(exc.retry_after)
+    headers = error_headers(exc)
     if request is not None:
         route = route_label(request.scope)
     if route is not None:

@@ -28,10 +28,11 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from api.limits import charge
 from api.publisher import BoundedPublisher
 from api.registry import WorkerRegistry
 from configs.settings import Settings
-from laneway.logs import REQUEST_ID
+from laneway.logs import KEY_NAME, REQUEST_ID
 from tasks.errors import (
     ClientGone,
     GatewayTimeout,
@@ -162,6 +163,7 @@ class LiveClient:
             self._pending.pop(request_id, None)
         if reply.event == ERROR:
             raise LanewayError.from_wire(reply.header.get("error", {}))
+        charge(reply.header.get("usage"))  # against the caller's tokens per minute
         return reply
 
     async def stream(
@@ -205,6 +207,7 @@ class LiveClient:
                     "id": request_id,
                     # the caller's request id (X-Request-ID), for the worker's log
                     "request_id": REQUEST_ID.get(),
+                    "key_name": KEY_NAME.get(),
                     "reply_to": self.reply_to,
                     "deadline": now + timeout,
                     "sent_at": now,
@@ -295,6 +298,8 @@ class LiveStream:
             self._seq += 1
         if reply.event in (DONE, ERROR):
             self.finished = True
+        if reply.event == DONE:
+            charge(reply.header.get("usage"))  # against the caller's tokens per minute
         return reply
 
     def close_soon(self) -> None:

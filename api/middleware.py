@@ -1,14 +1,14 @@
-"""The ASGI gate in front of every route: the API key (before any byte of the body is
-read), the body-size limit (413) and the request metrics.
+"""The ASGI gate in front of every route: the API key and the key's rate limits (before
+any byte of the body is read), the body-size limit (413) and the request metrics.
 
 Order matters: an unauthenticated request is answered 401 from its headers alone, so a
 stranger cannot make the API buffer a 16 MB body; a body over the limit is refused by its
-``Content-Length`` or as it streams.
+``Content-Length`` or as it streams. The caller (``api.auth.Principal``) is left in
+``scope["state"]["principal"]`` for the routes (whose files and batches) and the log.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -17,13 +17,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth import KeyRing, Principal
 from api.direct import DirectRoute
+from api.errors import error_headers
+from api.limits import METER, RateLimiter, TokenMeter
 from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, route_label
 from api.request_ids import HEADER, request_id_of
 from api.responses import dumps
 from api.state import AppState
-from laneway.logs import REQUEST_ID
-from tasks.errors import AuthenticationFailed, LanewayError, PayloadTooLarge
+from laneway.logs import KEY_NAME, REQUEST_ID
+from tasks.errors import LanewayError, PayloadTooLarge
 
 ACCESS = logging.getLogger("laneway.access")
 
@@ -62,7 +65,8 @@ class Gate:
         self,
         app: ASGIApp,
         *,
-        api_key: str | None,
+        keys: KeyRing,
+        limiter: RateLimiter,
         protect_ops: bool,
         max_bytes: int,
         body_limits: Mapping[str, int] | None = None,
@@ -74,7 +78,8 @@ class Gate:
         if direct and state is None:
             raise ValueError("direct routes need the state getter")
         self.app = app
-        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.keys = keys
+        self.limiter = limiter
         self.protect_ops = protect_ops
         self.max_bytes = max_bytes
         self.body_limits = dict(body_limits or {})
@@ -92,9 +97,11 @@ class Gate:
         request_id = request_id_of(headers)
         scope.setdefault("state", {})["request_id"] = request_id
         token = REQUEST_ID.set(request_id)
+        key_token = KEY_NAME.set(None)
         try:
             await self._serve(scope, receive, send, headers, started)
         finally:
+            KEY_NAME.reset(key_token)
             REQUEST_ID.reset(token)
 
     async def _serve(
@@ -109,7 +116,7 @@ class Gate:
         rid_header = (HEADER, scope["state"]["request_id"].encode("ascii"))
         limit = self.body_limits.get(path, self.max_bytes)
         length = headers.get(b"content-length")
-        refusal = self._refusal(path, headers)
+        refusal = await self._admit(scope, path, headers)
         if refusal is None and length is not None and length.isdigit() and int(length) > limit:
             refusal = _too_large(limit)
         if refusal is not None:  # answered before routing: find the route it aimed at
@@ -136,6 +143,8 @@ class Gate:
             await send(message)
 
         direct = self.direct.get((scope["method"], path))
+        meter = TokenMeter()
+        token = METER.set(meter)
         try:
             if direct is not None and self.state is not None:
                 await direct(scope, limited_receive, send_wrapper, self.state())
@@ -144,21 +153,32 @@ class Gate:
         except _TooLarge:
             status["code"] = 413
             await self._refuse(send, _too_large(limit), route_label(scope), rid_header)
+        finally:
+            METER.reset(token)
+            principal = scope["state"].get("principal")
+            if principal is not None and meter.tokens and self.state is not None:
+                await self.limiter.settle(self.state().redis, principal, meter)
         # routed by now: the router set the route it matched (none: unmatched)
         self._observe(scope, status["code"], started, route_label(scope))
 
-    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> LanewayError | None:
-        """401 for a protected path without the right key, decided from headers alone."""
-        if self.api_key is None:
-            return None
+    async def _admit(
+        self, scope: Scope, path: str, headers: dict[bytes, bytes]
+    ) -> LanewayError | None:
+        """401 for a protected path without a valid key, 429 for a key over its limits:
+        decided from headers alone. None: go on."""
         if not is_protected(path, protect_ops=self.protect_ops):
             return None
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
-            return None
-        return AuthenticationFailed(
-            "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
-        )
+        try:
+            principal = await self.keys.authenticate(headers.get(b"authorization"))
+            if principal is None:  # no keys configured
+                return None
+            scope["state"]["principal"] = principal
+            KEY_NAME.set(principal.name)  # for the live message (the worker's log)
+            if path.startswith(V1_PREFIX) and self.state is not None:
+                await self.limiter.admit(self.state().redis, principal)
+        except LanewayError as exc:
+            return exc
+        return None
 
     def _route_of(self, scope: Scope) -> str:
         """The template of the route a request would reach (it has not been routed yet)."""
@@ -177,14 +197,14 @@ class Gate:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             rid_header,
+            *((k.lower().encode(), v.encode()) for k, v in error_headers(exc).items()),
         ]
-        if isinstance(exc, AuthenticationFailed):
-            headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _observe(self, scope: Scope, status: int, started: float, route: str) -> None:
-        model = model_label(scope.get("state", {}).get("model"), self.served_models)
+        state = scope.get("state", {})
+        model = model_label(state.get("model"), self.served_models)
         seconds = time.perf_counter() - started
         REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(seconds)
         if ACCESS.isEnabledFor(logging.INFO):  # JSON logs only (laneway.logs)
@@ -195,6 +215,9 @@ class Gate:
                 "status": status,
                 "latency_ms": round(seconds * 1000, 3),
             }
+            principal: Principal | None = state.get("principal")
+            if principal is not None:  # the key's name, never the key
+                fields["key"] = principal.name
             ACCESS.info("request", extra={"fields": fields})
 
 

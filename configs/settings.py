@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# a key's name and owner (static here, or `laneway keys create`): logs, Redis keys, a column
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 
 
@@ -97,7 +99,40 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = Field(default=None, description="when set, /v1/* needs it")
+    api_key: str | None = Field(
+        default=None,
+        description="one static key for small setups: when set, /v1/* needs it (its files "
+        "and batches are those made without keys)",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="static keys as name:key pairs, comma-separated; each name owns its "
+        "files and batches (keys made by `laneway keys create` live in the database)",
+    )
+    keys_refresh_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="how often an API process re-reads the database's keys (a key created "
+        "or revoked takes effect within this)",
+    )
+    rate_limit_rpm: int = Field(
+        default=0,
+        ge=0,
+        description="requests per minute per key (0: no limit); "
+        "`laneway keys create --rpm` overrides it per key",
+    )
+    rate_limit_tpm: int = Field(
+        default=0,
+        ge=0,
+        description="tokens per minute per key (0: no limit); "
+        "`laneway keys create --tpm` overrides it per key",
+    )
+    rate_limit_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="the window the per-minute limits are counted in (tests shorten it)",
+    )
     protect_ops: bool = Field(
         default=False, description="the API key also guards /docs, /openapi.json, /metrics"
     )
@@ -247,6 +282,27 @@ class Settings(BaseSettings):
     def _non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("LANEWAY_MODELS must name at least one catalog id")
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _name_key_pairs(cls, value: list[str]) -> list[str]:
+        for pair in value:
+            name, colon, key = pair.partition(":")
+            if not (name and colon and key):
+                raise ValueError("LANEWAY_API_KEYS must be name:key[,name:key]")
+            if not KEY_NAME.fullmatch(name):
+                raise ValueError(
+                    f"LANEWAY_API_KEYS: the name {name[:80]!r} is not 1-64 letters, digits, "
+                    "'.', '_' or '-' starting with a letter or digit"
+                )
         return value
 
     @field_validator("flower_basic_auth")

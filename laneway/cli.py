@@ -1,4 +1,4 @@
-"""`laneway up | api | worker | workers | migrate | flower`."""
+"""`laneway up | api | worker | workers | migrate | flower | batch | keys`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from laneway.batch_cli import add_parser as add_batch_parser
+from laneway.keys_cli import add_parser as add_keys_parser
 from laneway.logs import configure as configure_logging
 from laneway.stack import Processes
 
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     flower.set_defaults(func=cmd_flower)
 
     add_batch_parser(sub)  # `laneway batch submit|status|list|cancel|download`
+    add_keys_parser(sub)  # `laneway keys create|list|revoke`
     return parser
 
 

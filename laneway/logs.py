@@ -20,6 +20,8 @@ from typing import Any
 LOG_LEVEL_ENV = "LANEWAY_LOG_LEVEL"
 LOG_FORMAT_ENV = "LANEWAY_LOG_FORMAT"
 REQUEST_ID: ContextVar[str | None] = ContextVar("laneway_request_id", default=None)
+# the name of the API key a request came with (set by the API's gate; never the key)
+KEY_NAME: ContextVar[str | None] = ContextVar("laneway_key_name", default=None)
 # one line per request: the API's access log, the workers' per-request log
 PER_REQUEST_LOGGERS = ("laneway.access", "laneway.requests")
 

@@ -109,6 +109,12 @@ class QueueFull(LanewayError):
         self.retry_after = retry_after
 
 
+class RateLimited(QueueFull):
+    """A key over its requests or tokens per minute (api/limits.py)."""
+
+    default_code = "rate_limit_exceeded"
+
+
 class ClientGone(LanewayError):
     status_code = 499
     error_type = "client_closed_request"

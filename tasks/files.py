@@ -15,7 +15,8 @@ from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, quote
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, FileRow
 from tasks.pagination import paginate
-from tasks.safety import check_idempotency_key, is_id, text_problem
+from tasks.safety import is_id, text_problem
+from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
 
 UPLOAD_PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
 OUTPUT_PURPOSE = "batch_output"
@@ -60,10 +61,17 @@ def check_expires_after(anchor: Any, seconds: Any, *, param: str) -> int | None:
 
 
 def _new_row(
-    file_id: str, filename: str, purpose: str, size: int, key: str, expires_after_s: int | None
+    file_id: str,
+    filename: str,
+    purpose: str,
+    size: int,
+    key: str,
+    expires_after_s: int | None,
+    owner: Owner,
 ) -> FileRow:
     now = int(time.time())
     return FileRow(
+        owner=owner,
         id=file_id,
         filename=filename,
         purpose=purpose,
@@ -83,7 +91,7 @@ def find_by_idempotency_key(session: Session, key: str | None) -> FileRow | None
 
 
 def check_upload(
-    *, filename: str, purpose: str, idempotency_key: str | None
+    *, filename: str, purpose: str, idempotency_key: str | None, owner: Owner = None
 ) -> tuple[str, str | None]:
     """The upload's name and key as they will be stored; 400 for what cannot be."""
     if purpose not in UPLOAD_PURPOSES:
@@ -95,7 +103,7 @@ def check_upload(
     problem = text_problem(filename, MAX_FILENAME)
     if problem is not None:
         raise InvalidRequest(f"the file's name {problem}", param="file")
-    return filename, check_idempotency_key(idempotency_key)
+    return filename, scoped_idempotency_key(idempotency_key, owner)
 
 
 def create_file(
@@ -107,6 +115,7 @@ def create_file(
     max_bytes: int,
     expires_after_s: int | None = None,
     idempotency_key: str | None = None,
+    owner: Owner = None,
 ) -> dict[str, Any]:
     """Store an upload and record it; returns the file object.
 
@@ -115,7 +124,7 @@ def create_file(
     no blob (the store writes to a temporary name); a row that cannot be written takes its
     blob with it."""
     filename, idempotency_key = check_upload(
-        filename=filename, purpose=purpose, idempotency_key=idempotency_key
+        filename=filename, purpose=purpose, idempotency_key=idempotency_key, owner=owner
     )
     if idempotency_key:
         with session_scope() as s:
@@ -128,7 +137,7 @@ def create_file(
         size = store.write_from(key, source, limit=max_bytes)
     except OverflowError:
         raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
-    row = _new_row(file_id, filename, purpose, size, key, expires_after_s)
+    row = _new_row(file_id, filename, purpose, size, key, expires_after_s, owner)
     row.idempotency_key = idempotency_key
     try:
         with session_scope() as s:
@@ -147,9 +156,15 @@ def create_file(
         raise
 
 
-def get_file(session: Session, file_id: str) -> FileRow:
+def get_file(session: Session, file_id: str, *, owner: Owner = None) -> FileRow:
+    """The file, if ``owner``'s and not deleted or expired; else 404."""
     row = session.get(FileRow, file_id) if is_id(file_id) else None
-    if row is None or row.deleted or (row.expires_at is not None and row.expires_at <= time.time()):
+    if (
+        row is None
+        or row.owner != owner
+        or row.deleted
+        or (row.expires_at is not None and row.expires_at <= time.time())
+    ):
         raise NotFound(f"No such File object: {quote(file_id)}", param="file_id")
     return row
 
@@ -161,6 +176,7 @@ def list_files(
     limit: int,
     order: Literal["asc", "desc"],
     after: str | None,
+    owner: Owner = None,
 ) -> tuple[list[FileRow], bool]:
     now = int(time.time())
     where: list[Any] = [
@@ -171,7 +187,15 @@ def list_files(
         if purpose not in (*UPLOAD_PURPOSES, OUTPUT_PURPOSE):
             raise InvalidRequest(f"unknown purpose {quote(purpose)}", param="purpose")
         where.append(FileRow.purpose == purpose)
-    return paginate(session, FileRow, where=where, limit=limit, order=order, after=after)
+    return paginate(
+        session,
+        FileRow,
+        where=where,
+        scope=[owned_by(FileRow.owner, owner)],
+        limit=limit,
+        order=order,
+        after=after,
+    )
 
 
 def _inputs_of_open_batches() -> Any:
@@ -180,8 +204,8 @@ def _inputs_of_open_batches() -> Any:
     return select(BatchRow.input_file_id).where(BatchRow.status.in_(OPEN_STATUSES))
 
 
-def delete_file(session: Session, *, store: FileStore, file_id: str) -> None:
-    row = get_file(session, file_id)
+def delete_file(session: Session, *, store: FileStore, file_id: str, owner: Owner = None) -> None:
+    row = get_file(session, file_id, owner=owner)
     in_use = session.scalars(
         _inputs_of_open_batches().where(BatchRow.input_file_id == file_id).limit(1)
     ).first()
@@ -202,6 +226,7 @@ def put_output_file(
     filename: str,
     size: int,
     expires_after_s: int | None,
+    owner: Owner,
 ) -> str | None:
     """Record a batch's output or error file; returns the storage key it had before (a
     re-finalisation replaces it), or None for a new file.
@@ -210,7 +235,7 @@ def put_output_file(
     ``output_expires_after``), or never."""
     row = session.get(FileRow, file_id)
     if row is None:
-        session.add(_new_row(file_id, filename, OUTPUT_PURPOSE, size, key, expires_after_s))
+        session.add(_new_row(file_id, filename, OUTPUT_PURPOSE, size, key, expires_after_s, owner))
         return None
     old = row.storage_key
     row.bytes, row.storage_key, row.deleted = size, key, False

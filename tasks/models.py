@@ -35,6 +35,8 @@ class FileRow(Base):
     storage_key: Mapped[str] = mapped_column(String(256))
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
+    # the key owner it belongs to (tasks/tenancy.py); None: made with no keys configured
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class BatchRow(Base):
@@ -74,6 +76,7 @@ class BatchRow(Base):
     # write it would still make is fenced by the token (see tasks/batches/status.py)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     lease_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class ChunkRow(Base):
@@ -101,3 +104,22 @@ class ChunkRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class ApiKeyRow(Base):
+    """A key made by `laneway keys create`: only its SHA-256 is kept (tasks/keys.py)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # the key's first characters, to tell keys apart in `laneway keys list`
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # per-key limits; None: the settings' defaults
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -18,15 +18,23 @@ def paginate(
     model: type[Row],
     *,
     where: list[Any],
+    scope: list[Any] | None = None,
     limit: int,
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> tuple[list[Row], bool]:
+    """A page of ``model`` rows matching ``where``; ``scope`` (its owner) also bounds the
+    ``after`` anchor, so an id outside it is unknown here as everywhere else."""
     created = model.created_at  # type: ignore[attr-defined]
     ident = model.id  # type: ignore[attr-defined]
-    query = select(model).where(*where)
+    scope = scope or []
+    query = select(model).where(*scope, *where)
     if after:
-        anchor = session.get(model, after) if is_id(after) else None
+        anchor = (
+            session.scalars(select(model).where(ident == after, *scope)).first()
+            if is_id(after)
+            else None
+        )
         if anchor is None:
             raise InvalidRequest(f"no object with id {quote(after)} to page after", param="after")
         a_created, a_id = anchor.created_at, anchor.id  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ import httpx
 import redis
 
 from laneway.embedded_redis import free_port
-from laneway.stack import Proc, Processes, stop_order
+from laneway.stack import Proc, Processes, get_health, stop_order
 from tasks.names import LIVE, WORKERS_KEY, Lane, queue_name
 
 # test settings must not leak in from the developer's shell
@@ -185,6 +185,7 @@ class Stack:
         self.redis_port: int | None = None
         self.redis_url: str | None = None
         self.workers: list[Proc] = []
+        self.other_apis: list[Proc] = []  # start_another_api
         self.api: Proc | None = None
         self.api_port: int | None = None
         self.launcher = Processes({}, log_dir=self.log_dir, cwd=self.root)
@@ -390,6 +391,17 @@ class Stack:
             self.wait_api(timeout)
         return self.api
 
+    def start_another_api(self, name: str, env: Mapping[str, str] | None = None) -> str:
+        """One more API process (``laneway api``) on the same Redis and database, on a
+        free port; returns its base URL once it answers /health. ``close`` stops it."""
+        port = free_port()
+        self.other_apis.append(
+            self._launcher().api(host="127.0.0.1", port=port, name=name, overrides=env)
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: get_health(url)[0] == 200, 60, f"API {name} to be healthy")
+        return url
+
     def stop_api(self, sig: int = signal.SIGTERM) -> None:
         if self.api is not None:
             self.api.stop(sig)
@@ -448,6 +460,7 @@ class Stack:
     def processes(self) -> Iterator[Proc]:
         if self.api is not None:
             yield self.api
+        yield from self.other_apis
         yield from self.workers
         if self.redis_proc is not None:
             yield self.redis_proc

@@ -139,12 +139,12 @@ def live_handler(runtime: WorkerRuntime) -> SpeechLive:
     return SpeechLive(runtime)
 
 
-def _user_file(store: FileStore, file_id: str) -> str:
-    """The storage key of a file uploaded with purpose ``user_data`` (a batch line's
-    audio)."""
+def _user_file(file_id: str, owner: str | None) -> str:
+    """The storage key of a file ``owner`` uploaded with purpose ``user_data`` (a batch
+    line's audio); another owner's file is as unknown as one that does not exist."""
     with session_scope() as s:
         try:
-            row = files.get_file(s, file_id)
+            row = files.get_file(s, file_id, owner=owner)
         except LanewayError:
             raise InvalidRequest(f"No such File object: {file_id!r}", param="file") from None
         if row.purpose != "user_data":
@@ -163,7 +163,9 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     catalog = load_catalog(settings.model_config_path)
     store = get_file_store(settings)
 
-    def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
+    def execute(
+        model: str, bodies: list[dict[str, Any]], request_ids: list[str], owner: str | None
+    ) -> list[Outcome]:
         works: list[dict[str, Any] | LanewayError] = []
         subs: list[Submission] = []
         local: dict[str, LocalFile] = {}  # by storage key: one copy for lines naming one file
@@ -173,7 +175,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                     request = parse_body(body)
                     entry = served_entry(catalog, settings.models, request.model)
                     work = to_work(request, entry, "transcribe", {})
-                    key = _user_file(store, request.file)
+                    key = _user_file(request.file, owner)
                     if key not in local:
                         local[key] = _local_file(store, key)
                     subs.append(Submission(str(local[key].path), options(work)))

@@ -193,7 +193,9 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     catalog = load_catalog(settings.model_config_path)
     images = Images(runtime, get_file_store(settings))
 
-    def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
+    def execute(
+        model: str, bodies: list[dict[str, Any]], request_ids: list[str], _owner: str | None
+    ) -> list[Outcome]:
         entry = catalog.get(model)
         todo: list[Request] = []
         refused: dict[int, LanewayError] = {}

@@ -135,7 +135,9 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
     settings = runtime.settings
     catalog = load_catalog(settings.model_config_path)
 
-    def execute(model: str, bodies: list[dict[str, Any]], request_ids: list[str]) -> list[Outcome]:
+    def execute(
+        model: str, bodies: list[dict[str, Any]], request_ids: list[str], _owner: str | None
+    ) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(bodies)
         parsed: list[tuple[int, str]] = []
         calls: list[EmbedCall] = []

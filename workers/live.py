@@ -310,6 +310,8 @@ def _log_request(request: LiveRequest, status: str) -> None:
         "queue_wait_ms": round((request.taken_at - sent) * 1000, 3) if sent else None,
         "total_ms": round((now - sent) * 1000, 3) if sent else None,
     }
+    if body.get("key_name"):  # the caller's key name (never the key)
+        fields["key"] = body["key_name"]
     REQUESTS.info(
         "live request",
         extra={"request_id": body.get("request_id") or request.request_id, "fields": fields},

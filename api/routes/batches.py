@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep
+from api.deps import OwnerDep, SettingsDep
 from api.protocol.batches import Batch, BatchList, CreateBatchRequest
 from api.protocol.errors import error_responses
 from api.serving import batches as serving
@@ -21,9 +21,10 @@ router = APIRouter()
 async def create_batch(
     body: CreateBatchRequest,
     settings: SettingsDep,
+    owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    return await run_in_threadpool(serving.create, settings, body, idempotency_key)
+    return await run_in_threadpool(serving.create, settings, body, idempotency_key, owner)
 
 
 @router.get(
@@ -32,9 +33,11 @@ async def create_batch(
     responses={200: {"model": BatchList}, **error_responses(400, 401)},
 )
 async def list_batches(
-    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
 ) -> Any:
-    return await run_in_threadpool(serving.listing, limit=limit, after=after)
+    return await run_in_threadpool(serving.listing, limit=limit, after=after, owner=owner)
 
 
 @router.get(
@@ -42,8 +45,8 @@ async def list_batches(
     response_model=None,
     responses={200: {"model": Batch}, **error_responses(401, 404)},
 )
-async def retrieve_batch(batch_id: str) -> Any:
-    return await run_in_threadpool(serving.retrieve, batch_id)
+async def retrieve_batch(batch_id: str, owner: OwnerDep) -> Any:
+    return await run_in_threadpool(serving.retrieve, batch_id, owner)
 
 
 @router.post(
@@ -51,5 +54,5 @@ async def retrieve_batch(batch_id: str) -> Any:
     response_model=None,
     responses={200: {"model": Batch}, **error_responses(400, 401, 404)},
 )
-async def cancel_batch(batch_id: str) -> Any:
-    return await run_in_threadpool(serving.cancel, batch_id)
+async def cancel_batch(batch_id: str, owner: OwnerDep) -> Any:
+    return await run_in_threadpool(serving.cancel, batch_id, owner)

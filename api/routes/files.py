@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import SettingsDep
+from api.deps import OwnerDep, SettingsDep
 from api.protocol.errors import error_responses
 from api.protocol.files import UPLOAD_SCHEMA, FileDeleted, FileList, FileObject, Purpose
 from api.serving import files as serving
@@ -33,6 +33,7 @@ def body_limits(settings: Settings) -> dict[str, int]:
 async def upload_file(
     request: Request,
     settings: SettingsDep,
+    owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
     async with request.form(max_files=1, max_fields=16) as form:
@@ -53,6 +54,7 @@ async def upload_file(
             purpose=purpose,
             expires_after_s=expires,
             idempotency_key=idempotency_key,
+            owner=owner,
         )
 
 
@@ -62,13 +64,14 @@ async def upload_file(
     responses={200: {"model": FileList}, **error_responses(400, 401)},
 )
 async def list_files(
+    owner: OwnerDep,
     purpose: Purpose | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> Any:
     return await run_in_threadpool(
-        serving.listing, purpose=purpose, limit=limit, order=order, after=after
+        serving.listing, purpose=purpose, limit=limit, order=order, after=after, owner=owner
     )
 
 
@@ -77,8 +80,8 @@ async def list_files(
     response_model=None,
     responses={200: {"model": FileObject}, **error_responses(401, 404)},
 )
-async def retrieve_file(file_id: str) -> Any:
-    return await run_in_threadpool(serving.retrieve, file_id)
+async def retrieve_file(file_id: str, owner: OwnerDep) -> Any:
+    return await run_in_threadpool(serving.retrieve, file_id, owner)
 
 
 def content_disposition(filename: str) -> str:
@@ -102,8 +105,8 @@ def content_disposition(filename: str) -> str:
         **error_responses(401, 404),
     },
 )
-async def file_content(file_id: str, settings: SettingsDep) -> StreamingResponse:
-    chunks, name = await run_in_threadpool(serving.content, settings, file_id)
+async def file_content(file_id: str, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
+    chunks, name = await run_in_threadpool(serving.content, settings, file_id, owner)
     return StreamingResponse(
         chunks,
         media_type="application/octet-stream",
@@ -116,5 +119,5 @@ async def file_content(file_id: str, settings: SettingsDep) -> StreamingResponse
     response_model=None,
     responses={200: {"model": FileDeleted}, **error_responses(401, 404)},
 )
-async def delete_file(file_id: str, settings: SettingsDep) -> Any:
-    return await run_in_threadpool(serving.delete, settings, file_id)
+async def delete_file(file_id: str, settings: SettingsDep, owner: OwnerDep) -> Any:
+    return await run_in_threadpool(serving.delete, settings, file_id, owner)

@@ -10,6 +10,7 @@ from configs.settings import Settings
 from tasks.batches import service
 from tasks.db import session_scope
 from tasks.pagination import page_object
+from tasks.tenancy import Owner
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def _hint(capability: str, batch_id: str) -> None:
 
 
 def create(
-    settings: Settings, body: CreateBatchRequest, idempotency_key: str | None
+    settings: Settings, body: CreateBatchRequest, idempotency_key: str | None, owner: Owner
 ) -> dict[str, Any]:
     with session_scope() as s:
         row, created = service.create_batch(
@@ -37,6 +38,7 @@ def create(
                 body.output_expires_after.model_dump() if body.output_expires_after else None
             ),
             idempotency_key=idempotency_key,
+            owner=owner,
         )
         obj = service.batch_object(row)
         capability = row.capability or ""
@@ -45,20 +47,20 @@ def create(
     return obj
 
 
-def retrieve(batch_id: str) -> dict[str, Any]:
+def retrieve(batch_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        return service.batch_object(service.get_batch(s, batch_id))
+        return service.batch_object(service.get_batch(s, batch_id, owner=owner))
 
 
-def listing(*, limit: int, after: str | None) -> dict[str, Any]:
+def listing(*, limit: int, after: str | None, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        rows, has_more = service.list_batches(s, limit=limit, after=after)
+        rows, has_more = service.list_batches(s, limit=limit, after=after, owner=owner)
         return page_object([service.batch_object(r) for r in rows], has_more)
 
 
-def cancel(batch_id: str) -> dict[str, Any]:
+def cancel(batch_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        row = service.request_cancel(s, batch_id)
+        row = service.request_cancel(s, batch_id, owner=owner)
         obj = service.batch_object(row)
         capability, status = row.capability or "", row.status
     if status == "cancelling":

@@ -11,6 +11,7 @@ from tasks.db import session_scope
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
 from tasks.pagination import page_object
+from tasks.tenancy import Owner
 
 
 def parse_expiry(anchor: Any, seconds: Any) -> int | None:
@@ -32,8 +33,10 @@ def upload(
     purpose: str,
     expires_after_s: int | None,
     idempotency_key: str | None,
+    owner: Owner,
 ) -> dict[str, Any]:
     return files.create_file(
+        owner=owner,
         store=get_file_store(settings),
         source=source,
         filename=filename,
@@ -44,27 +47,34 @@ def upload(
     )
 
 
-def retrieve(file_id: str) -> dict[str, Any]:
+def retrieve(file_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        return files.file_object(files.get_file(s, file_id))
+        return files.file_object(files.get_file(s, file_id, owner=owner))
 
 
 def listing(
-    *, purpose: str | None, limit: int, order: Literal["asc", "desc"], after: str | None
+    *,
+    purpose: str | None,
+    limit: int,
+    order: Literal["asc", "desc"],
+    after: str | None,
+    owner: Owner,
 ) -> dict[str, Any]:
     with session_scope() as s:
-        rows, has_more = files.list_files(s, purpose=purpose, limit=limit, order=order, after=after)
+        rows, has_more = files.list_files(
+            s, purpose=purpose, limit=limit, order=order, after=after, owner=owner
+        )
         return page_object([files.file_object(r) for r in rows], has_more)
 
 
-def content(settings: Settings, file_id: str) -> tuple[Iterator[bytes], str]:
+def content(settings: Settings, file_id: str, owner: Owner) -> tuple[Iterator[bytes], str]:
     with session_scope() as s:
-        row = files.get_file(s, file_id)
+        row = files.get_file(s, file_id, owner=owner)
         key, name = row.storage_key, row.filename
     return get_file_store(settings).iter_bytes(key), name
 
 
-def delete(settings: Settings, file_id: str) -> dict[str, Any]:
+def delete(settings: Settings, file_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        files.delete_file(s, store=get_file_store(settings), file_id=file_id)
+        files.delete_file(s, store=get_file_store(settings), file_id=file_id, owner=owner)
     return {"id": file_id, "object": "file", "deleted": True}

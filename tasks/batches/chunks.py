@@ -37,8 +37,9 @@ FINISHED_CHUNK = ("done", "failed")  # committed, with results (failed: chunk_fa
 # pending chunks looked at per claim: a few, in case another worker takes the first
 CLAIM_CANDIDATES = 8
 
-# a capability's executor: (model, request bodies, their request ids) -> one Outcome each
-Executor = Callable[[str, list[dict[str, Any]], list[str]], list[Outcome]]
+# a capability's executor: (model, request bodies, their request ids, the batch's owner)
+# -> one Outcome each; the owner is whose files a line may name (audio's ``file``)
+Executor = Callable[[str, list[dict[str, Any]], list[str], str | None], list[Outcome]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ChunkClaim:
     byte_end: int
     input_key: str
     model: str
+    owner: str | None = None
 
     @property
     def part_key(self) -> str:
@@ -123,6 +125,7 @@ def _try_claim(chunk_id: int, attempts: int, settings: Settings) -> ChunkClaim |
             byte_end=chunk.byte_end,
             input_key=input_row.storage_key if input_row is not None else "",
             model=batch.model or "",
+            owner=batch.owner,
         )
 
 
@@ -188,7 +191,7 @@ def compute_chunk(
     if claim.attempt > settings.chunk_max_attempts:
         outcomes = _gave_up(claim, ids)
     else:
-        outcomes = execute(claim.model, [r["body"] for r in requests], ids)
+        outcomes = execute(claim.model, [r["body"] for r in requests], ids, claim.owner)
     result = ChunkResult()
     out: list[bytes] = []
     err: list[bytes] = []
@@ -200,6 +203,7 @@ def compute_chunk(
                 "batch_id": claim.batch_id,
                 "model": claim.model,
                 "status": outcome.status_code,
+                "owner": claim.owner,  # the batch's key owner (None: no keys)
             }
             REQUESTS.info("batch request", extra={"request_id": ids[i], "fields": fields})
         if outcome.status_code == 200:

@@ -202,6 +202,7 @@ class _Plan:
 
     input_key: str
     expires_after_s: int | None
+    owner: str | None
     done: list[ChunkRow] = field(default_factory=list)
     unfinished: list[ChunkRow] = field(default_factory=list)
 
@@ -247,6 +248,7 @@ def _plan(job: BatchJob, to: str) -> _Plan | None:
         plan = _Plan(
             input_key=input_row.storage_key if input_row is not None else "",
             expires_after_s=int(seconds) if seconds else None,
+            owner=batch.owner,
         )
         for chunk in s.scalars(
             select(ChunkRow).where(ChunkRow.batch_id == job.batch_id).order_by(ChunkRow.index)
@@ -319,6 +321,7 @@ def _commit_finalisation(
                 filename=f"{job.batch_id}_{kind}.jsonl",
                 size=size,
                 expires_after_s=plan.expires_after_s,
+                owner=plan.owner,
             )
             if old is not None and old != key:
                 superseded.append(old)

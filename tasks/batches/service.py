@@ -23,7 +23,8 @@ from tasks.files import check_expires_after, get_file
 from tasks.models import BatchRow, ChunkRow
 from tasks.names import BATCH, queue_name, task_name
 from tasks.pagination import paginate
-from tasks.safety import check_idempotency_key, is_id, text_problem
+from tasks.safety import is_id, text_problem
+from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
 
 
 def _by_idempotency_key(session: Session, key: str) -> BatchRow | None:
+    """The batch made with this stored (owner-scoped) key, if any."""
     return session.scalars(select(BatchRow).where(BatchRow.idempotency_key == key)).first()
 
 
@@ -137,9 +139,9 @@ def _check_target(endpoint: str, completion_window: str) -> None:
         )
 
 
-def _check_input_file(session: Session, input_file_id: str) -> None:
+def _check_input_file(session: Session, input_file_id: str, owner: Owner) -> None:
     try:
-        file_row = get_file(session, input_file_id)
+        file_row = get_file(session, input_file_id, owner=owner)
     except NotFound:
         raise NotFound(
             f"No such File object: {quote(input_file_id)}", param="input_file_id"
@@ -161,11 +163,11 @@ def create_batch(
     metadata: Any = None,
     output_expires_after: Any = None,
     idempotency_key: str | None = None,
+    owner: Owner = None,
 ) -> tuple[BatchRow, bool]:
-    """A new batch in ``validating`` (or the one created earlier with the same key).
-
-    Returns (row, created)."""
-    idempotency_key = check_idempotency_key(idempotency_key)
+    """A new batch in ``validating`` (or the one ``owner`` created earlier with the same
+    key), reading an input file of ``owner``'s. Returns (row, created)."""
+    idempotency_key = scoped_idempotency_key(idempotency_key, owner)
     if idempotency_key:
         found = _by_idempotency_key(session, idempotency_key)
         if found is not None:
@@ -173,7 +175,7 @@ def create_batch(
     _check_target(endpoint, completion_window)
     metadata = check_metadata(metadata)
     expiry = _checked_expiry(output_expires_after)
-    _check_input_file(session, input_file_id)
+    _check_input_file(session, input_file_id, owner)
     now = int(time.time())
     row = BatchRow(
         id=f"batch_{uuid.uuid4().hex[:24]}",
@@ -187,6 +189,7 @@ def create_batch(
         metadata_=metadata,
         output_expires_after=expiry,
         idempotency_key=idempotency_key,
+        owner=owner,
         request_total=0,
         request_completed=0,
         request_failed=0,
@@ -204,21 +207,31 @@ def create_batch(
     return row, True
 
 
-def get_batch(session: Session, batch_id: str) -> BatchRow:
+def get_batch(session: Session, batch_id: str, *, owner: Owner = None) -> BatchRow:
     row = session.get(BatchRow, batch_id) if is_id(batch_id) else None
-    if row is None:
+    if row is None or row.owner != owner:
         raise NotFound(f"No such Batch object: {quote(batch_id)}", param="batch_id")
     return row
 
 
-def list_batches(session: Session, *, limit: int, after: str | None) -> tuple[list[BatchRow], bool]:
-    return paginate(session, BatchRow, where=[], limit=limit, order="desc", after=after)
+def list_batches(
+    session: Session, *, limit: int, after: str | None, owner: Owner = None
+) -> tuple[list[BatchRow], bool]:
+    return paginate(
+        session,
+        BatchRow,
+        where=[],
+        scope=[owned_by(BatchRow.owner, owner)],
+        limit=limit,
+        order="desc",
+        after=after,
+    )
 
 
-def request_cancel(session: Session, batch_id: str) -> BatchRow:
+def request_cancel(session: Session, batch_id: str, *, owner: Owner = None) -> BatchRow:
     """Move the batch to ``cancelling`` and stop every chunk not yet running; a worker
     finishes the cancel (``cancelled``, with what did finish) once none runs."""
-    row = get_batch(session, batch_id)
+    row = get_batch(session, batch_id, owner=owner)
     if row.status in ("cancelling", "cancelled"):
         return row
     if not transition(session, batch_id, "cancelling"):

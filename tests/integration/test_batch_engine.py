@@ -73,7 +73,9 @@ def db(
         database.drop()
 
 
-def fake_execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+def fake_execute(
+    model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+) -> list[Outcome]:
     """200 with a one-number 'embedding' per body, 400 for the input 'FAIL'."""
     out = []
     for body in bodies:
@@ -227,7 +229,9 @@ def test_an_unexpected_failure_in_one_request_is_one_generic_error_line(
     its line says which request, never what broke; the rest of the chunk is fine."""
     settings = make_settings(chunk_lines=10)
 
-    def execute(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    def execute(
+        model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+    ) -> list[Outcome]:
         return [
             Outcome.internal(rid) if b["input"] == "text 1" else fake_execute(model, [b], [rid])[0]
             for b, rid in zip(bodies, ids, strict=True)
@@ -256,7 +260,9 @@ def test_a_stale_run_never_commits(db: TestDatabase, store: FileStore, catalog: 
     w.drain(limit=1)  # validation
     (chunk,) = chunks(batch_id)
 
-    def overtaken(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    def overtaken(
+        model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+    ) -> list[Outcome]:
         with session_scope() as s:  # the reaper put it back and another worker claimed it
             s.execute(update(ChunkRow).where(ChunkRow.id == chunk.id).values(attempts=2))
         return fake_execute(model, bodies, ids)
@@ -290,7 +296,9 @@ def test_a_chunk_delivered_too_often_fails_its_requests(
     with session_scope() as s:
         s.execute(update(ChunkRow).where(ChunkRow.batch_id == batch_id).values(attempts=2))
 
-    def poison(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    def poison(
+        model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+    ) -> list[Outcome]:
         raise AssertionError("a chunk past its attempts must not run again")
 
     work(settings, store, catalog, poison).drain()
@@ -308,7 +316,9 @@ def test_a_run_that_breaks_gives_its_chunk_back_at_once(
     batch_id = new_batch(settings, store, jsonl(2))
     calls = []
 
-    def flaky(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    def flaky(
+        model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+    ) -> list[Outcome]:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("the executor broke once")
@@ -371,7 +381,9 @@ def test_a_slow_chunk_keeps_its_lease_for_its_whole_run(
     w.drain(limit=1)
     reaped: list[int] = []
 
-    def slow(model: str, bodies: list[dict[str, Any]], ids: list[str]) -> list[Outcome]:
+    def slow(
+        model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+    ) -> list[Outcome]:
         for _ in range(6):  # 3 s, three leases, with the reaper looking all along
             time.sleep(0.5)
             reaped.append(reap(store=store))

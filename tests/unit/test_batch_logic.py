@@ -10,6 +10,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tasks.batches.service import (
     BatchNotCancellable,
     check_metadata,
     create_batch,
+    get_batch,
+    list_batches,
     request_cancel,
 )
 from tasks.batches.status import LEGAL, TIMESTAMP_FIELD, claim, transition
@@ -533,3 +536,71 @@ def test_store_iter_lines_reads_a_byte_range(store: FileStore) -> None:
     assert list(store.iter_lines("f", 2, 9)) == [b"bb\n", b"ccc\n"]
     assert list(store.iter_lines("f", 9, 13)) == [b"tail"]
     assert list(store.iter_lines("f", 0, 0)) == []
+
+
+# -- owners ------------------------------------------------------------------------------------
+
+
+def test_objects_of_another_owner_are_not_found(db: None, store: FileStore) -> None:
+    """Every service read takes the caller's owner; another owner's file or batch is a
+    404 exactly like an id that does not exist (None is the owner of a keyless API)."""
+    settings = make_settings()
+    made = create_file(
+        store=store,
+        source=io.BytesIO(jsonl(2)),
+        filename="in.jsonl",
+        purpose="batch",
+        max_bytes=10**6,
+        owner="alice",
+    )
+    file_id = str(made["id"])
+    args: dict[str, Any] = {
+        "settings": settings,
+        "input_file_id": file_id,
+        "endpoint": ENDPOINT,
+        "completion_window": "24h",
+    }
+    with session_scope() as s:
+        batch, _ = create_batch(s, **args, owner="alice")
+        batch_id = batch.id
+    for other in ("bob", None):
+        with session_scope() as s:
+            for read in (
+                partial(get_file, s, file_id),
+                partial(delete_file, s, store=store, file_id=file_id),
+                partial(get_batch, s, batch_id),
+                partial(request_cancel, s, batch_id),
+                partial(create_batch, s, **args),
+            ):
+                with pytest.raises(NotFound):
+                    read(owner=other)
+            files_seen, _ = list_files(
+                s, purpose=None, limit=10, order="asc", after=None, owner=other
+            )
+            assert files_seen == []
+            assert list_batches(s, limit=10, after=None, owner=other)[0] == []
+            with pytest.raises(InvalidRequest):  # nor is it an anchor to page after
+                list_batches(s, limit=10, after=batch_id, owner=other)
+    with session_scope() as s:
+        assert get_file(s, file_id, owner="alice").owner == "alice"
+        assert get_batch(s, batch_id, owner="alice").owner == "alice"
+        mine, _ = list_batches(s, limit=10, after=None, owner="alice")
+        assert [b.id for b in mine] == [batch_id]
+
+
+def test_a_speech_batch_line_names_only_its_owners_files(db: None, store: FileStore) -> None:
+    from workers.audio import _user_file
+
+    made = create_file(
+        store=store,
+        source=io.BytesIO(b"RIFF"),
+        filename="a.wav",
+        purpose="user_data",
+        max_bytes=100,
+        owner="alice",
+    )
+    assert _user_file(str(made["id"]), "alice") == f"files/{made['id']}"
+    for other in ("bob", None):
+        with pytest.raises(InvalidRequest) as refused:
+            _user_file(str(made["id"]), other)
+        assert refused.value.param == "file"

@@ -1,0 +1,131 @@
+"""Who is calling: the bearer key of a request, checked from memory.
+
+Keys come from three places: ``LANEWAY_API_KEY`` (one key, the owner ``None`` that an API
+without keys works as), ``LANEWAY_API_KEYS`` (``name:key`` pairs, each name its own owner)
+and the database (`laneway keys create`). The database's keys are read into memory by
+every API process and re-read every ``LANEWAY_KEYS_REFRESH_S``, in a thread, by the first
+request that finds them stale, while the others go on with what was read before: a key
+created or revoked takes effect within seconds, and no request waits on the database
+(only the very first one, before anything was read).
+
+With no key anywhere, the API is open. Any key in the database, revoked or expired
+included, keeps it closed: revoking the last key must not open it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from configs.settings import Settings
+from tasks.errors import AuthenticationFailed, ServiceUnavailable
+from tasks.keys import KeyRecord, hash_key
+
+log = logging.getLogger(__name__)
+
+# longer than any key we make or a sane operator sets: not worth hashing
+MAX_TOKEN_BYTES = 512
+HOW = "Send it as 'Authorization: Bearer <key>'."
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the key's name (for logs), its owner (of files and
+    batches) and its limits (None: the settings' defaults)."""
+
+    name: str
+    owner: str | None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+def static_records(settings: Settings) -> dict[str, KeyRecord]:
+    """The settings' keys by hash."""
+    records: dict[str, KeyRecord] = {}
+    if settings.api_key:
+        records[hash_key(settings.api_key)] = KeyRecord(name="default", owner=None)
+    for pair in settings.api_keys:
+        name, _, key = pair.partition(":")
+        records[hash_key(key)] = KeyRecord(name=name, owner=name)
+    return records
+
+
+def bearer_token(authorization: bytes | None) -> bytes:
+    """The key in an ``Authorization: Bearer <key>`` header; 401 for anything else."""
+    if not authorization:
+        raise AuthenticationFailed(f"You didn't provide an API key. {HOW}")
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        raise AuthenticationFailed(f"The Authorization header is malformed. {HOW}")
+    if len(token) > MAX_TOKEN_BYTES or b" " in token:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    return token
+
+
+class KeyRing:
+    """Authenticates requests against the static keys and the database's, from memory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[], Mapping[str, KeyRecord]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.static = static_records(settings)
+        self.refresh_s = settings.keys_refresh_s
+        self.load = load
+        self.clock = clock
+        self.stored: Mapping[str, KeyRecord] | None = None
+        self.read_at = float("-inf")
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def authenticate(self, authorization: bytes | None) -> Principal | None:
+        """The caller, or None when no key is configured anywhere; raises
+        ``AuthenticationFailed`` (401) for a missing, malformed, unknown, revoked or
+        expired key."""
+        stored = await self._stored()
+        if not self.static and not stored:
+            return None
+        token = bearer_token(authorization)
+        digest = hash_key(token)
+        record = self.static.get(digest) or stored.get(digest)
+        if record is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if record.revoked_at is not None:
+            raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
+        if record.expires_at is not None and record.expires_at <= time.time():
+            raise AuthenticationFailed("This API key has expired.", code="key_expired")
+        return Principal(record.name, record.owner, record.rpm, record.tpm)
+
+    async def _stored(self) -> Mapping[str, KeyRecord]:
+        if self.clock() - self.read_at >= self.refresh_s and self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        if self.stored is None and self._refreshing is not None:
+            await asyncio.shield(self._refreshing)  # nothing read yet: wait for it
+        if self.stored is None:
+            raise ServiceUnavailable(
+                "API keys could not be read from the database; retry shortly",
+                code="keys_unavailable",
+            )
+        return self.stored
+
+    async def _refresh(self) -> None:
+        try:
+            self.stored = await asyncio.to_thread(self.load)
+            self.read_at = self.clock()
+        except Exception as exc:  # keep serving what was read before
+            log.warning("could not re-read API keys from the database: %s", exc)
+            self.read_at = self.clock() - self.refresh_s / 2  # retry soon, not per request
+        finally:
+            self._refreshing = None
+
+    async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refreshing

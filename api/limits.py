@@ -1,0 +1,130 @@
+"""Per-key limits: requests and tokens per minute, counted in Redis so that every API
+process (on any host) shares them.
+
+Counting is by fixed windows of ``LANEWAY_RATE_LIMIT_WINDOW_S`` (60 s), numbered by
+Redis's own clock so that API hosts whose clocks disagree still count in the same window.
+A request is admitted while its key's window has fewer than ``rpm`` requests and fewer
+than ``tpm`` tokens; past either it is answered 429 with ``Retry-After`` the seconds left
+in the window. Tokens are known only once a request is answered (the worker reports its
+usage), so they are charged then (``TokenMeter``): a request is never refused halfway, and
+a key may go over its ``tpm`` by the tokens of the requests in flight when it reached it.
+
+When Redis cannot be reached the limits are not enforced (logged): a broker outage
+already fails the live routes, and must not also lock everyone out of files and batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from api.auth import Principal
+from configs.settings import Settings
+from tasks.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+PREFIX = "laneway:ratelimit"
+
+# KEYS: requests counter prefix, tokens counter prefix
+# ARGV: window (s), rpm (0: none), tpm (0: none)
+# -> {0, 0}: admitted (counted); {1|2, ms left in the window}: over requests | tokens
+_ADMIT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
+local n = math.floor(ms / window_ms)
+local left = (n + 1) * window_ms - ms
+local req = KEYS[1] .. ':' .. n
+local tok = KEYS[2] .. ':' .. n
+local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+if rpm > 0 and tonumber(redis.call('GET', req) or '0') >= rpm then return {1, left} end
+if tpm > 0 and tonumber(redis.call('GET', tok) or '0') >= tpm then return {2, left} end
+redis.call('INCR', req)
+redis.call('PEXPIRE', req, window_ms * 2)
+return {0, 0}
+"""
+
+# KEYS: tokens counter prefix; ARGV: window (s), tokens
+_CHARGE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
+local tok = KEYS[1] .. ':' .. math.floor(ms / window_ms)
+redis.call('INCRBY', tok, ARGV[2])
+redis.call('PEXPIRE', tok, window_ms * 2)
+return 0
+"""
+
+
+@dataclass
+class TokenMeter:
+    """The tokens one request used, added up as its replies arrive (``charge``)."""
+
+    tokens: int = 0
+
+
+METER: ContextVar[TokenMeter | None] = ContextVar("laneway_token_meter", default=None)
+
+
+def charge(usage: object) -> None:
+    """Count a reply's ``usage`` (prompt plus completion tokens) against the current
+    request's key; nothing outside a metered request."""
+    meter = METER.get()
+    if meter is None or not isinstance(usage, dict):
+        return
+    for field_name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(field_name)
+        if isinstance(value, int) and value > 0:
+            meter.tokens += value
+
+
+@dataclass
+class RateLimiter:
+    settings: Settings
+
+    def limits(self, who: Principal) -> tuple[int, int]:
+        rpm = who.rpm if who.rpm is not None else self.settings.rate_limit_rpm
+        tpm = who.tpm if who.tpm is not None else self.settings.rate_limit_tpm
+        return rpm, tpm
+
+    def _keys(self, who: Principal) -> tuple[str, str]:
+        base = f"{PREFIX}:{who.name}"
+        return f"{base}:requests", f"{base}:tokens"
+
+    async def admit(self, redis: aioredis.Redis, who: Principal) -> None:
+        """Count one request of ``who``, or raise ``RateLimited`` (429)."""
+        rpm, tpm = self.limits(who)
+        if not rpm and not tpm:
+            return
+        window = self.settings.rate_limit_window_s
+        try:
+            over, left_ms = await redis.eval(_ADMIT, 2, *self._keys(who), window, rpm, tpm)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
+            return
+        if not over:
+            return
+        what, limit = ("requests", rpm) if over == 1 else ("tokens", tpm)
+        seconds = max(1, math.ceil(int(left_ms) / 1000))
+        raise RateLimited(
+            f"Rate limit reached for key {who.name!r} on {what} per {window:g}s: limit "
+            f"{limit}. Please try again in {seconds}s.",
+            retry_after=seconds,
+        )
+
+    async def settle(self, redis: aioredis.Redis, who: Principal, meter: TokenMeter) -> None:
+        """Charge what a finished request used to its key's tokens."""
+        _, tpm = self.limits(who)
+        if not tpm or meter.tokens <= 0:
+            return
+        try:
+            keys = self._keys(who)
+            await redis.eval(_CHARGE, 1, keys[1], self.settings.rate_limit_window_s, meter.tokens)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            log.warning("could not count %d tokens of %s: %s", meter.tokens, who.name, exc)

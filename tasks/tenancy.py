@@ -1,0 +1,33 @@
+"""Who owns a file or a batch: the owner of the API key that made it.
+
+Every query that reads files or batches for a caller goes through ``owned_by``, so an
+object of another owner is simply not found (404, the answer for an id that does not
+exist: a caller cannot even learn that it does). ``None`` is an owner like any other: the
+one an API without keys, or with the single ``LANEWAY_API_KEY``, works as, so upgrading
+to keys leaves the objects made before with that key's holder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from tasks.safety import check_idempotency_key
+
+Owner = str | None
+
+
+def owned_by(column: Any, owner: Owner) -> Any:
+    """The SQL condition ``column`` belongs to ``owner`` (NULL compares as an owner)."""
+    return column.is_(None) if owner is None else column == owner
+
+
+def scoped_idempotency_key(key: str | None, owner: Owner) -> str | None:
+    """The ``Idempotency-Key`` as stored: one owner's key never finds another owner's
+    object (the column is unique across owners, so a named owner's key is stored as a
+    digest of owner and key)."""
+    key = check_idempotency_key(key)
+    if key is None or owner is None:
+        return key
+    digest = hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+    return f"owner:{digest}"

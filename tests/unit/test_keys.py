@@ -1,0 +1,190 @@
+"""Keys and owners as pure logic: the bearer header, the key ring's refresh and refusals,
+owner-scoped idempotency keys, the settings' static list and the token meter. The real
+database, CLI, Redis and API processes are in tests/integration/test_keys.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+import pytest
+from pydantic import ValidationError
+
+from api.auth import KeyRing, Principal, bearer_token
+from api.limits import METER, RateLimiter, TokenMeter, charge
+from configs.settings import Settings
+from tasks.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
+from tasks.keys import KeyRecord, check_name, hash_key
+from tasks.tenancy import scoped_idempotency_key
+
+
+class Loader:
+    """The database's keys, as the ring reads them; ``fail`` makes a read raise."""
+
+    def __init__(self, records: Mapping[str, KeyRecord] | None = None) -> None:
+        self.records = dict(records or {})
+        self.reads = 0
+        self.fail = False
+
+    def __call__(self) -> Mapping[str, KeyRecord]:
+        self.reads += 1
+        if self.fail:
+            raise OSError("database down")
+        return dict(self.records)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ring(loader: Loader, clock: Clock | None = None, **settings: object) -> KeyRing:
+    return KeyRing(Settings(keys_refresh_s=2.0, **settings), loader, clock or Clock())  # type: ignore[arg-type]
+
+
+def auth(keys: KeyRing, header: bytes | None) -> Principal | None:
+    async def go() -> Principal | None:
+        principal = await keys.authenticate(header)
+        if keys._refreshing is not None:  # let a background re-read finish
+            await keys._refreshing
+        return principal
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        b"",
+        b"Bearer",
+        b"Bearer   ",
+        b"Basic abc",
+        b"Token x",
+        b"Bearer a b",
+        b"Bearer " + b"k" * 600,
+    ],
+)
+def test_bearer_token_refuses_what_is_not_one_key(header: bytes | None) -> None:
+    with pytest.raises(AuthenticationFailed):
+        bearer_token(header)
+
+
+def test_bearer_token_takes_any_case_and_outer_spaces() -> None:
+    assert bearer_token(b"  bearer lw-abc  ") == b"lw-abc"
+    assert bearer_token(b"BEARER lw-abc") == b"lw-abc"
+
+
+def test_no_key_anywhere_is_open() -> None:
+    assert auth(ring(Loader()), None) is None
+
+
+def test_static_keys_name_their_owners() -> None:
+    keys = ring(Loader(), api_key="legacy", api_keys="alice:ka,bob:kb")
+    assert auth(keys, b"Bearer legacy") == Principal("default", None)
+    assert auth(keys, b"Bearer ka") == Principal("alice", "alice")
+    with pytest.raises(AuthenticationFailed):
+        auth(keys, None)
+
+
+def test_database_keys_revoked_expired_and_limits() -> None:
+    loader = Loader(
+        {
+            hash_key("good"): KeyRecord("a", "team", rpm=5, tpm=None),
+            hash_key("gone"): KeyRecord("b", "team", revoked_at=1),
+            hash_key("old"): KeyRecord("c", "team", expires_at=int(time.time()) - 1),
+        }
+    )
+    keys = ring(loader)
+    assert auth(keys, b"Bearer good") == Principal("a", "team", 5, None)
+    for token, code in (
+        (b"gone", "key_revoked"),
+        (b"old", "key_expired"),
+        (b"x", "invalid_api_key"),
+    ):
+        with pytest.raises(AuthenticationFailed) as refused:
+            auth(keys, b"Bearer " + token)
+        assert refused.value.code == code
+
+
+def test_a_revoked_key_stays_closed_even_when_it_was_the_last() -> None:
+    keys = ring(Loader({hash_key("k"): KeyRecord("k", "k", revoked_at=1)}))
+    with pytest.raises(AuthenticationFailed):
+        auth(keys, None)
+
+
+def test_keys_are_re_read_after_the_refresh_interval_only() -> None:
+    loader, clock = Loader(), Clock()
+    keys = ring(loader, clock)
+    assert auth(keys, None) is None and loader.reads == 1
+    loader.records[hash_key("new")] = KeyRecord("n", "n")
+    clock.now = 1.0
+    assert auth(keys, None) is None and loader.reads == 1  # still fresh
+    clock.now = 2.5
+    auth(keys, None)  # answered from what was read; the re-read starts
+    assert loader.reads == 2
+    with pytest.raises(AuthenticationFailed):
+        auth(keys, None)
+    assert auth(keys, b"Bearer new") == Principal("n", "n")
+
+
+def test_a_failed_re_read_keeps_the_keys_read_before() -> None:
+    loader, clock = Loader({hash_key("k"): KeyRecord("k", "k")}), Clock()
+    keys = ring(loader, clock)
+    assert auth(keys, b"Bearer k") is not None
+    loader.fail, clock.now = True, 10.0
+    assert auth(keys, b"Bearer k") is not None
+    assert auth(keys, b"Bearer k") is not None
+
+
+def test_keys_never_read_are_503_not_open() -> None:
+    loader = Loader()
+    loader.fail = True
+    with pytest.raises(ServiceUnavailable):
+        auth(ring(loader), None)
+
+
+def test_idempotency_keys_are_scoped_by_owner() -> None:
+    assert scoped_idempotency_key("k", None) == "k"
+    assert scoped_idempotency_key(None, "alice") is None
+    alice, bob = scoped_idempotency_key("k", "alice"), scoped_idempotency_key("k", "bob")
+    assert alice != bob and alice is not None and len(alice) <= 256
+    with pytest.raises(InvalidRequest):
+        scoped_idempotency_key("bad\x00key", "alice")
+
+
+def test_settings_static_keys_are_name_key_pairs() -> None:
+    assert Settings(api_keys="a:1, b:2:3").api_keys == ["a:1", "b:2:3"]
+    for bad in ("nokey", ":k", "a:", "a b:k", "x" * 65 + ":k"):
+        with pytest.raises(ValidationError):
+            Settings(api_keys=bad)
+
+
+def test_key_names() -> None:
+    assert check_name("team-1.prod_x") == "team-1.prod_x"
+    for bad in ("", "-x", "a b", "x" * 65, "é"):
+        with pytest.raises(InvalidRequest):
+            check_name(bad)
+
+
+def test_limits_default_to_the_settings_and_zero_is_none() -> None:
+    limiter = RateLimiter(Settings(rate_limit_rpm=10, rate_limit_tpm=100))
+    assert limiter.limits(Principal("a", "a")) == (10, 100)
+    assert limiter.limits(Principal("a", "a", rpm=0, tpm=5)) == (0, 5)
+
+
+def test_the_meter_adds_prompt_and_completion_tokens_of_its_request_only() -> None:
+    charge({"prompt_tokens": 5})  # no request: nothing to count
+    meter = TokenMeter()
+    token = METER.set(meter)
+    try:
+        charge({"prompt_tokens": 5, "completion_tokens": 7})
+        charge({"prompt_tokens": "9", "completion_tokens": -1})  # not counts
+        charge(None)
+    finally:
+        METER.reset(token)
+    assert meter.tokens == 12
