@@ -29,6 +29,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from laneway.argtypes import above, whole
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 FINISHED = ("completed", "failed", "expired", "cancelled")
 MAX_PROBLEMS = 5
@@ -523,26 +525,6 @@ def _metadata(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0")
-    return value
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 100")
-    return value
-
-
 def _command(parser: argparse.ArgumentParser, command: Command) -> None:
     parser.add_argument(
         "--base-url", help=f"the laneway (default: LANEWAY_BASE_URL, else {DEFAULT_BASE_URL})"
@@ -554,7 +536,7 @@ def _command(parser: argparse.ArgumentParser, command: Command) -> None:
 def _wait_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--wait", action="store_true", help=what)
     parser.add_argument(
-        "--interval", type=_positive, default=1.0, help="seconds between polls (default 1)"
+        "--interval", type=above(0), default=1.0, help="seconds between polls (default 1)"
     )
 
 
@@ -579,7 +561,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     _command(status, cmd_status)
 
     listing = commands.add_parser("list", help="recent batches")
-    listing.add_argument("--limit", type=_limit, default=20, help="1 to 100 (default 20)")
+    listing.add_argument("--limit", type=whole(1, 100), default=20, help="1 to 100 (default 20)")
     _command(listing, cmd_list)
 
     cancel = commands.add_parser("cancel", help="cancel a batch")

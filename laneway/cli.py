@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from laneway.argtypes import whole
 from laneway.batch_cli import add_parser as add_batch_parser
 from laneway.keys_cli import add_parser as add_keys_parser
 from laneway.logs import configure as configure_logging
@@ -220,17 +221,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop()
 
 
-def _process_count(text: str) -> int:
-    """1..64, as LANEWAY_API_WORKERS allows."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 64")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="laneway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--no-migrate", action="store_true")
     api.add_argument(
         "--workers",
-        type=_process_count,
+        type=whole(1, 64),
         help="API processes, 1 to 64 (default: LANEWAY_API_WORKERS, else 1)",
     )
     api.set_defaults(func=cmd_api)

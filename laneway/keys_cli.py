@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from laneway.argtypes import above, whole
+
 
 def _when(ts: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + "Z" if ts else "-"
@@ -96,24 +98,7 @@ def _run(func: Any) -> Any:
     return run
 
 
-def _days(text: str) -> float:
-    try:
-        days = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not 0 < days <= 36500:
-        raise argparse.ArgumentTypeError("--expires-in is more than 0 and at most 36500 days")
-    return days
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= n <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"{n} is not between 0 (no limit) and 2147483647")
-    return n
+MAX_LIMIT = 2**31 - 1  # the column is an INTEGER
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -124,12 +109,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     create = commands.add_parser("create", help="make a key; prints it once, on the last line")
     create.add_argument("--name", required=True, help="unique; shown in logs and `keys list`")
     create.add_argument("--owner", help="whose files and batches the key sees (default: its name)")
-    create.add_argument("--expires-in", type=_days, metavar="DAYS", help="default: never")
+    create.add_argument("--expires-in", type=above(0, 36500), metavar="DAYS", help="default: never")
     create.add_argument(
-        "--rpm", type=_count, help="requests per minute (0: none; default LANEWAY_RATE_LIMIT_RPM)"
+        "--rpm",
+        type=whole(0, MAX_LIMIT),
+        help="requests per minute (0: none; default LANEWAY_RATE_LIMIT_RPM)",
     )
     create.add_argument(
-        "--tpm", type=_count, help="tokens per minute (0: none; default LANEWAY_RATE_LIMIT_TPM)"
+        "--tpm",
+        type=whole(0, MAX_LIMIT),
+        help="tokens per minute (0: none; default LANEWAY_RATE_LIMIT_TPM)",
     )
     create.set_defaults(func=_run(cmd_create))
 
