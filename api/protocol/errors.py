@@ -21,7 +21,8 @@ DESCRIPTIONS = {
     401: "Missing or wrong API key",
     404: "Unknown model, file or batch",
     413: "Body larger than the limit",
-    429: "Live queue full; retry after Retry-After seconds",
+    429: "Live queue full, or the key is over its requests or tokens per minute; retry "
+    "after Retry-After seconds",
     500: "Internal error: the message carries a request id",
     503: "The model is not warm or no worker serves it",
     504: "No result within LANEWAY_REQUEST_TIMEOUT_S",

@@ -27,7 +27,7 @@ def body_limits(settings: Settings) -> dict[str, int]:
 @router.post(
     "/v1/files",
     response_model=None,
-    responses={200: {"model": FileObject}, **error_responses(400, 401, 413)},
+    responses={200: {"model": FileObject}, **error_responses(400, 401, 413, 429)},
     openapi_extra=UPLOAD_SCHEMA,
 )
 async def upload_file(
@@ -61,7 +61,7 @@ async def upload_file(
 @router.get(
     "/v1/files",
     response_model=None,
-    responses={200: {"model": FileList}, **error_responses(400, 401)},
+    responses={200: {"model": FileList}, **error_responses(400, 401, 429)},
 )
 async def list_files(
     owner: OwnerDep,
@@ -78,7 +78,7 @@ async def list_files(
 @router.get(
     "/v1/files/{file_id}",
     response_model=None,
-    responses={200: {"model": FileObject}, **error_responses(401, 404)},
+    responses={200: {"model": FileObject}, **error_responses(401, 404, 429)},
 )
 async def retrieve_file(file_id: str, owner: OwnerDep) -> Any:
     return await run_in_threadpool(serving.retrieve, file_id, owner)
@@ -102,7 +102,7 @@ def content_disposition(filename: str) -> str:
             },
             "description": "The file's bytes",
         },
-        **error_responses(401, 404),
+        **error_responses(401, 404, 429),
     },
 )
 async def file_content(file_id: str, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
@@ -117,7 +117,7 @@ async def file_content(file_id: str, settings: SettingsDep, owner: OwnerDep) -> 
 @router.delete(
     "/v1/files/{file_id}",
     response_model=None,
-    responses={200: {"model": FileDeleted}, **error_responses(401, 404)},
+    responses={200: {"model": FileDeleted}, **error_responses(401, 404, 429)},
 )
 async def delete_file(file_id: str, settings: SettingsDep, owner: OwnerDep) -> Any:
     return await run_in_threadpool(serving.delete, settings, file_id, owner)

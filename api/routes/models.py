@@ -22,14 +22,14 @@ def _card(state: AppState, name: str) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 429))
 async def list_models(state: StateDep) -> ModelList:
     names = state.catalog.names(state.settings.models)  # aliases too: clients pick by name
     return ModelList(data=[_card(state, m) for m in names])
 
 
 @router.get(
-    "/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404)
+    "/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404, 429)
 )
 async def get_model(model_id: str, state: StateDep) -> ModelCard:
     if model_id not in state.catalog.names(state.settings.models):
