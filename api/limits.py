@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from api.auth import Principal
@@ -87,6 +88,15 @@ def charge(usage: object) -> None:
 @dataclass
 class RateLimiter:
     settings: Settings
+    # the scripts by client: EVALSHA sends their digest, not their text, per request
+    _scripts: dict[int, tuple[AsyncScript, AsyncScript]] = field(default_factory=dict)
+
+    def _scripts_of(self, redis: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
+        scripts = self._scripts.get(id(redis))
+        if scripts is None:
+            scripts = (redis.register_script(_ADMIT), redis.register_script(_CHARGE))
+            self._scripts = {id(redis): scripts}  # one client per process
+        return scripts
 
     def limits(self, who: Principal) -> tuple[int, int]:
         rpm = who.rpm if who.rpm is not None else self.settings.rate_limit_rpm
@@ -104,7 +114,8 @@ class RateLimiter:
             return
         window = self.settings.rate_limit_window_s
         try:
-            over, left_ms = await redis.eval(_ADMIT, 2, *self._keys(who), window, rpm, tpm)  # type: ignore[misc]
+            admit, _ = self._scripts_of(redis)
+            over, left_ms = await admit(keys=self._keys(who), args=[window, rpm, tpm])
         except (RedisError, OSError) as exc:
             log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
             return
@@ -124,7 +135,8 @@ class RateLimiter:
         if not tpm or meter.tokens <= 0:
             return
         try:
-            keys = self._keys(who)
-            await redis.eval(_CHARGE, 1, keys[1], self.settings.rate_limit_window_s, meter.tokens)  # type: ignore[misc]
+            _, settle = self._scripts_of(redis)
+            window = self.settings.rate_limit_window_s
+            await settle(keys=[self._keys(who)[1]], args=[window, meter.tokens])
         except (RedisError, OSError) as exc:
             log.warning("could not count %d tokens of %s: %s", meter.tokens, who.name, exc)
