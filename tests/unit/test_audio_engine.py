@@ -549,9 +549,11 @@ def test_stop_fails_queued_jobs(tmp_path: Path) -> None:
     try:
         subs = [Submission(wav(tmp_path, f"c{i}", 1.0, seed=i), SpeechOptions()) for i in range(3)]
         futures = engine.submit_many(subs, lane=BATCH)
+        # the live job arrives once the first batch clip is in its forward: sent any
+        # earlier, the scheduler may (rightly) take it first and finish it before stop
+        assert backend.started.wait(WAIT_S)
         long = Submission(wav(tmp_path, "long", 20.0), SpeechOptions())
         futures += engine.submit_many([long], lane=LIVE)
-        assert backend.started.wait(WAIT_S)
         stopper = threading.Thread(target=engine.stop)
         stopper.start()
         deadline = time.monotonic() + WAIT_S
