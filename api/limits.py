@@ -33,33 +33,29 @@ log = logging.getLogger(__name__)
 PREFIX = "laneway:ratelimit"
 
 # KEYS: requests counter prefix, tokens counter prefix
-# ARGV: window (s), rpm (0: none), tpm (0: none)
-# -> {0, 0}: admitted (counted); {1|2, ms left in the window}: over requests | tokens
-_ADMIT = """
+# ARGV: window (s), then either "admit", rpm (0: none), tpm (0: none)
+#                         or "charge", tokens
+# -> {0, 0}: admitted (counted) or charged; {1|2, ms left in the window}: over requests |
+# tokens. Both modes number the window the same way, here and only here.
+_SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
 local n = math.floor(ms / window_ms)
-local left = (n + 1) * window_ms - ms
 local req = KEYS[1] .. ':' .. n
 local tok = KEYS[2] .. ':' .. n
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+if ARGV[2] == 'charge' then
+  redis.call('INCRBY', tok, ARGV[3])
+  redis.call('PEXPIRE', tok, window_ms * 2)
+  return {0, 0}
+end
+local left = (n + 1) * window_ms - ms
+local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
 if rpm > 0 and tonumber(redis.call('GET', req) or '0') >= rpm then return {1, left} end
 if tpm > 0 and tonumber(redis.call('GET', tok) or '0') >= tpm then return {2, left} end
 redis.call('INCR', req)
 redis.call('PEXPIRE', req, window_ms * 2)
 return {0, 0}
-"""
-
-# KEYS: tokens counter prefix; ARGV: window (s), tokens
-_CHARGE = """
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
-local tok = KEYS[1] .. ':' .. math.floor(ms / window_ms)
-redis.call('INCRBY', tok, ARGV[2])
-redis.call('PEXPIRE', tok, window_ms * 2)
-return 0
 """
 
 
@@ -88,15 +84,16 @@ def charge(usage: object) -> None:
 @dataclass
 class RateLimiter:
     settings: Settings
-    # the scripts by client: EVALSHA sends their digest, not their text, per request
-    _scripts: dict[int, tuple[AsyncScript, AsyncScript]] = field(default_factory=dict)
+    # the script by client: EVALSHA sends its digest, not its text, per request
+    _scripts: dict[int, AsyncScript] = field(default_factory=dict)
 
-    def _scripts_of(self, redis: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
-        scripts = self._scripts.get(id(redis))
-        if scripts is None:
-            scripts = (redis.register_script(_ADMIT), redis.register_script(_CHARGE))
-            self._scripts = {id(redis): scripts}  # one client per process
-        return scripts
+    async def _run(self, redis: aioredis.Redis, who: Principal, *args: str | int) -> list[int]:
+        script = self._scripts.get(id(redis))
+        if script is None:
+            script = redis.register_script(_SCRIPT)
+            self._scripts = {id(redis): script}  # one client per process
+        window = self.settings.rate_limit_window_s
+        return await script(keys=self._keys(who), args=[window, *args])  # type: ignore[no-any-return]
 
     def limits(self, who: Principal) -> tuple[int, int]:
         rpm = who.rpm if who.rpm is not None else self.settings.rate_limit_rpm
@@ -112,16 +109,15 @@ class RateLimiter:
         rpm, tpm = self.limits(who)
         if not rpm and not tpm:
             return
-        window = self.settings.rate_limit_window_s
         try:
-            admit, _ = self._scripts_of(redis)
-            over, left_ms = await admit(keys=self._keys(who), args=[window, rpm, tpm])
+            over, left_ms = await self._run(redis, who, "admit", rpm, tpm)
         except (RedisError, OSError) as exc:
             log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
             return
         if not over:
             return
         what, limit = ("requests", rpm) if over == 1 else ("tokens", tpm)
+        window = self.settings.rate_limit_window_s
         seconds = max(1, math.ceil(int(left_ms) / 1000))
         raise RateLimited(
             f"Rate limit reached for key {who.name!r} on {what} per {window:g}s: limit "
@@ -135,8 +131,6 @@ class RateLimiter:
         if not tpm or meter.tokens <= 0:
             return
         try:
-            _, settle = self._scripts_of(redis)
-            window = self.settings.rate_limit_window_s
-            await settle(keys=[self._keys(who)[1]], args=[window, meter.tokens])
+            await self._run(redis, who, "charge", meter.tokens)
         except (RedisError, OSError) as exc:
             log.warning("could not count %d tokens of %s: %s", meter.tokens, who.name, exc)
