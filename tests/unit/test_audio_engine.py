@@ -309,6 +309,9 @@ def test_live_goes_first(tmp_path: Path, engines: Engines) -> None:
 
 def test_live_goes_before_a_long_batch_file(tmp_path: Path, engines: Engines) -> None:
     backend = FakeSpeech()
+    # 0.3 s for the long file: a busy machine that delays this thread by a few ms must
+    # not let it finish before the live job is sent
+    backend.segment_delay_s = 0.01
     engine = engines(backend)
     [long] = engine.submit_many(
         [Submission(wav(tmp_path, "long", 30.0), SpeechOptions())], lane=BATCH

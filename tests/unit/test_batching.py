@@ -325,19 +325,35 @@ def test_stats_count_forwards_and_items(
 # -- adaptive batching: wait for more only under load -------------------------------------
 
 
+def wait_until_idle(batcher: Batcher) -> None:
+    """Until the scheduler has closed its last forward. A job's future resolves before
+    that, and a request sent in between counts as arriving during the forward (load)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with batcher._cond:
+            if not batcher._in_forward:
+                return
+        assert time.monotonic() < deadline, "the scheduler never finished its forward"
+        time.sleep(0.001)
+
+
 def test_an_idle_lane_never_waits(backend: RecordingBackend, make_batcher: MakeBatcher) -> None:
-    batcher = make_batcher(live_wait_s=1.0)
+    wait_s = 5.0
+    batcher = make_batcher(live_wait_s=wait_s)
     for n in range(3):  # each arrives on an idle lane: none waits for company
+        wait_until_idle(batcher)
         started = time.monotonic()
-        batcher.submit([seq(4, 10 * n)]).result(5)
-        assert time.monotonic() - started < 0.5
+        batcher.submit([seq(4, 10 * n)]).result(wait_s + 1)
+        assert time.monotonic() - started < wait_s / 2
     assert [len(b) for b in backend.batches] == [1, 1, 1]
 
 
 def test_under_load_a_small_live_forward_waits_for_more(
     backend: RecordingBackend, make_batcher: MakeBatcher
 ) -> None:
-    wait_s = 0.4
+    # long enough that B, sent wait_s / 4 after A's forward could have started, still
+    # arrives within the wait on a slow machine
+    wait_s = 2.0
     batcher = make_batcher(live_wait_s=wait_s)
     first = block_scheduler(backend, batcher)
     a = batcher.submit([seq(3, 100)])  # arrives while a forward runs: the lane is busy
@@ -347,7 +363,7 @@ def test_under_load_a_small_live_forward_waits_for_more(
     b = batcher.submit([seq(3, 200)])  # joins A's forward instead of waiting behind it
     started = time.monotonic()
     a.result(5), b.result(5)
-    assert time.monotonic() - started < wait_s + 0.3  # bounded by the setting
+    assert time.monotonic() - started < wait_s + 0.5  # bounded by the setting
     assert [len(x) for x in backend.batches] == [1, 2]
 
 
@@ -362,5 +378,5 @@ def test_a_full_live_forward_does_not_wait(
     started = time.monotonic()
     for job in jobs:
         job.result(5)
-    assert time.monotonic() - started < 1.0  # max_batch_size reached: no reason to wait
+    assert time.monotonic() - started < 2.5  # max_batch_size reached: no reason to wait
     assert [len(x) for x in backend.batches] == [1, 4]

@@ -548,7 +548,8 @@ def test_total_time_limit(server: LocalServer, path: str, mode: str) -> None:
     fetcher = local_fetcher(image_fetch_timeout_s=0.4)
     start = time.monotonic()
     refused(lambda: fetch(fetcher, server.url(path), mode), "Timed out", "0.4 s")
-    assert time.monotonic() - start < 1.5
+    # well short of the 3 s /slow and 5 s /drip take, with room for a loaded machine
+    assert time.monotonic() - start < 2.5
 
 
 @pytest.mark.parametrize("mode", MODES)
