@@ -112,6 +112,15 @@ class FileStore(ABC):
         """``key`` as a file on this machine, until the returned object is closed
         (``FileNotFoundError`` when ``key`` is absent)."""
 
+    def write_keeping_local(
+        self, key: str, source: BinaryIO, *, limit: int | None = None
+    ) -> tuple[int, LocalFile]:
+        """``write_from``, and the content as ``local_file`` gives it, for a caller that
+        goes on to read what it wrote (an upload it probes). A remote store keeps the copy
+        it wrote from rather than download it again."""
+        size = self.write_from(key, source, limit=limit)
+        return size, self.local_file(key)
+
 
 class LocalFileStore(FileStore):
     """A directory every process mounts (NFS or similar on several hosts).

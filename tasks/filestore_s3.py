@@ -2,8 +2,9 @@
 ``LANEWAY_FILE_STORE=s3://bucket/prefix``.
 
 Nothing goes through memory whole. Writes are streamed as a multipart upload of
-``part_bytes`` parts (one PUT when the object is smaller than one part), so a writer holds
-one part at a time; a failed or refused write aborts the upload and leaves no object
+``part_bytes`` parts (one PUT when the object is smaller than one part), up to
+``IN_FLIGHT`` of them sent at once, so a writer holds at most that many parts and the one
+it fills; a failed or refused write aborts the upload and leaves no object
 behind (nor a half one: S3 shows an object only once its PUT or multipart upload
 completes). Reads are streamed GETs; ``iter_lines`` reads a byte range (``Range``).
 
@@ -17,7 +18,9 @@ import contextlib
 import io
 import os
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -30,8 +33,11 @@ from configs.settings import S3Location, Settings
 from tasks.filestore import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
 
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
+IN_FLIGHT = 4  # parts of one object sent at once
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+# part uploads of every writer in the process; a writer waits only on its own parts
+_PARTS = ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="s3-part")
 
 
 def _error_code(exc: ClientError) -> str:
@@ -84,14 +90,17 @@ class _Body(io.RawIOBase):
 class _Writer:
     """One object written front to back: bytes are gathered into ``part_bytes`` parts, each
     sent as it fills (every part but the last is exactly ``part_bytes``, as S3 requires
-    at least 5 MiB). ``commit`` completes it (a single PUT if it never filled a part);
-    ``abort`` drops it, leaving no object and no open multipart upload."""
+    at least 5 MiB), up to ``IN_FLIGHT`` at once. ``commit`` completes it (a single PUT if
+    it never filled a part); ``abort`` drops it, leaving no object and no open multipart
+    upload."""
 
     def __init__(self, client: Any, bucket: str, name: str, part_bytes: int) -> None:
         self.client, self.bucket, self.name, self.part_bytes = client, bucket, name, part_bytes
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        self.sending: deque[Future[dict[str, Any]]] = deque()  # oldest first
+        self.numbered = 0
         self.written = 0
 
     def write(self, data: bytes) -> None:
@@ -102,14 +111,19 @@ class _Writer:
             del self.buffer[: self.part_bytes]
 
     def _send(self, part: bytes) -> None:
-        where = {"Bucket": self.bucket, "Key": self.name}
         if self.upload_id is None:
-            self.upload_id = str(self.client.create_multipart_upload(**where)["UploadId"])
-        number = len(self.parts) + 1
+            answer = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.name)
+            self.upload_id = str(answer["UploadId"])
+        self.numbered += 1
+        self.sending.append(_PARTS.submit(self._upload, self.numbered, part))
+        while len(self.sending) >= IN_FLIGHT:  # memory: IN_FLIGHT parts and the buffer
+            self.parts.append(self.sending.popleft().result())
+
+    def _upload(self, number: int, part: bytes) -> dict[str, Any]:
         answer = self.client.upload_part(
-            **where, UploadId=self.upload_id, PartNumber=number, Body=part
+            Bucket=self.bucket, Key=self.name, UploadId=self.upload_id, PartNumber=number, Body=part
         )
-        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        return {"PartNumber": number, "ETag": answer["ETag"]}
 
     def commit(self) -> int:
         if self.upload_id is None:
@@ -117,17 +131,23 @@ class _Writer:
         else:
             if self.buffer:
                 self._send(bytes(self.buffer))
+            while self.sending:
+                self.parts.append(self.sending.popleft().result())
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=self.name,
                 UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts},
+                MultipartUpload={"Parts": sorted(self.parts, key=lambda p: p["PartNumber"])},
             )
         self.buffer.clear()
         return self.written
 
     def abort(self) -> None:
         self.buffer.clear()
+        for sending in self.sending:
+            sending.cancel()
+        wait(self.sending)  # a part landing after the abort would be kept (and billed)
+        self.sending.clear()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             self.client.abort_multipart_upload(
@@ -198,11 +218,28 @@ class S3FileStore(FileStore):
     # -- writes ---------------------------------------------------------------------------
 
     def write_from(self, key: str, source: BinaryIO, *, limit: int | None = None) -> int:
+        return self._copy(key, source, limit, None)
+
+    def write_keeping_local(
+        self, key: str, source: BinaryIO, *, limit: int | None = None
+    ) -> tuple[int, LocalFile]:
+        """The upload and a temporary local copy written in one pass: no second GET."""
+        local = self._temporary()
+        try:
+            with local.path.open("wb") as copy:
+                return self._copy(key, source, limit, copy), local
+        except BaseException:
+            local.close()
+            raise
+
+    def _copy(self, key: str, source: BinaryIO, limit: int | None, tee: BinaryIO | None) -> int:
         with self._writer(key) as out:
             while piece := source.read(COPY_CHUNK):
                 if limit is not None and out.written + len(piece) > limit:
                     raise OverflowError(out.written + len(piece))
                 out.write(piece)
+                if tee is not None:
+                    tee.write(piece)
             return out.commit()
 
     def write_lines(self, key: str, lines: Iterator[bytes]) -> int:
@@ -260,16 +297,20 @@ class S3FileStore(FileStore):
     def local_file(self, key: str) -> LocalFile:
         """A temporary copy, downloaded in pieces; removed when the result is closed."""
         body = self._get(key)
-        fd, name = tempfile.mkstemp(prefix="laneway-", dir=self.tmp_dir)
-        local = LocalFile(Path(name), temporary=True)
+        local = self._temporary()
         try:
-            with contextlib.closing(body), os.fdopen(fd, "wb") as out:
+            with contextlib.closing(body), local.path.open("wb") as out:
                 for piece in body.iter_chunks(COPY_CHUNK):
                     out.write(piece)
         except BaseException:
             local.close()
             raise
         return local
+
+    def _temporary(self) -> LocalFile:
+        fd, name = tempfile.mkstemp(prefix="laneway-", dir=self.tmp_dir)
+        os.close(fd)
+        return LocalFile(Path(name), temporary=True)
 
     # -- deletes and listings -----------------------------------------------------------
 

@@ -25,7 +25,7 @@ from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.audio import CAPABILITY, AudioRequest, parse_form, served_entry, to_work
 from tasks.audio_bodies import delta_event, done_event, render
-from tasks.audio_decode import AudioInfo, probe
+from tasks.audio_decode import probe
 from tasks.errors import InvalidRequest, LanewayError, PayloadTooLarge
 from tasks.filestore import FileStore
 from tasks.replies import DONE, ERROR, Reply
@@ -48,25 +48,28 @@ class Upload:
         self.duration: float | None = None
 
     async def save(self, upload: UploadFile, settings: Settings) -> None:
+        """Store the upload, then check that it decodes: read in place from a directory
+        store, from the copy the upload was written from on a remote one."""
         try:
-            size = await asyncio.to_thread(
-                self.store.write_from, self.key, upload.file, limit=settings.audio_max_bytes
+            size, local = await asyncio.to_thread(
+                self.store.write_keeping_local,
+                self.key,
+                upload.file,
+                limit=settings.audio_max_bytes,
             )
         except OverflowError:
             raise PayloadTooLarge(
                 f"The audio file is larger than the limit of {settings.audio_max_bytes} bytes",
                 param="file",
             ) from None
-        if size == 0:
-            raise InvalidRequest("The audio file is empty.", param="file")
-        info = await asyncio.to_thread(self._probe, settings.audio_max_duration_s)
+        try:
+            if size == 0:
+                raise InvalidRequest("The audio file is empty.", param="file")
+            max_s = settings.audio_max_duration_s
+            info = await asyncio.to_thread(probe, local.path, max_duration_s=max_s)
+        finally:
+            local.close()
         self.duration = info.duration
-
-    def _probe(self, max_duration_s: float) -> AudioInfo:
-        """The stored copy decodes (read in place from a directory store; from a remote
-        store, a temporary local copy removed right after)."""
-        with self.store.local_file(self.key) as local:
-            return probe(local.path, max_duration_s=max_duration_s)
 
     async def discard(self) -> None:
         try:

@@ -7,6 +7,8 @@ write of a few hundred KiB is a real multipart upload."""
 from __future__ import annotations
 
 import io
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from tasks.filestore import (
     MissingPart,
     get_file_store,
 )
-from tasks.filestore_s3 import S3FileStore
+from tasks.filestore_s3 import IN_FLIGHT, S3FileStore
 from tests.s3_server import MIN_PART_BYTES, PAGE_KEYS, MotoServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -135,6 +137,54 @@ def test_a_multipart_write_round_trips(where: Where) -> None:
         assert head["ETag"].strip('"').endswith("-4")
     left = where.leftovers()
     assert not [x for x in left if x.startswith("upload:") or x.endswith(".tmp")], left
+
+
+class PartWatch:
+    """Hooks on an S3 client's UploadPart calls: how many were in flight at most (each
+    held ``hold_s``), and a part number to fail."""
+
+    def __init__(self, store: S3FileStore, hold_s: float = 0.1, fail: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+        self.hold_s, self.fail = hold_s, fail
+        events = store.client.meta.events
+        events.register("provide-client-params.s3.UploadPart", self.before)
+        events.register("after-call.s3.UploadPart", self.after)
+
+    def before(self, params: dict[str, Any], **_: Any) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.hold_s)
+        if params["PartNumber"] == self.fail:
+            with self.lock:
+                self.now -= 1
+            raise ConnectionResetError("part lost")
+
+    def after(self, **_: Any) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def test_s3_parts_are_sent_together_and_joined_in_order(where: Where) -> None:
+    if not isinstance(where.store, S3FileStore):
+        pytest.skip("a directory store has no parts")
+    watch = PartWatch(where.store)
+    data = blob(6 * PART + 7)  # seven parts: more than are sent at once
+    assert where.store.write_from("files/many", io.BytesIO(data)) == len(data)
+    assert 2 <= watch.most <= IN_FLIGHT
+    assert b"".join(where.store.iter_bytes("files/many")) == data
+    assert not [x for x in where.leftovers() if x.startswith("upload:")]
+
+
+def test_s3_a_lost_part_aborts_the_whole_upload(where: Where) -> None:
+    if not isinstance(where.store, S3FileStore):
+        pytest.skip("a directory store has no parts")
+    before = where.leftovers()
+    PartWatch(where.store, hold_s=0.02, fail=2)
+    with pytest.raises(ConnectionResetError):
+        where.store.write_from("files/lost", io.BytesIO(blob(6 * PART)))
+    assert where.leftovers() == before  # no object and no open multipart upload
 
 
 def test_write_past_the_limit_leaves_nothing_behind(where: Where) -> None:
@@ -298,6 +348,29 @@ def test_local_file_is_the_content_until_closed(where: Where, tmp_path: Path) ->
         assert local.path.parent == tmp_path / "tmp" and not local.path.exists()
         assert list((tmp_path / "tmp").iterdir()) == []
     assert where.store.exists("audio/x")
+
+
+def test_write_keeping_local_reads_nothing_back(where: Where, tmp_path: Path) -> None:
+    gets: list[str] = []
+    if isinstance(where.store, S3FileStore):
+        where.store.client.meta.events.register(
+            "before-call.s3.GetObject", lambda **_: gets.append("GET")
+        )
+    data = blob(2 * PART + 99)
+    size, local = where.store.write_keeping_local("audio/k", io.BytesIO(data), limit=len(data))
+    with local:
+        assert size == len(data) and local.path.read_bytes() == data
+    assert gets == []  # the local copy is the one written from, not a download
+    assert where.store.open("audio/k").read() == data
+    assert len(gets) == (1 if isinstance(where.store, S3FileStore) else 0)  # the hook sees GETs
+    if not isinstance(where.store, LocalFileStore):
+        assert list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(OverflowError):
+        where.store.write_keeping_local("audio/big", io.BytesIO(data), limit=len(data) - 1)
+    [left] = where.leftovers()  # audio/k alone: no object, upload or temporary of the other
+    assert left.endswith("audio/k")
+    if not isinstance(where.store, LocalFileStore):
+        assert list((tmp_path / "tmp").iterdir()) == []
 
 
 # -- choosing the store ---------------------------------------------------------------------
