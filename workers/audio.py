@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,9 @@ from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
+
+# downloads from a remote store in flight at once (a directory store's are instant)
+_FETCHES = ThreadPoolExecutor(max_workers=8, thread_name_prefix="audio-fetch")
 
 
 def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> SpeechEngine:
@@ -80,14 +83,15 @@ class SpeechLive:
         self.store = get_file_store(runtime.settings)
 
     def submit(self, requests: Sequence[dict[str, Any]], sink: StreamSink) -> list[Future[Any]]:
+        keys = [str((r.get("audio") or {}).get("key", "")) for r in requests]
         futures: list[Future[Any]] = []
-        for r in requests:
-            key = str((r.get("audio") or {}).get("key", ""))
-            local: LocalFile | None = None
+        for r, key, copy in zip(requests, keys, local_files(self.store, keys), strict=True):
+            local = copy if isinstance(copy, LocalFile) else None
             try:
-                local = _local_file(self.store, key)
+                if not isinstance(copy, LocalFile):
+                    raise copy
                 sub = Submission(
-                    str(local.path),
+                    str(copy.path),
                     options(r),
                     request_id=r.get("id"),
                     deadline=r.get("deadline"),
@@ -121,6 +125,21 @@ def _local_file(store: FileStore, key: str) -> LocalFile:
         return store.local_file(key)
     except FileNotFoundError:
         raise InvalidRequest("The audio file is no longer in the file store.") from None
+
+
+def local_files(store: FileStore, keys: Sequence[str]) -> list[LocalFile | Exception]:
+    """Each key as a local file, or what failed it: fetched at once, so that a remote
+    store's downloads for requests that arrived together overlap."""
+
+    def one(key: str) -> LocalFile | Exception:
+        try:
+            return _local_file(store, key)
+        except Exception as exc:
+            return exc
+
+    if len(keys) <= 1:
+        return [one(k) for k in keys]
+    return list(_FETCHES.map(one, keys))
 
 
 def _delete(store: FileStore, key: str, local: LocalFile | None, _: object = None) -> None:
@@ -167,21 +186,23 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         model: str, bodies: list[dict[str, Any]], request_ids: list[str], owner: str | None
     ) -> list[Outcome]:
         works: list[dict[str, Any] | LanewayError] = []
-        subs: list[Submission] = []
-        local: dict[str, LocalFile] = {}  # by storage key: one copy for lines naming one file
+        keys: list[str | None] = []
+        for body in bodies:
+            try:
+                request = parse_body(body)
+                entry = served_entry(catalog, settings.models, request.model)
+                work = to_work(request, entry, "transcribe", {})
+                key = _user_file(request.file, owner)
+            except LanewayError as exc:
+                works.append(exc)
+                keys.append(None)
+            else:
+                works.append(work)
+                keys.append(key)
+        unique = list(dict.fromkeys(k for k in keys if k is not None))  # one copy per file
+        local = dict(zip(unique, local_files(store, unique), strict=True))
         try:
-            for body in bodies:
-                try:
-                    request = parse_body(body)
-                    entry = served_entry(catalog, settings.models, request.model)
-                    work = to_work(request, entry, "transcribe", {})
-                    key = _user_file(request.file, owner)
-                    if key not in local:
-                        local[key] = _local_file(store, key)
-                    subs.append(Submission(str(local[key].path), options(work)))
-                    works.append(work)
-                except LanewayError as exc:
-                    works.append(exc)
+            subs = _submissions(works, keys, local)
             started = iter(runtime.engine_as(model, SpeechEngine).submit_many(subs, lane=BATCH))
             # _outcome waits for each future: every local copy is read when this returns
             return [
@@ -190,9 +211,32 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
             ]
         finally:
             for copy in local.values():
-                copy.close()
+                if isinstance(copy, LocalFile):
+                    copy.close()
 
     return execute
+
+
+def _submissions(
+    works: list[dict[str, Any] | LanewayError],
+    keys: list[str | None],
+    local: dict[str, LocalFile | Exception],
+) -> list[Submission]:
+    """The engine's submissions for the lines whose file is here; a line whose file went
+    meanwhile becomes its error (in ``works``). Any other failure to fetch a file (the
+    store unreachable) fails the whole chunk, which is retried."""
+    subs: list[Submission] = []
+    for i, (work, key) in enumerate(zip(works, keys, strict=True)):
+        if key is None or isinstance(work, LanewayError):
+            continue
+        copy = local[key]
+        if isinstance(copy, LanewayError):
+            works[i] = copy
+        elif isinstance(copy, Exception):
+            raise copy
+        else:
+            subs.append(Submission(str(copy.path), options(work)))
+    return subs
 
 
 def _outcome(work: dict[str, Any], request_id: str, future: Future[SpeechResult]) -> Outcome:
