@@ -1,13 +1,20 @@
 """Per-key limits: requests and tokens per minute, counted in Redis so that every API
 process (on any host) shares them.
 
-Counting is by fixed windows of ``LANEWAY_RATE_LIMIT_WINDOW_S`` (60 s), numbered by
-Redis's own clock so that API hosts whose clocks disagree still count in the same window.
-A request is admitted while its key's window has fewer than ``rpm`` requests and fewer
-than ``tpm`` tokens; past either it is answered 429 with ``Retry-After`` the seconds left
-in the window. Tokens are known only once a request is answered (the worker reports its
-usage), so they are charged then (``TokenMeter``): a request is never refused halfway, and
-a key may go over its ``tpm`` by the tokens of the requests in flight when it reached it.
+Counting is by a sliding window of ``LANEWAY_RATE_LIMIT_WINDOW_S`` (60 s), estimated from
+two fixed windows' counters: the current window's count plus the previous window's
+weighted by how much of it the sliding window still covers (the estimate Cloudflare and
+others use: two counters per key, none per request). Fixed windows alone would let a key
+send its whole limit at the end of one window and again at the start of the next, twice
+its rate in a few seconds. Windows are numbered by Redis's own clock so that API hosts
+whose clocks disagree still count alike.
+
+A request is admitted while its key's estimate is under ``rpm`` requests and under
+``tpm`` tokens; past either it is answered 429 with ``Retry-After`` the seconds until the
+estimate falls under the limit again. Tokens are known only once a request is answered
+(the worker reports its usage), so they are charged then (``TokenMeter``): a request is
+never refused halfway, and a key may go over its ``tpm`` by the tokens of the requests
+in flight when it reached it.
 
 When Redis cannot be reached the limits are not enforced (logged): a broker outage
 already fails the live routes, and must not also lock everyone out of files and batches.
@@ -35,24 +42,36 @@ PREFIX = "laneway:ratelimit"
 # KEYS: requests counter prefix, tokens counter prefix
 # ARGV: window (s), then either "admit", rpm (0: none), tpm (0: none)
 #                         or "charge", tokens
-# -> {0, 0}: admitted (counted) or charged; {1|2, ms left in the window}: over requests |
-# tokens. Both modes number the window the same way, here and only here.
+# -> {0, 0}: admitted (counted) or charged; {1|2, ms until the estimate is under the
+# limit}: over requests | tokens. Both modes number the window here and only here.
 _SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
 local n = math.floor(ms / window_ms)
-local req = KEYS[1] .. ':' .. n
-local tok = KEYS[2] .. ':' .. n
+local into = ms - n * window_ms
 if ARGV[2] == 'charge' then
+  local tok = KEYS[2] .. ':' .. n
   redis.call('INCRBY', tok, ARGV[3])
   redis.call('PEXPIRE', tok, window_ms * 2)
   return {0, 0}
 end
-local left = (n + 1) * window_ms - ms
-local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
-if rpm > 0 and tonumber(redis.call('GET', req) or '0') >= rpm then return {1, left} end
-if tpm > 0 and tonumber(redis.call('GET', tok) or '0') >= tpm then return {2, left} end
+-- ms until prev * (window - t) / window + cur < limit, t the time into a window
+local function wait_ms(prefix, limit)
+  if limit <= 0 then return 0 end
+  local cur = tonumber(redis.call('GET', prefix .. ':' .. n) or '0')
+  local prev = tonumber(redis.call('GET', prefix .. ':' .. (n - 1)) or '0')
+  if prev * (window_ms - into) / window_ms + cur < limit then return 0 end
+  if cur >= limit then  -- past this window's end, cur is the one fading out
+    return window_ms - into + math.floor(window_ms * (1 - limit / cur)) + 1
+  end
+  return math.floor(window_ms * (1 - (limit - cur) / prev)) - into + 1
+end
+local over = wait_ms(KEYS[1], tonumber(ARGV[3]))
+if over > 0 then return {1, over} end
+over = wait_ms(KEYS[2], tonumber(ARGV[4]))
+if over > 0 then return {2, over} end
+local req = KEYS[1] .. ':' .. n
 redis.call('INCR', req)
 redis.call('PEXPIRE', req, window_ms * 2)
 return {0, 0}

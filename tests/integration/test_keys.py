@@ -235,11 +235,13 @@ def raw_post(base_url: str, path: str, authorization: bytes) -> tuple[int, dict[
     return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, payload
 
 
-def at_window_start(stack: Stack) -> None:
-    """Sleep to just after a rate-limit window begins (Redis's clock numbers them)."""
+def at_window_start(stack: Stack, *, quiet: bool = True, into: float = 0.05) -> None:
+    """Sleep to ``into`` seconds after a rate-limit window begins (Redis's clock numbers
+    them); with ``quiet``, a whole window after the one now, so that the requests made so
+    far (finding the new key) are out of the sliding window."""
     seconds, micros = stack.redis().time()
     now = seconds + micros / 1e6
-    time.sleep(WINDOW_S - now % WINDOW_S + 0.05)
+    time.sleep(WINDOW_S - now % WINDOW_S + into + (WINDOW_S if quiet else 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +265,24 @@ def test_requests_per_minute_are_shared_by_two_api_processes(stack: Stack, secon
     assert embed(stack.base_url, key).status_code == 429  # the first process agrees
     time.sleep(retry_after)
     assert embed(stack.base_url, key).status_code == 200  # recovered
+
+
+def test_the_window_slides_no_burst_across_its_boundary(stack: Stack) -> None:
+    """A key that spent its limit late in one window gets (almost) nothing at the start of
+    the next: fixed windows would have let it send its limit twice in a moment."""
+    key = create_key(stack, "bursty", "--rpm", "4")
+    until_status(stack, key, 200)
+    at_window_start(stack, into=WINDOW_S / 4)
+    assert [embed(stack.base_url, key).status_code for _ in range(4)] == [200] * 4
+    at_window_start(stack, quiet=False)
+    # the sliding minute still holds ~3.95 of the 4: one more fits, then none
+    statuses = [embed(stack.base_url, key).status_code for _ in range(3)]
+    assert statuses == [200, 429, 429]
+    refused = embed(stack.base_url, key)
+    retry_after = int(refused.headers["retry-after"])
+    assert 1 <= retry_after <= 2  # until the earlier window's share has faded by one
+    time.sleep(retry_after)
+    assert embed(stack.base_url, key).status_code == 200
 
 
 def test_tokens_per_minute_are_counted_from_usage(stack: Stack) -> None:
