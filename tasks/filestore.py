@@ -13,9 +13,11 @@ sees half an object, and a retried write simply replaces the earlier one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -111,6 +113,12 @@ class FileStore(ABC):
     def local_file(self, key: str) -> LocalFile:
         """``key`` as a file on this machine, until the returned object is closed
         (``FileNotFoundError`` when ``key`` is absent)."""
+
+    @abstractmethod
+    def sweep(self, older_than_s: float) -> int:
+        """Remove what writers killed mid-write left behind (a directory store's
+        temporaries, S3's open multipart uploads) untouched for ``older_than_s``; returns
+        how many. Never touches a written object."""
 
     def write_keeping_local(
         self, key: str, source: BinaryIO, *, limit: int | None = None
@@ -219,6 +227,16 @@ class LocalFileStore(FileStore):
         if not path.is_dir():
             return []
         return [f"{prefix.rstrip('/')}/{p.name}" for p in path.iterdir()]
+
+    def sweep(self, older_than_s: float) -> int:
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.root.rglob(".*.tmp"):  # only _tmp's names: .<name>.<hex>.tmp
+            with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+        return removed
 
     def local_file(self, key: str) -> LocalFile:
         """The store's own file: no copy, and closing it keeps it."""

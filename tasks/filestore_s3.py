@@ -21,6 +21,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -331,6 +332,22 @@ class S3FileStore(FileStore):
                 )
                 if errors := answer.get("Errors"):
                     raise OSError(f"could not delete {len(errors)} objects, e.g. {errors[0]}")
+
+    def sweep(self, older_than_s: float) -> int:
+        """Abort multipart uploads under the prefix begun over ``older_than_s`` ago (a
+        writer killed mid-upload); the parts they hold are otherwise kept, and billed."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        stale = [
+            (upload["Key"], upload["UploadId"])
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._dir(""))
+            for upload in page.get("Uploads", ())
+            if upload["Initiated"] < cutoff
+        ]
+        for name, upload_id in stale:
+            with contextlib.suppress(ClientError):  # completed or aborted meanwhile
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+        return len(stale)
 
     def listdir(self, prefix: str) -> list[str]:
         under = self._dir(prefix)

@@ -12,7 +12,7 @@ from celery import Celery
 from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
 from configs.settings import Settings
-from tasks.batches.reaper import reap
+from tasks.batches.reaper import Sweeper, reap
 from tasks.batches.service import notify
 from tasks.batches.work import BatchWork
 from tasks.filestore import get_file_store
@@ -75,11 +75,12 @@ def start_reaper(
     """Every worker runs one: the database decides, so several reapers do no harm."""
     settings = runtime.settings
     store = get_file_store(settings)
+    sweep = Sweeper()
 
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_s):
             try:
-                if reap(store=store):
+                if reap(store=store, sweep=sweep):
                     runner.wake()
             except Exception:
                 log.exception("reaper pass failed")

@@ -2,13 +2,15 @@
 
 Each pass puts back the chunks whose run stopped renewing its lease (the worker died or
 froze), makes the cheap status moves (``lifecycle.advance``) for every open batch, and
-deletes the content of expired files. Validations and finalisations whose claimant died
+deletes the content of expired files; now and then it also sweeps the file store of what
+writers killed mid-write left (``Sweeper``). Validations and finalisations whose claimant died
 need nothing here: their lapsed lease makes them claimable again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select, update
 
@@ -52,9 +54,34 @@ def requeue_lapsed_chunks() -> int:
     return moved
 
 
-def reap(*, store: FileStore) -> int:
+# what a writer killed mid-write leaves in the file store is swept this often, once it
+# is this old (a live write is never that old: an upload is at most a few hundred MB)
+SWEEP_EVERY_S = 600.0
+ABANDONED_AFTER_S = 6 * 3600.0
+
+
+class Sweeper:
+    """``store.sweep`` at most every ``every_s`` (the reaper passes every few seconds)."""
+
+    def __init__(self, every_s: float = SWEEP_EVERY_S, after_s: float = ABANDONED_AFTER_S):
+        self.every_s, self.after_s = every_s, after_s
+        self.swept_at = float("-inf")
+
+    def __call__(self, store: FileStore) -> int:
+        if time.monotonic() - self.swept_at < self.every_s:
+            return 0
+        self.swept_at = time.monotonic()
+        removed = store.sweep(self.after_s)
+        if removed:
+            log.warning("removed %d abandoned write(s) from the file store", removed)
+        return removed
+
+
+def reap(*, store: FileStore, sweep: Sweeper | None = None) -> int:
     """One pass; returns how many chunks and batches it made ready for a worker."""
     ready = requeue_lapsed_chunks() + advance()
     with session_scope() as s:
         expire_files(s, store=store)
+    if sweep is not None:
+        sweep(store)
     return ready

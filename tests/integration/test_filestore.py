@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,45 @@ def test_write_keeping_local_reads_nothing_back(where: Where, tmp_path: Path) ->
     assert left.endswith("audio/k")
     if not isinstance(where.store, LocalFileStore):
         assert list((tmp_path / "tmp").iterdir()) == []
+
+
+# -- sweeping what killed writers left -------------------------------------------------------
+
+
+def killed_write(where: Where, key: str) -> None:
+    """What a writer killed halfway through ``key`` leaves: a temporary file, or an open
+    multipart upload holding two parts."""
+    if isinstance(where.store, LocalFileStore):
+        with where.store._tmp(key).open("wb") as out:
+            out.write(blob(PART))
+        return
+    assert isinstance(where.store, S3FileStore)
+    writer = where.store._writer(key)
+    writer.write(blob(2 * PART))  # sent; neither committed nor aborted
+    for sending in writer.sending:
+        sending.result()
+
+
+def test_sweep_removes_only_abandoned_writes(where: Where, moto_s3: MotoServer) -> None:
+    where.store.write_from("files/kept", io.BytesIO(blob(2 * PART)))
+    before = where.leftovers()
+    killed_write(where, "files/cut")
+    killed_write(where, "batches/b/0.out")
+    outside: dict[str, Any] = {}
+    if where.moto is not None:  # another user of the bucket, outside our prefix
+        client = moto_s3.client()
+        outside = client.create_multipart_upload(Bucket=where.bucket, Key="other/x")
+    assert len(where.leftovers()) == len(before) + 2 + (1 if outside else 0)
+    young = 3600.0  # begun this long ago or less: it could still be being written
+    if where.moto is not None:  # moto dates every upload 2010-11-10: go by the age it says
+        begun = min(u["Initiated"] for u in where.moto.open_uploads(where.bucket))
+        young += (datetime.now(UTC) - begun).total_seconds()
+    assert where.store.sweep(young) == 0
+    assert where.store.sweep(-1) == 2  # everything begun before now
+    left = where.leftovers()
+    assert [x for x in left if x not in before] == (["upload:other/x"] if outside else [])
+    assert where.store.open("files/kept").read() == blob(2 * PART)
+    assert where.store.sweep(-1) == 0
 
 
 # -- choosing the store ---------------------------------------------------------------------
