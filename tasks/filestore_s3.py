@@ -101,7 +101,6 @@ class _Writer:
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
         self.sending: deque[Future[dict[str, Any]]] = deque()  # oldest first
-        self.numbered = 0
         self.written = 0
 
     def write(self, data: bytes) -> None:
@@ -115,9 +114,14 @@ class _Writer:
         if self.upload_id is None:
             answer = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.name)
             self.upload_id = str(answer["UploadId"])
-        self.numbered += 1
-        self.sending.append(_PARTS.submit(self._upload, self.numbered, part))
-        while len(self.sending) >= IN_FLIGHT:  # memory: IN_FLIGHT parts and the buffer
+        number = len(self.parts) + len(self.sending) + 1
+        self.sending.append(_PARTS.submit(self._upload, number, part))
+        self._collect(keep=IN_FLIGHT - 1)  # memory: IN_FLIGHT parts and the buffer
+
+    def _collect(self, *, keep: int) -> None:
+        """Wait for the oldest parts until ``keep`` are in flight (raising what failed
+        one); ``parts`` stays in part-number order."""
+        while len(self.sending) > keep:
             self.parts.append(self.sending.popleft().result())
 
     def _upload(self, number: int, part: bytes) -> dict[str, Any]:
@@ -132,13 +136,12 @@ class _Writer:
         else:
             if self.buffer:
                 self._send(bytes(self.buffer))
-            while self.sending:
-                self.parts.append(self.sending.popleft().result())
+            self._collect(keep=0)
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=self.name,
                 UploadId=self.upload_id,
-                MultipartUpload={"Parts": sorted(self.parts, key=lambda p: p["PartNumber"])},
+                MultipartUpload={"Parts": self.parts},
             )
         self.buffer.clear()
         return self.written

@@ -68,9 +68,10 @@ class Sweeper:
         self.swept_at = float("-inf")
 
     def __call__(self, store: FileStore) -> int:
-        if time.monotonic() - self.swept_at < self.every_s:
+        now = time.monotonic()
+        if now - self.swept_at < self.every_s:
             return 0
-        self.swept_at = time.monotonic()
+        self.swept_at = now
         removed = store.sweep(self.after_s)
         if removed:
             log.warning("removed %d abandoned write(s) from the file store", removed)
