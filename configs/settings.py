@@ -86,8 +86,7 @@ class Settings(BaseSettings):
         ge=5 * 1024 * 1024,
         le=5 * 1024 * 1024 * 1024,
         description="multipart upload part size (S3's minimum is 5 MiB); smaller objects "
-        "are one PUT; a writer sends up to 4 parts at once and holds those and one more in "
-        "memory",
+        "are one PUT; a writer holds one part in memory",
     )
 
     # what is served

@@ -2,9 +2,8 @@
 ``LANEWAY_FILE_STORE=s3://bucket/prefix``.
 
 Nothing goes through memory whole. Writes are streamed as a multipart upload of
-``part_bytes`` parts (one PUT when the object is smaller than one part), up to
-``IN_FLIGHT`` of them sent at once, so a writer holds at most that many parts and the one
-it fills; a failed or refused write aborts the upload and leaves no object
+``part_bytes`` parts (one PUT when the object is smaller than one part), so a writer holds
+one part at a time; a failed or refused write aborts the upload and leaves no object
 behind (nor a half one: S3 shows an object only once its PUT or multipart upload
 completes). Reads are streamed GETs; ``iter_lines`` reads a byte range (``Range``).
 
@@ -18,9 +17,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -34,11 +31,8 @@ from configs.settings import S3Location, Settings
 from tasks.filestore import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
 
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
-IN_FLIGHT = 4  # parts of one object sent at once
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
-# part uploads of every writer in the process; a writer waits only on its own parts
-_PARTS = ThreadPoolExecutor(max_workers=2 * IN_FLIGHT, thread_name_prefix="s3-part")
 
 
 def _error_code(exc: ClientError) -> str:
@@ -91,16 +85,14 @@ class _Body(io.RawIOBase):
 class _Writer:
     """One object written front to back: bytes are gathered into ``part_bytes`` parts, each
     sent as it fills (every part but the last is exactly ``part_bytes``, as S3 requires
-    at least 5 MiB), up to ``IN_FLIGHT`` at once. ``commit`` completes it (a single PUT if
-    it never filled a part); ``abort`` drops it, leaving no object and no open multipart
-    upload."""
+    at least 5 MiB). ``commit`` completes it (a single PUT if it never filled a part);
+    ``abort`` drops it, leaving no object and no open multipart upload."""
 
     def __init__(self, client: Any, bucket: str, name: str, part_bytes: int) -> None:
         self.client, self.bucket, self.name, self.part_bytes = client, bucket, name, part_bytes
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
-        self.sending: deque[Future[dict[str, Any]]] = deque()  # oldest first
         self.written = 0
 
     def write(self, data: bytes) -> None:
@@ -111,24 +103,14 @@ class _Writer:
             del self.buffer[: self.part_bytes]
 
     def _send(self, part: bytes) -> None:
+        where = {"Bucket": self.bucket, "Key": self.name}
         if self.upload_id is None:
-            answer = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.name)
-            self.upload_id = str(answer["UploadId"])
-        number = len(self.parts) + len(self.sending) + 1
-        self.sending.append(_PARTS.submit(self._upload, number, part))
-        self._collect(keep=IN_FLIGHT - 1)  # memory: IN_FLIGHT parts and the buffer
-
-    def _collect(self, *, keep: int) -> None:
-        """Wait for the oldest parts until ``keep`` are in flight (raising what failed
-        one); ``parts`` stays in part-number order."""
-        while len(self.sending) > keep:
-            self.parts.append(self.sending.popleft().result())
-
-    def _upload(self, number: int, part: bytes) -> dict[str, Any]:
+            self.upload_id = str(self.client.create_multipart_upload(**where)["UploadId"])
+        number = len(self.parts) + 1
         answer = self.client.upload_part(
-            Bucket=self.bucket, Key=self.name, UploadId=self.upload_id, PartNumber=number, Body=part
+            **where, UploadId=self.upload_id, PartNumber=number, Body=part
         )
-        return {"PartNumber": number, "ETag": answer["ETag"]}
+        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
     def commit(self) -> int:
         if self.upload_id is None:
@@ -136,7 +118,6 @@ class _Writer:
         else:
             if self.buffer:
                 self._send(bytes(self.buffer))
-            self._collect(keep=0)
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=self.name,
@@ -148,10 +129,6 @@ class _Writer:
 
     def abort(self) -> None:
         self.buffer.clear()
-        for sending in self.sending:
-            sending.cancel()
-        wait(self.sending)  # a part landing after the abort would be kept (and billed)
-        self.sending.clear()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             self.client.abort_multipart_upload(
