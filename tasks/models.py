@@ -74,7 +74,9 @@ class BatchRow(Base):
     # claim on validation / finalisation work: whoever holds ``lease_token`` renews
     # ``lease_until`` while it works; a claimant whose lease ran out is replaced, and every
     # write it would still make is fenced by the token (see tasks/batches/status.py)
-    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # (a finished batch keeps its finaliser's lease until the chunk parts are removed:
+    # tasks/batches/leftovers.py)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     lease_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, or_, select, update
 
 from configs.settings import Settings
 from tasks.batches.leases import Heartbeat
+from tasks.batches.leftovers import parts_dir
 from tasks.batches.lines import Outcome, iter_requests, output_line, request_id
 from tasks.batches.status import now
 from tasks.db import session_scope
@@ -60,7 +61,7 @@ class ChunkClaim:
     @property
     def part_key(self) -> str:
         """Where this run writes its results (``.out`` and ``.err``)."""
-        return f"batches/{self.batch_id}/chunk-{self.index:06d}-{self.attempt}"
+        return f"{parts_dir(self.batch_id)}/chunk-{self.index:06d}-{self.attempt}"
 
     def __str__(self) -> str:
         return f"chunk {self.index} of {self.batch_id} (attempt {self.attempt})"

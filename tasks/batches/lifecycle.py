@@ -8,7 +8,8 @@ job's token is still the batch's. A finaliser writes its files under names of it
 (``results/<batch>/<kind>-<token>``) and only its fenced commit points the File rows at
 them, so a finaliser that lost its lease (it froze past ``chunk_lease_s`` and another
 took over) can never replace a finished batch's output, and parts are deleted only by
-the finaliser whose commit won.
+the finaliser whose commit won (or, if it dies right after, by a reaper:
+``tasks/batches/leftovers.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from configs.settings import Settings
 from tasks.batches import status
 from tasks.batches.chunks import FINISHED_CHUNK, UNFINISHED
 from tasks.batches.leases import Heartbeat
+from tasks.batches.leftovers import (
+    CLEANUP_LEASE_S,
+    parts_dir,
+    release,
+    remove_leftovers,
+    results_dir,
+)
 from tasks.batches.lines import expired_line, iter_requests
 from tasks.batches.status import now, transition
 from tasks.batches.validation import ChunkSpec, Validation, validate_input
@@ -224,12 +232,6 @@ def result_file_id(batch_id: str, kind: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
-def _results_dir(batch_id: str) -> str:
-    """Where a batch's finalisers write its output and error files (a directory per
-    batch, so cleaning up after a crashed finaliser reads only this batch's entries)."""
-    return f"results/{batch_id}"
-
-
 def _plan(job: BatchJob, to: str) -> _Plan | None:
     """Read what to assemble; when expiring, first stop every unfinished chunk (fenced:
     None when the batch is no longer ours)."""
@@ -287,7 +289,7 @@ def _write_files(store: FileStore, job: BatchJob, to: str, plan: _Plan) -> _Writ
 
     def assemble(kind: str, parts: list[str]) -> None:
         file_id = result_file_id(job.batch_id, kind)
-        key = f"{_results_dir(job.batch_id)}/{kind}-{job.token[:16]}"
+        key = f"{results_dir(job.batch_id)}/{kind}-{job.token[:16]}"
         written.files[kind] = (file_id, key, 0)  # recorded first: removed if concat fails
         written.files[kind] = (file_id, key, store.concat(key, parts))
 
@@ -296,7 +298,7 @@ def _write_files(store: FileStore, job: BatchJob, to: str, plan: _Plan) -> _Writ
     err_parts = [f"{c.result_key}.err" for c in plan.done]
     if to == "expired" and plan.unfinished:
         count = [0]
-        expired_key = f"batches/{job.batch_id}/expired-{job.token[:16]}.err"
+        expired_key = f"{parts_dir(job.batch_id)}/expired-{job.token[:16]}.err"
         store.write_lines(expired_key, _expired_lines(store, job, plan, count))
         written.expired = count[0]
         err_parts.append(expired_key)
@@ -335,6 +337,9 @@ def _commit_finalisation(
             request_completed=plan.completed,
             request_failed=plan.failed + written.expired,
             **plan.usage.columns(),
+            # held on: the removal of the parts is owed (tasks/batches/leftovers.py)
+            lease_token=job.token,
+            lease_until=now() + CLEANUP_LEASE_S,
         )
         if not moved:
             s.rollback()
@@ -363,13 +368,10 @@ def finalize(job: BatchJob, *, store: FileStore, settings: Settings) -> bool:
     if superseded is None or plan is None:
         log.warning("%s: the batch was no longer ours; nothing written", job)
         return False
-    store.delete_tree(f"batches/{job.batch_id}")
     for key in superseded:
         store.delete(key)
-    kept = set(written.storage_keys())  # the rest: a crashed finaliser's leftovers
-    for other in store.listdir(_results_dir(job.batch_id)):
-        if other not in kept:
-            store.delete(other)
+    remove_leftovers(store, job.batch_id, keep=written.storage_keys())
+    release(job.batch_id, job.token)
     log.info(
         "batch %s %s: %d completed, %d failed",
         job.batch_id,

@@ -2,7 +2,8 @@
 
 Each pass puts back the chunks whose run stopped renewing its lease (the worker died or
 froze), makes the cheap status moves (``lifecycle.advance``) for every open batch, and
-deletes the content of expired files; now and then it also sweeps the file store of what
+deletes the content of expired files and what a finaliser that died right after its
+commit left (``leftovers.remove_owed``); now and then it also sweeps the file store of what
 writers killed mid-write left (``Sweeper``). Validations and finalisations whose claimant died
 need nothing here: their lapsed lease makes them claimable again.
 """
@@ -14,6 +15,7 @@ import time
 
 from sqlalchemy import select, update
 
+from tasks.batches.leftovers import remove_owed
 from tasks.batches.lifecycle import advance
 from tasks.batches.status import now
 from tasks.db import session_scope
@@ -83,6 +85,7 @@ def reap(*, store: FileStore, sweep: Sweeper | None = None) -> int:
     ready = requeue_lapsed_chunks() + advance()
     with session_scope() as s:
         expire_files(s, store=store)
+    remove_owed(store)
     if sweep is not None:
         sweep(store)
     return ready

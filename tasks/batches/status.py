@@ -12,7 +12,8 @@ Validation and finalisation are claimed with a lease: ``claim()`` writes a fresh
 ``lease_token`` and ``lease_until``; the holder renews ``lease_until`` while it works
 (``renew()``, from a heartbeat thread) and makes its final move with ``transition(...,
 fence=token)``. Someone whose lease ran out may find the work claimed by another; every
-write it would still make carries its token, so it changes nothing.
+write it would still make carries its token, so it changes nothing. A finaliser's final
+move keeps its lease while it removes the chunk parts (``tasks/batches/leftovers.py``).
 """
 
 from __future__ import annotations

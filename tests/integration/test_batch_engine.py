@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 import tasks.db
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.batches import lifecycle, status
+from tasks.batches import leftovers, lifecycle, status
 from tasks.batches.chunks import claim_chunk, run_chunk
 from tasks.batches.leases import Heartbeat
 from tasks.batches.lifecycle import BatchJob, claim_batch_job, finalize
@@ -175,6 +175,7 @@ def test_a_batch_runs_chunk_by_chunk_and_keeps_input_order(
     usage = batch_object(row)["usage"]
     assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (16, 0, 16)
     assert not store.path(f"batches/{batch_id}").exists()  # chunk parts cleaned up
+    assert (row.lease_token, row.lease_until) == (None, None)  # and nothing more is owed
     assert all(c.attempts == 1 for c in chunks(batch_id))
     assert_counts_match_files(store, row)
 
@@ -668,6 +669,52 @@ def test_a_finaliser_that_lost_its_lease_never_writes(
 def storage_key(file_id: str | None) -> str:
     with session_scope() as s:
         return get_file(s, file_id or "").storage_key
+
+
+class Died(BaseException):
+    """The process is killed: nothing after this line runs, no ``except`` catches it."""
+
+
+class DyingStore(LocalFileStore):
+    """A file store whose process dies the first time anything removes a tree: the
+    finaliser has committed and not yet removed the parts."""
+
+    died = False
+
+    def delete_tree(self, prefix: str) -> None:
+        if not self.died:
+            self.died = True
+            raise Died
+        super().delete_tree(prefix)
+
+
+def test_a_finaliser_that_dies_after_its_commit_leaves_nothing_for_good(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    store = DyingStore(tmp_path / "dying")
+    settings = make_settings(chunk_lines=2)
+    batch_id = ready_to_finalise(settings, store, catalog, 10)
+    store.write_lines(f"results/{batch_id}/output-0123456789abcdef", iter([b"x\n"]))  # older
+    job = claim_batch_job(settings=settings, capability="embeddings")
+    assert job is not None
+    with pytest.raises(Died):
+        finalize(job, store=store, settings=settings)
+    row = batch(batch_id)
+    assert row.status == "completed" and row.lease_token == job.token  # the removal is owed
+    counted = {storage_key(f) for f in (row.output_file_id, row.error_file_id)}
+    assert len(store.listdir(f"batches/{batch_id}")) == 10  # five chunks' .out and .err
+    assert reap(store=store) == 0 and store.path(f"batches/{batch_id}").exists()  # not yet
+
+    with session_scope() as s:  # its lease runs out: the finaliser is not coming back
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(lease_until=0))
+    assert leftovers.remove_owed(store) == 1
+    assert not store.path(f"batches/{batch_id}").exists()
+    assert set(store.listdir(f"results/{batch_id}")) == counted  # the older file went
+    row = batch(batch_id)
+    assert (row.status, row.lease_token, row.lease_until) == ("completed", None, None)
+    assert ids_of(file_lines(store, row.error_file_id)) == ["req-1"]
+    assert_counts_match_files(store, row)
+    assert leftovers.remove_owed(store) == 0
 
 
 def test_concurrent_finishers_write_the_output_once(
