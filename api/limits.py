@@ -11,10 +11,16 @@ whose clocks disagree still count alike.
 
 A request is admitted while its key's estimate is under ``rpm`` requests and under
 ``tpm`` tokens; past either it is answered 429 with ``Retry-After`` the seconds until the
-estimate falls under the limit again. Tokens are known only once a request is answered
-(the worker reports its usage), so they are charged then (``TokenMeter``): a request is
-never refused halfway, and a key may go over its ``tpm`` by the tokens of the requests
-in flight when it reached it.
+estimate falls under the limit again. That much is decided from the headers alone.
+
+Tokens are known only once a request is answered, so a live request first holds what it
+may use (``estimate_tokens``: its text at four characters a token, the token ids it
+sends, and ``max_tokens`` for each choice), once its body is parsed and before it is
+enqueued (``reserve``). The hold counts like used tokens, so requests in flight cannot
+together go past ``tpm``; one that would not fit is answered 429 before any work is done.
+When the answer is in, the hold is settled against the usage the worker reported
+(``TokenMeter``): more is charged, the rest given back to the window it was held in. A
+request that fails or is abandoned gives its whole hold back.
 
 When Redis cannot be reached the limits are not enforced (logged): a broker outage
 already fails the live routes, and must not also lock everyone out of files and batches.
@@ -24,8 +30,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -40,20 +49,29 @@ log = logging.getLogger(__name__)
 PREFIX = "laneway:ratelimit"
 
 # KEYS: requests counter prefix, tokens counter prefix
-# ARGV: window (s), then either "admit", rpm (0: none), tpm (0: none)
-#                         or "charge", tokens
-# -> {0, 0}: admitted (counted) or charged; {1|2, ms until the estimate is under the
-# limit}: over requests | tokens. Both modes number the window here and only here.
+# ARGV: window (s), then one of
+#   "admit", rpm (0: none), tpm (0: none)  -> {0, 0} counted | {1|2, ms}: over requests|tokens
+#   "reserve", tpm, tokens                 -> {0, window number} held | {2, ms} | {3, 0}: the
+#                                             tokens alone are over tpm
+#   "charge", tokens (< 0: give back), the window number they were held in  -> {0, 0}
+# ms: until the estimate is under the limit. The window is numbered here and only here.
 _SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local window_ms = math.floor(tonumber(ARGV[1]) * 1000)
 local n = math.floor(ms / window_ms)
 local into = ms - n * window_ms
+local function add(prefix, amount)
+  local key = prefix .. ':' .. n
+  redis.call('INCRBY', key, amount)
+  redis.call('PEXPIRE', key, window_ms * 2)
+end
 if ARGV[2] == 'charge' then
-  local tok = KEYS[2] .. ':' .. n
-  redis.call('INCRBY', tok, ARGV[3])
-  redis.call('PEXPIRE', tok, window_ms * 2)
+  local delta = tonumber(ARGV[3])
+  if delta > 0 then add(KEYS[2], delta) return {0, 0} end
+  local held = KEYS[2] .. ':' .. ARGV[4]  -- gone once it no longer counts
+  local left = tonumber(redis.call('GET', held) or '0')
+  if left > 0 then redis.call('DECRBY', held, math.min(left, -delta)) end
   return {0, 0}
 end
 -- ms until prev * (window - t) / window + cur < limit, t the time into a window
@@ -67,25 +85,70 @@ local function wait_ms(prefix, limit)
   end
   return math.floor(window_ms * (1 - (limit - cur) / prev)) - into + 1
 end
+if ARGV[2] == 'reserve' then
+  local tpm, want = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if want > tpm then return {3, 0} end
+  local over = wait_ms(KEYS[2], tpm - want + 1)  -- held + want <= tpm
+  if over > 0 then return {2, over} end
+  add(KEYS[2], want)
+  return {0, n}
+end
 local over = wait_ms(KEYS[1], tonumber(ARGV[3]))
 if over > 0 then return {1, over} end
 over = wait_ms(KEYS[2], tonumber(ARGV[4]))
 if over > 0 then return {2, over} end
-local req = KEYS[1] .. ':' .. n
-redis.call('INCR', req)
-redis.call('PEXPIRE', req, window_ms * 2)
+add(KEYS[1], 1)
 return {0, 0}
 """
+
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
+
+
+def estimate_tokens(payload: Mapping[str, Any]) -> int:
+    """The tokens a live request may use, known before it runs: embedding inputs and
+    message text at ``CHARS_PER_TOKEN`` characters a token, token ids one each, and
+    ``max_tokens`` for each of ``n`` choices. Images and audio count nothing here; their
+    usage is charged when the answer is in."""
+    chars = ids = 0
+    for item in payload.get("input") or ():  # embeddings: strings or token-id lists
+        if isinstance(item, str):
+            chars += len(item)
+        else:
+            ids += len(item)
+    for message in payload.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if p.get("type") == "text")
+    completion = payload.get("max_tokens")
+    if isinstance(completion, int):
+        ids += completion * int(payload.get("n") or 1)
+    return ids + -(-chars // CHARS_PER_TOKEN)
 
 
 @dataclass
 class TokenMeter:
-    """The tokens one request used, added up as its replies arrive (``charge``)."""
+    """One request's tokens: what it holds (``reserve``) and what its replies say it
+    used (``charge``), settled against each other when it ends (``RateLimiter.settle``).
+    ``hold`` is set when its key has a tokens-per-minute limit."""
 
     tokens: int = 0
+    held: int = 0
+    held_in: int = 0  # the window number the hold was counted in
+    hold: Callable[[TokenMeter, int], Awaitable[None]] | None = None
 
 
 METER: ContextVar[TokenMeter | None] = ContextVar("laneway_token_meter", default=None)
+
+
+async def reserve(payload: Mapping[str, Any]) -> None:
+    """Hold the tokens the live request ``payload`` may use against the current request's
+    key, or raise ``RateLimited``; nothing outside a metered request or without a
+    ``tpm``."""
+    meter = METER.get()
+    if meter is not None and meter.hold is not None:
+        await meter.hold(meter, estimate_tokens(payload))
 
 
 def charge(usage: object) -> None:
@@ -133,23 +196,56 @@ class RateLimiter:
         except (RedisError, OSError) as exc:
             log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
             return
-        if not over:
-            return
-        what, limit = ("requests", rpm) if over == 1 else ("tokens", tpm)
+        if over:
+            raise self._over(who, "requests" if over == 1 else "tokens", int(left_ms))
+
+    def _over(self, who: Principal, what: str, left_ms: int) -> RateLimited:
+        limit = self.limits(who)[what == "tokens"]
         window = self.settings.rate_limit_window_s
-        seconds = max(1, math.ceil(int(left_ms) / 1000))
-        raise RateLimited(
+        seconds = max(1, math.ceil(left_ms / 1000))
+        return RateLimited(
             f"Rate limit reached for key {who.name!r} on {what} per {window:g}s: limit "
             f"{limit}. Please try again in {seconds}s.",
             retry_after=seconds,
         )
 
-    async def settle(self, redis: aioredis.Redis, who: Principal, meter: TokenMeter) -> None:
-        """Charge what a finished request used to its key's tokens."""
-        _, tpm = self.limits(who)
-        if not tpm or meter.tokens <= 0:
+    def meter(self, redis: aioredis.Redis, who: Principal | None) -> TokenMeter:
+        """A request's meter; one that holds tokens when ``who`` has a ``tpm``."""
+        if who is None or not self.limits(who)[1]:
+            return TokenMeter()
+        return TokenMeter(hold=partial(self._hold, redis, who))
+
+    async def _hold(
+        self, redis: aioredis.Redis, who: Principal, meter: TokenMeter, tokens: int
+    ) -> None:
+        tpm = self.limits(who)[1]
+        if tokens <= 0:
             return
         try:
-            await self._run(redis, who, "charge", meter.tokens)
+            over, value = await self._run(redis, who, "reserve", tpm, tokens)
         except (RedisError, OSError) as exc:
-            log.warning("could not count %d tokens of %s: %s", meter.tokens, who.name, exc)
+            log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
+            return
+        if over == 3:
+            window = self.settings.rate_limit_window_s
+            raise RateLimited(
+                f"Request too large for key {who.name!r} on tokens per {window:g}s: limit "
+                f"{tpm}, requested about {tokens} (the input at {CHARS_PER_TOKEN} characters "
+                "a token, plus max_tokens for each choice). Reduce the input or max_tokens.",
+                retry_after=math.ceil(window),
+            )
+        if over:
+            raise self._over(who, "tokens", int(value))
+        meter.held += tokens
+        meter.held_in = int(value)
+
+    async def settle(self, redis: aioredis.Redis, who: Principal, meter: TokenMeter) -> None:
+        """Charge what a finished request used to its key's tokens, less what it held."""
+        _, tpm = self.limits(who)
+        delta = meter.tokens - meter.held
+        if not tpm or delta == 0:
+            return
+        try:
+            await self._run(redis, who, "charge", delta, meter.held_in)
+        except (RedisError, OSError) as exc:
+            log.warning("could not count %d tokens of %s: %s", delta, who.name, exc)

@@ -143,7 +143,8 @@ class Gate:
             await send(message)
 
         direct = self.direct.get((scope["method"], path))
-        meter = TokenMeter()
+        principal = scope["state"].get("principal")
+        meter = self._meter(principal)
         token = METER.set(meter)
         try:
             if direct is not None and self.state is not None:
@@ -155,11 +156,19 @@ class Gate:
             await self._refuse(send, _too_large(limit), route_label(scope), rid_header)
         finally:
             METER.reset(token)
-            principal = scope["state"].get("principal")
-            if principal is not None and meter.tokens and self.state is not None:
-                await self.limiter.settle(self.state().redis, principal, meter)
+            await self._settle(principal, meter)
         # routed by now: the router set the route it matched (none: unmatched)
         self._observe(scope, status["code"], started, route_label(scope))
+
+    def _meter(self, principal: Principal | None) -> TokenMeter:
+        """The request's token meter: holds and charges for a key with a tokens limit."""
+        if self.state is None:
+            return TokenMeter()
+        return self.limiter.meter(self.state().redis, principal)
+
+    async def _settle(self, principal: Principal | None, meter: TokenMeter) -> None:
+        if principal is not None and (meter.tokens or meter.held) and self.state is not None:
+            await self.limiter.settle(self.state().redis, principal, meter)
 
     async def _admit(
         self, scope: Scope, path: str, headers: dict[bytes, bytes]

@@ -1,5 +1,6 @@
 """What the API's gate costs per request: authenticating a key from memory and admitting
-it under rate limits (one EVALSHA), each next to the raw operation it is built on,
+it under rate limits (one EVALSHA; with a tokens limit, two more to hold and settle its
+tokens), each next to the raw operation it is built on,
 measured in the same run.
 
     .venv/bin/python bench/gate.py [--keys 10000] [--calls 5000]
@@ -7,7 +8,8 @@ measured in the same run.
 Prints, per request: ``KeyRing.authenticate`` with ``--keys`` keys in memory against one
 SHA-256 of the key (the part no ring can avoid), and ``RateLimiter.admit`` (the sliding
 window script) against a bare Redis ``PING`` round trip to the same embedded
-redis-server. Not part of the test run.
+redis-server, and holding then settling a request's tokens (two scripts) against two
+PINGs. Not part of the test run.
 """
 
 from __future__ import annotations
@@ -51,16 +53,26 @@ async def authentication(keys: int, calls: int) -> tuple[float, float]:
     return ring_s, await per_call(calls, digest)
 
 
-async def admission(url: str, calls: int) -> tuple[float, float]:
+async def admission(url: str, calls: int) -> tuple[float, float, float]:
+    """Per request: admit; hold and settle tokens (two scripts); one PING."""
     client = aioredis.Redis.from_url(url)
     limiter = RateLimiter(Settings(rate_limit_rpm=10**9, rate_limit_tpm=10**9))
     who = Principal("bench", "bench")
+
+    async def hold_and_settle() -> None:
+        meter = limiter.meter(client, who)
+        assert meter.hold is not None
+        await meter.hold(meter, 100)
+        meter.tokens = 90
+        await limiter.settle(client, who, meter)
+
     try:
         admit_s = await per_call(calls, lambda: limiter.admit(client, who))
+        tokens_s = await per_call(calls, hold_and_settle)
         ping_s = await per_call(calls, client.ping)
     finally:
         await client.aclose()
-    return admit_s, ping_s
+    return admit_s, tokens_s, ping_s
 
 
 def main() -> None:
@@ -72,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         proc, url = start_redis(Path(root))
         try:
-            admit_s, ping_s = asyncio.run(admission(url, args.calls))
+            admit_s, tokens_s, ping_s = asyncio.run(admission(url, args.calls))
         finally:
             proc.terminate()
             proc.wait(10)
@@ -83,6 +95,10 @@ def main() -> None:
     print(
         f"admit (sliding window):   {admit_s * 1e3:7.3f} ms; "
         f"PING alone {ping_s * 1e3:.3f} ms; ratio {admit_s / ping_s:.2f}"
+    )
+    print(
+        f"hold + settle tokens:     {tokens_s * 1e3:7.3f} ms; "
+        f"two PINGs {2 * ping_s * 1e3:.3f} ms; ratio {tokens_s / (2 * ping_s):.2f}"
     )
 
 

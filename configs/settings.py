@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     rate_limit_tpm: int = Field(
         default=0,
         ge=0,
-        description="tokens per minute per key (0: no limit); "
+        description="tokens per minute per key (0: no limit; a live request holds its "
+        "estimate while in flight, settled against its usage); "
         "`laneway keys create --tpm` overrides it per key",
     )
     rate_limit_window_s: float = Field(

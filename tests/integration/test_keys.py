@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,20 @@ import openai
 import pytest
 
 from tests.harness import Stack, wait_until
-from tests.integration.batch_support import FAKE, fake_stack, jsonl, request, wait_finished
+from tests.integration.batch_support import (
+    FAKE,
+    fake_entry,
+    fake_stack,
+    jsonl,
+    request,
+    wait_finished,
+)
 from tests.integration.helpers import assert_openai_error
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 WINDOW_S = 4.0  # the rate limits' window here (60 s in production)
+SLOW, SLOW_FORWARD_S = "test/slow-fake", 1.5  # requests that stay in flight a while
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +43,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LANEWAY_LOG_FORMAT": "json",
         "LANEWAY_RATE_LIMIT_WINDOW_S": str(WINDOW_S),
     }
-    stack = fake_stack(tmp_path_factory.mktemp("keys"), entries=[], env=env)
+    stack = fake_stack(
+        tmp_path_factory.mktemp("keys"), entries=[fake_entry(SLOW, SLOW_FORWARD_S)], env=env
+    )
     try:
         yield stack
     finally:
@@ -62,11 +73,11 @@ def create_key(stack: Stack, name: str, *extra: str) -> str:
     return key
 
 
-def embed(base_url: str, key: str | None, text: str = "hello") -> httpx.Response:
+def embed(base_url: str, key: str | None, text: str = "hello", model: str = FAKE) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(
         f"{base_url}/v1/embeddings",
-        json={"model": FAKE, "input": text},
+        json={"model": model, "input": text},
         headers=headers,
         timeout=30,
     )
@@ -286,16 +297,48 @@ def test_the_window_slides_no_burst_across_its_boundary(stack: Stack) -> None:
 
 
 def test_tokens_per_minute_are_counted_from_usage(stack: Stack) -> None:
-    key = create_key(stack, "token-limited", "--tpm", "20")
+    """A request holds its estimate (200 characters: 50 tokens) and is charged its usage
+    (the fake model counts words: over 100), so the key is then over its 60."""
+    key = create_key(stack, "token-limited", "--tpm", "60")
     until_status(stack, key, 200)
     at_window_start(stack)
-    first = embed(stack.base_url, key, "many words " * 20)
-    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] >= 20
+    first = embed(stack.base_url, key, "a " * 100)
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] > 60
     refused = embed(stack.base_url, key, "x")
     assert_openai_error(refused, 429, code="rate_limit_exceeded")
     assert "tokens" in refused.json()["error"]["message"]
     time.sleep(int(refused.headers["retry-after"]))
     assert embed(stack.base_url, key, "x").status_code == 200
+
+
+def test_requests_in_flight_hold_their_tokens(stack: Stack) -> None:
+    """Five requests sent at once, each holding 40 tokens of the key's 100: two fit, the
+    other three are refused while those two run (charging only on answer let all five
+    through). Their answers give back what they held but did not use."""
+    key = create_key(stack, "holding", "--tpm", "100")
+    until_status(stack, key, 200)
+    at_window_start(stack)
+    text = "x" * 160  # one word: holds 40 tokens, uses 1
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: embed(stack.base_url, key, text, SLOW), range(5)))
+    assert sorted(a.status_code for a in answers) == [200, 200, 429, 429, 429]
+    refused = next(a for a in answers if a.status_code == 429)
+    assert_openai_error(refused, 429, code="rate_limit_exceeded")
+    assert "tokens" in refused.json()["error"]["message"] and refused.headers["retry-after"]
+    # both answered: they used 2 of the 80 they held, so two more fit at once
+    assert embed(stack.base_url, key, text).status_code == 200
+    assert embed(stack.base_url, key, text).status_code == 200
+
+
+def test_a_request_larger_than_the_limit_is_refused_before_it_runs(stack: Stack) -> None:
+    key = create_key(stack, "small-tpm", "--tpm", "100")
+    until_status(stack, key, 200)
+    refused = embed(stack.base_url, key, "x" * 404)  # 101 tokens by the estimate
+    assert_openai_error(refused, 429, code="rate_limit_exceeded")
+    message = refused.json()["error"]["message"]
+    assert "Request too large" in message and "101" in message, message
+    # nothing was charged: 95 more fit beside the few that finding the key used
+    assert embed(stack.base_url, key, "x" * 380).status_code == 200
 
 
 def test_logs_name_the_key_but_never_hold_it(stack: Stack, keys: dict[str, str]) -> None:
