@@ -191,13 +191,20 @@ class RateLimiter:
         rpm, tpm = self.limits(who)
         if not rpm and not tpm:
             return
+        answer = await self._enforced(redis, who, "admit", rpm, tpm)
+        if answer is not None and answer[0]:
+            raise self._over(who, "requests" if answer[0] == 1 else "tokens", answer[1])
+
+    async def _enforced(
+        self, redis: aioredis.Redis, who: Principal, *args: str | int
+    ) -> tuple[int, int] | None:
+        """The script's answer, or None (let it through) when Redis is unreachable."""
         try:
-            over, left_ms = await self._run(redis, who, "admit", rpm, tpm)
+            over, value = await self._run(redis, who, *args)
         except (RedisError, OSError) as exc:
             log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
-            return
-        if over:
-            raise self._over(who, "requests" if over == 1 else "tokens", int(left_ms))
+            return None
+        return int(over), int(value)
 
     def _over(self, who: Principal, what: str, left_ms: int) -> RateLimited:
         limit = self.limits(who)[what == "tokens"]
@@ -221,11 +228,10 @@ class RateLimiter:
         tpm = self.limits(who)[1]
         if tokens <= 0:
             return
-        try:
-            over, value = await self._run(redis, who, "reserve", tpm, tokens)
-        except (RedisError, OSError) as exc:
-            log.warning("rate limits not enforced: Redis is unreachable (%s)", exc)
+        answer = await self._enforced(redis, who, "reserve", tpm, tokens)
+        if answer is None:
             return
+        over, value = answer
         if over == 3:
             window = self.settings.rate_limit_window_s
             raise RateLimited(
@@ -235,9 +241,9 @@ class RateLimiter:
                 retry_after=math.ceil(window),
             )
         if over:
-            raise self._over(who, "tokens", int(value))
+            raise self._over(who, "tokens", value)
         meter.held += tokens
-        meter.held_in = int(value)
+        meter.held_in = value
 
     async def settle(self, redis: aioredis.Redis, who: Principal, meter: TokenMeter) -> None:
         """Charge what a finished request used to its key's tokens, less what it held."""
