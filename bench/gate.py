@@ -1,7 +1,6 @@
 """What the API's gate costs per request: authenticating a key from memory and admitting
 it under rate limits (one EVALSHA; with a tokens limit, two more to hold and settle its
-tokens), each next to the raw operation it is built on,
-measured in the same run.
+tokens), each next to the raw operation it is built on, measured in the same run.
 
     .venv/bin/python bench/gate.py [--keys 10000] [--calls 5000]
 

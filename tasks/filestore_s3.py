@@ -2,8 +2,10 @@
 ``LANEWAY_FILE_STORE=s3://bucket/prefix``.
 
 Nothing goes through memory whole. Writes are streamed as a multipart upload of
-``part_bytes`` parts (one PUT when the object is smaller than one part), so a writer holds
-one part at a time; a failed or refused write aborts the upload and leaves no object
+``part_bytes`` parts (one PUT when the object is smaller than one part). A full part is
+sent from a thread while the writer fills the next, so reading the source (a client's
+upload, the chunk parts a finaliser joins) and sending to S3 overlap; a writer holds at
+most two parts. A failed or refused write aborts the upload and leaves no object
 behind (nor a half one: S3 shows an object only once its PUT or multipart upload
 completes). Reads are streamed GETs; ``iter_lines`` reads a byte range (``Range``).
 
@@ -17,7 +19,9 @@ import contextlib
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +37,22 @@ from tasks.filestore import COPY_CHUNK, FileStore, LocalFile, MissingPart, check
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+_SENDERS: dict[int, ThreadPoolExecutor] = {}  # by process id: a fork gets its own
+_SENDERS_LOCK = threading.Lock()
+SENDER_THREADS = 8  # part uploads at once in a process (one per writer at most)
+
+
+def _senders() -> ThreadPoolExecutor:
+    """The process's part senders (threads do not survive a fork: a child makes its own)."""
+    pid = os.getpid()
+    with _SENDERS_LOCK:
+        pool = _SENDERS.get(pid)
+        if pool is None:
+            pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="s3-part")
+            _SENDERS[pid] = pool
+        return pool
 
 
 def _error_code(exc: ClientError) -> str:
@@ -85,14 +105,17 @@ class _Body(io.RawIOBase):
 class _Writer:
     """One object written front to back: bytes are gathered into ``part_bytes`` parts, each
     sent as it fills (every part but the last is exactly ``part_bytes``, as S3 requires
-    at least 5 MiB). ``commit`` completes it (a single PUT if it never filled a part);
-    ``abort`` drops it, leaving no object and no open multipart upload."""
+    at least 5 MiB). One part is in flight while the next fills, never two: a part is sent
+    once the one before it has landed, so parts reach the server in order. ``commit``
+    completes it (a single PUT if it never filled a part); ``abort`` drops it, leaving no
+    object and no open multipart upload."""
 
     def __init__(self, client: Any, bucket: str, name: str, part_bytes: int) -> None:
         self.client, self.bucket, self.name, self.part_bytes = client, bucket, name, part_bytes
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        self.sending: Future[dict[str, Any]] | None = None
         self.written = 0
 
     def write(self, data: bytes) -> None:
@@ -103,14 +126,24 @@ class _Writer:
             del self.buffer[: self.part_bytes]
 
     def _send(self, part: bytes) -> None:
-        where = {"Bucket": self.bucket, "Key": self.name}
         if self.upload_id is None:
-            self.upload_id = str(self.client.create_multipart_upload(**where)["UploadId"])
+            answer = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.name)
+            self.upload_id = str(answer["UploadId"])
+        self.landed()  # the part before: its ETag, or its error raised here
         number = len(self.parts) + 1
+        self.sending = _senders().submit(self._upload, self.upload_id, number, part)
+
+    def _upload(self, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
         answer = self.client.upload_part(
-            **where, UploadId=self.upload_id, PartNumber=number, Body=part
+            Bucket=self.bucket, Key=self.name, UploadId=upload_id, PartNumber=number, Body=part
         )
-        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def landed(self) -> None:
+        """Wait for the part in flight, if any; raises what failed it."""
+        sending, self.sending = self.sending, None
+        if sending is not None:
+            self.parts.append(sending.result())
 
     def commit(self) -> int:
         if self.upload_id is None:
@@ -118,6 +151,7 @@ class _Writer:
         else:
             if self.buffer:
                 self._send(bytes(self.buffer))
+            self.landed()
             self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=self.name,
@@ -129,6 +163,8 @@ class _Writer:
 
     def abort(self) -> None:
         self.buffer.clear()
+        with contextlib.suppress(Exception):  # a part landing after the abort would be kept
+            self.landed()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             self.client.abort_multipart_upload(

@@ -7,6 +7,7 @@ write of a few hundred KiB is a real multipart upload."""
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -324,6 +325,65 @@ def test_write_keeping_local_reads_nothing_back(where: Where, tmp_path: Path) ->
         assert list((tmp_path / "tmp").iterdir()) == []
 
 
+# -- S3: sending a part while the next fills ---------------------------------------------------
+
+
+class Counted(Trickle):
+    """A ``Trickle`` that sets ``past`` once more than ``after`` bytes have been read."""
+
+    def __init__(self, data: bytes, after: int) -> None:
+        super().__init__(data)
+        self.consumed, self.after, self.past = 0, after, threading.Event()
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer)
+        self.consumed += n
+        if self.consumed > self.after:
+            self.past.set()
+        return n
+
+
+UPLOAD_PART = "before-parameter-build.s3.UploadPart"  # its handlers see the call's params
+
+
+def s3_store(moto_s3: MotoServer) -> tuple[S3FileStore, str]:
+    own = moto_s3.new_bucket()
+    return S3FileStore(moto_s3.client(), own, "p", part_bytes=PART), own
+
+
+def test_s3_reads_on_while_a_part_is_sent(moto_s3: MotoServer) -> None:
+    """The first part's upload is held until the source has been read past it: a writer
+    that sent each part before reading on would never get there (and time out here)."""
+    store, _ = s3_store(moto_s3)
+    data = blob(3 * PART + 7)
+    # past the first part, and past the piece that filled it (reads are 10 kB)
+    source = Counted(data, after=PART + 20_000)
+    overlapped: list[bool] = []
+
+    def hold_the_first(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 1:
+            overlapped.append(source.past.wait(10))
+
+    store.client.meta.events.register(UPLOAD_PART, hold_the_first)
+    assert store.write_from("files/big", source) == len(data)
+    assert overlapped == [True]
+    assert b"".join(store.iter_bytes("files/big")) == data
+
+
+def test_s3_a_part_that_fails_in_flight_fails_the_write(moto_s3: MotoServer) -> None:
+    store, bucket = s3_store(moto_s3)
+
+    def refuse_the_second(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 2:
+            raise ConnectionError("the network went away")
+
+    store.client.meta.events.register(UPLOAD_PART, refuse_the_second)
+    for size in (2 * PART, 4 * PART + 1):  # raised by commit, and by the next part's send
+        with pytest.raises(ConnectionError):
+            store.write_from("files/cut", io.BytesIO(blob(size)))
+    assert moto_s3.open_uploads(bucket) == [] and not store.exists("files/cut")
+
+
 # -- sweeping what killed writers left -------------------------------------------------------
 
 
@@ -335,7 +395,9 @@ def killed_write(where: Where, key: str) -> None:
             out.write(blob(PART))
         return
     assert isinstance(where.store, S3FileStore)
-    where.store._writer(key).write(blob(2 * PART))  # sent; neither committed nor aborted
+    writer = where.store._writer(key)
+    writer.write(blob(2 * PART))  # sent; neither committed nor aborted
+    writer.landed()
 
 
 def test_sweep_removes_only_abandoned_writes(where: Where, moto_s3: MotoServer) -> None:
