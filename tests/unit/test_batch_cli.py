@@ -12,15 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from laneway.batch_cli import (
-    Progress,
-    base_url,
-    check_jsonl,
-    format_duration,
-    main,
-    output_paths,
-    progress_line,
-)
+from laneway.batch_cli import main
+from laneway.batch_cli.client import base_url
+from laneway.batch_cli.input_file import check_jsonl, output_paths
+from laneway.batch_cli.progress import Progress, format_duration, progress_line
 
 ENDPOINT = "/v1/embeddings"
 

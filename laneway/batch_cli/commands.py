@@ -14,36 +14,24 @@ input file, 130 detached with Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import functools
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 from laneway.argtypes import above, whole
-
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-FINISHED = ("completed", "failed", "expired", "cancelled")
-MAX_PROBLEMS = 5
-RATE_WINDOW_S = 30.0
+from laneway.batch_cli.client import DEFAULT_BASE_URL, Api, ApiError, Batch, base_url
+from laneway.batch_cli.input_file import check_jsonl, output_paths
+from laneway.batch_cli.progress import FINISHED, Progress, wait
 
 EXIT_OK, EXIT_BATCH, EXIT_USAGE, EXIT_DETACHED = 0, 1, 2, 130
-
-Json = dict[str, Any]
-Batch = Json  # a batch object as /v1/batches returns it
-
-
-class ApiError(Exception):
-    """The server answered with an error (its OpenAI error message) or could not be reached."""
 
 
 class UsageError(Exception):
@@ -56,266 +44,6 @@ class Detached(Exception):
     def __init__(self, batch_id: str) -> None:
         super().__init__(batch_id)
         self.batch_id = batch_id
-
-
-# -- the input file check --------------------------------------------------------------------
-
-
-def _line_problem(raw: bytes, endpoint: str, seen: set[str]) -> str | None:
-    """What is wrong with one non-blank line of a batch input file (None: nothing)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "not valid UTF-8"
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
-    if not isinstance(obj, dict):
-        kind = "an array" if isinstance(obj, list) else f"a {type(obj).__name__}"
-        return f"must be a JSON object, this is {kind}"
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return "'custom_id' is missing" if custom_id is None else "'custom_id' must be a string"
-    if custom_id in seen:
-        return f"custom_id {custom_id!r} is used more than once"
-    seen.add(custom_id)
-    if obj.get("method") != "POST":
-        return f"'method' is {obj.get('method')!r}, must be 'POST'"
-    if obj.get("url") != endpoint:
-        return f"'url' is {obj.get('url')!r}, must be the --endpoint {endpoint!r}"
-    if not isinstance(obj.get("body"), dict):
-        return "'body' must be a JSON object"
-    return None
-
-
-def check_jsonl(
-    path: Path, endpoint: str, max_problems: int = MAX_PROBLEMS
-) -> tuple[int, list[str]]:
-    """Read ``path`` line by line: (requests, problems as ``line N: what``), stopping after
-    ``max_problems``. Blank lines are allowed, as the server allows them."""
-    problems: list[str] = []
-    seen: set[str] = set()
-    count = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            count += 1
-            problem = _line_problem(raw, endpoint, seen)
-            if problem is not None:
-                problems.append(f"line {lineno}: {problem}")
-                if len(problems) >= max_problems:
-                    problems.append(f"(stopped after {max_problems} problems)")
-                    break
-    if count == 0 and not problems:
-        problems.append("the file has no requests")
-    return count, problems
-
-
-def output_paths(input_path: Path) -> tuple[Path, Path]:
-    """``in.jsonl`` -> ``in.output.jsonl``, ``in.errors.jsonl``; another name keeps its
-    suffix: ``in.txt`` -> ``in.txt.output.jsonl``."""
-    name = input_path.name
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") and name != ".jsonl" else name
-    return (
-        input_path.with_name(f"{stem}.output.jsonl"),
-        input_path.with_name(f"{stem}.errors.jsonl"),
-    )
-
-
-# -- HTTP ------------------------------------------------------------------------------------
-
-
-def base_url(cli_value: str | None, env: dict[str, str] | os._Environ[str]) -> str:
-    """--base-url, else LANEWAY_BASE_URL, else the default; a trailing /v1 is dropped."""
-    url = (cli_value or env.get("LANEWAY_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    return url.removesuffix("/v1")
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text.strip()[:500] or response.reason_phrase
-    return f"HTTP {response.status_code}: {message}"
-
-
-class Api:
-    """The few /v1/files and /v1/batches calls the CLI makes."""
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = url
-        self.http = httpx.Client(
-            base_url=url,
-            headers=headers,
-            transport=transport,
-            timeout=httpx.Timeout(60.0, connect=10.0),
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
-        try:
-            response = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach {self.url}: {exc}") from exc
-        if response.is_error:
-            raise ApiError(_error_message(response))
-        return response.json()
-
-    def upload(self, path: Path) -> Json:
-        with path.open("rb") as f:  # httpx streams a file object in chunks
-            files = {"file": (path.name, f, "application/jsonl")}
-            result: Json = self._call("POST", "/v1/files", files=files, data={"purpose": "batch"})
-        return result
-
-    def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> Batch:
-        body: dict[str, Any] = {
-            "input_file_id": file_id,
-            "endpoint": endpoint,
-            "completion_window": window,
-        }
-        if metadata:
-            body["metadata"] = metadata
-        result: Batch = self._call("POST", "/v1/batches", json=body)
-        return result
-
-    def retrieve(self, batch_id: str) -> Batch:
-        result: Batch = self._call("GET", f"/v1/batches/{batch_id}")
-        return result
-
-    def listing(self, limit: int) -> Json:
-        result: Json = self._call("GET", "/v1/batches", params={"limit": limit})
-        return result
-
-    def cancel(self, batch_id: str) -> Batch:
-        result: Batch = self._call("POST", f"/v1/batches/{batch_id}/cancel")
-        return result
-
-    def download(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to ``dest`` (via ``dest.part``); returns its line count."""
-        part = dest.with_name(dest.name + ".part")
-        lines = 0
-        try:
-            with self.http.stream("GET", f"/v1/files/{file_id}/content") as response:
-                if response.is_error:
-                    response.read()
-                    raise ApiError(_error_message(response))
-                with part.open("wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
-                        lines += chunk.count(b"\n")
-        except httpx.HTTPError as exc:
-            part.unlink(missing_ok=True)
-            raise ApiError(f"downloading {file_id} from {self.url}: {exc}") from exc
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        part.replace(dest)
-        return lines
-
-
-# -- progress ---------------------------------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    """``0:00:16``, ``12:03:00``."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def format_rate(rate: float | None) -> str:
-    if rate is None:
-        return "-/s"
-    return f"{rate:.1f}/s" if rate < 10 else f"{rate:.0f}/s"
-
-
-def progress_line(batch: Batch, rate: float | None) -> str:
-    """``batch_abc  in_progress  1200/5000 done  3 failed  240/s  ETA 0:00:16``; done counts
-    completed and failed requests alike."""
-    counts = batch.get("request_counts") or {}
-    total = int(counts.get("total") or 0)
-    failed = int(counts.get("failed") or 0)
-    done = int(counts.get("completed") or 0) + failed
-    line = f"{batch['id']}  {batch['status']}  {done}/{total} done  {failed} failed"
-    line += f"  {format_rate(rate)}"
-    if batch["status"] in FINISHED:
-        return line
-    if rate and total > done:
-        return f"{line}  ETA {format_duration((total - done) / rate)}"
-    return f"{line}  ETA -"
-
-
-@dataclass
-class Progress:
-    """Follows a batch's counts: the rate is the measured change of completed + failed
-    over the last ``window`` seconds. On a TTY one line is redrawn in place; otherwise a
-    line is printed whenever the status or the counts change."""
-
-    out: TextIO
-    tty: bool
-    window: float = RATE_WINDOW_S
-    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
-    last_key: tuple[Any, ...] | None = None
-    width: int = 0
-
-    def rate(self, now: float, done: int) -> float | None:
-        self.samples.append((now, done))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
-            self.samples.popleft()
-        first_t, first_done = self.samples[0]
-        if now - first_t <= 0:
-            return None
-        return max(0.0, (done - first_done) / (now - first_t))
-
-    def update(self, batch: Batch, now: float) -> str:
-        counts = batch.get("request_counts") or {}
-        done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
-        line = progress_line(batch, self.rate(now, done))
-        key = (batch["status"], counts.get("completed"), counts.get("failed"), counts.get("total"))
-        if self.tty:
-            self.out.write("\r" + line.ljust(self.width))
-            self.width = max(self.width, len(line))
-            self.out.flush()
-        elif key != self.last_key:
-            self.out.write(line + "\n")
-            self.out.flush()
-        self.last_key = key
-        return line
-
-    def finish(self) -> None:
-        if self.tty and self.width:
-            self.out.write("\n")
-            self.out.flush()
-            self.width = 0
-
-
-def wait(
-    api: Api,
-    batch_id: str,
-    progress: Progress,
-    interval: float,
-    *,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Batch:
-    """Poll the batch every ``interval`` seconds until it is finished."""
-    try:
-        while True:
-            batch = api.retrieve(batch_id)
-            progress.update(batch, clock())
-            if batch["status"] in FINISHED:
-                return batch
-            sleep(interval)
-    finally:
-        progress.finish()
 
 
 # -- printing ---------------------------------------------------------------------------------
@@ -490,6 +218,7 @@ def cmd_download(ctx: Context, args: argparse.Namespace) -> int:
 
 # -- the parser -------------------------------------------------------------------------------
 
+
 Command = Callable[[Context, argparse.Namespace], int]
 
 
@@ -588,7 +317,3 @@ def main(
     args.transport, args.out, args.err = transport, out, err
     code: int = args.func(args)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
