@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.filestore_s3 import S3FileStore
+from tasks.filestore.s3 import S3FileStore
 from tests.s3_server import MotoServer
 
 MIB = 1024 * 1024

@@ -24,7 +24,7 @@ from tasks.filestore import (
     MissingPart,
     get_file_store,
 )
-from tasks.filestore_s3 import S3FileStore
+from tasks.filestore.s3 import S3FileStore
 from tests.s3_server import MIN_PART_BYTES, PAGE_KEYS, MotoServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

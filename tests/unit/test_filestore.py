@@ -81,7 +81,7 @@ def test_part_size_is_at_least_s3s_minimum() -> None:
 
 def test_an_s3_store_is_made_without_reaching_the_endpoint(tmp_path: Path) -> None:
     """The client is built at once (boto3 connects only on the first request)."""
-    from tasks.filestore_s3 import S3FileStore
+    from tasks.filestore.s3 import S3FileStore
 
     settings = Settings(
         file_store="s3://bucket/pre",

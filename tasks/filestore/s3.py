@@ -32,7 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from configs.settings import S3Location, Settings
-from tasks.filestore import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
+from tasks.filestore.base import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
 
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
