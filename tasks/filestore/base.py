@@ -4,10 +4,10 @@ local file handed to code that needs a path, the error for a missing part."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 COPY_CHUNK = 1024 * 1024
 
@@ -99,8 +99,9 @@ class FileStore(ABC):
     @abstractmethod
     def sweep(self, older_than_s: float) -> int:
         """Remove what writers killed mid-write left behind (a directory store's
-        temporaries, S3's open multipart uploads) untouched for ``older_than_s``; returns
-        how many. Never touches a written object."""
+        temporaries, S3's open multipart uploads) untouched for ``older_than_s`` and
+        already there at this store's previous sweep (``SecondLook``); returns how many.
+        Never touches a written object."""
 
     def write_keeping_local(
         self, key: str, source: BinaryIO, *, limit: int | None = None
@@ -110,3 +111,21 @@ class FileStore(ABC):
         it wrote from rather than download it again."""
         size = self.write_from(key, source, limit=limit)
         return size, self.local_file(key)
+
+
+_Seen = TypeVar("_Seen", bound=Hashable)
+
+
+class SecondLook:
+    """What a sweep may remove: what is old by the store's own clock and was already there
+    at the previous sweep. A write under way is never removed on first sight, so a store
+    whose clock is wrong (or an emulator that dates every upload years back) cannot lose
+    it; what was really abandoned goes one sweep later."""
+
+    def __init__(self) -> None:
+        self._before: frozenset[Hashable] = frozenset()
+
+    def confirm(self, present: Iterable[_Seen], old: Iterable[_Seen]) -> list[_Seen]:
+        """``old`` that was also present at the previous call; ``present`` is remembered."""
+        before, self._before = self._before, frozenset(present)
+        return [x for x in old if x in before]

@@ -11,7 +11,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from tasks.filestore.base import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
+from tasks.filestore.base import (
+    COPY_CHUNK,
+    FileStore,
+    LocalFile,
+    MissingPart,
+    SecondLook,
+    check_key,
+)
 
 
 class LocalFileStore(FileStore):
@@ -21,6 +28,7 @@ class LocalFileStore(FileStore):
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._looked = SecondLook()  # for sweep
 
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -114,12 +122,18 @@ class LocalFileStore(FileStore):
 
     def sweep(self, older_than_s: float) -> int:
         cutoff = time.time() - older_than_s
-        removed = 0
+        present, old = [], []
         for tmp in self.root.rglob(".*.tmp"):  # only _tmp's names: .<name>.<hex>.tmp
             with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
-                if tmp.is_file() and tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
-                    removed += 1
+                if tmp.is_file():
+                    present.append(tmp)
+                    if tmp.stat().st_mtime < cutoff:
+                        old.append(tmp)
+        removed = 0
+        for tmp in self._looked.confirm(present, old):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
         return removed
 
     def local_file(self, key: str) -> LocalFile:

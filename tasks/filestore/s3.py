@@ -32,7 +32,14 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from configs.settings import S3Location, Settings
-from tasks.filestore.base import COPY_CHUNK, FileStore, LocalFile, MissingPart, check_key
+from tasks.filestore.base import (
+    COPY_CHUNK,
+    FileStore,
+    LocalFile,
+    MissingPart,
+    SecondLook,
+    check_key,
+)
 
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
@@ -199,6 +206,7 @@ class S3FileStore(FileStore):
         self.prefix = prefix.strip("/")
         self.part_bytes = part_bytes
         self.tmp_dir = tmp_dir  # for local_file; None: the system's temporary directory
+        self._looked = SecondLook()  # for sweep
 
     @classmethod
     def from_settings(cls, settings: Settings, location: S3Location) -> S3FileStore:
@@ -351,15 +359,18 @@ class S3FileStore(FileStore):
 
     def sweep(self, older_than_s: float) -> int:
         """Abort multipart uploads under the prefix begun over ``older_than_s`` ago (a
-        writer killed mid-upload); the parts they hold are otherwise kept, and billed."""
+        writer killed mid-upload) and open at the previous sweep too; the parts they hold
+        are otherwise kept, and billed."""
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         paginator = self.client.get_paginator("list_multipart_uploads")
-        stale = [
-            (upload["Key"], upload["UploadId"])
+        uploads = [
+            ((upload["Key"], upload["UploadId"]), upload["Initiated"])
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._dir(""))
             for upload in page.get("Uploads", ())
-            if upload["Initiated"] < cutoff
         ]
+        stale = self._looked.confirm(
+            [name for name, _ in uploads], [name for name, began in uploads if began < cutoff]
+        )
         for name, upload_id in stale:
             with contextlib.suppress(ClientError):  # completed or aborted meanwhile
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
