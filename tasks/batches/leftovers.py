@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # twice is harmless: every delete is of something nobody needs)
 CLEANUP_LEASE_S = 300.0
 OWED_PER_PASS = 16
-FINISHED = ("completed", "cancelled", "expired", "failed")
 
 
 def parts_dir(batch_id: str) -> str:
@@ -74,7 +73,9 @@ def remove_owed(store: FileStore) -> int:
     with session_scope() as s:
         owed = s.execute(
             select(BatchRow.id, BatchRow.status)
-            .where(BatchRow.status.in_(FINISHED), BatchRow.lease_until < status.now())
+            .where(
+                BatchRow.status.in_(status.FINISHED_STATUSES), BatchRow.lease_until < status.now()
+            )
             .order_by(BatchRow.lease_until)
             .limit(OWED_PER_PASS)
         ).all()

@@ -43,6 +43,8 @@ TIMESTAMP_FIELD = {
     "cancelling": "cancelling_at",
     "cancelled": "cancelled_at",
 }
+# where a batch ends: the statuses with no move out of them
+FINISHED_STATUSES = tuple(to for to in TIMESTAMP_FIELD if to not in LEGAL)
 
 
 def now() -> float:

@@ -38,53 +38,42 @@ class LocalFileStore(FileStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
+    @contextlib.contextmanager
+    def _replacing(self, key: str) -> Iterator[BinaryIO]:
+        """A file that becomes ``key`` when the block ends without an error (renamed into
+        place, so a reader never sees half of it); after an error ``key`` is as it was."""
+        tmp = self._tmp(key)
+        try:
+            with tmp.open("wb") as out:
+                yield out
+            os.replace(tmp, self.path(key))
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def write_from(self, key: str, source: BinaryIO, *, limit: int | None = None) -> int:
         """Copy a stream into ``key`` in 1 MiB pieces; returns the bytes written."""
-        tmp = self._tmp(key)
-        written = 0
-        try:
-            with tmp.open("wb") as out:
-                while piece := source.read(COPY_CHUNK):
-                    written += len(piece)
-                    if limit is not None and written > limit:
-                        raise OverflowError(written)
-                    out.write(piece)
-            os.replace(tmp, self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
-        return written
+        with self._replacing(key) as out:
+            while piece := source.read(COPY_CHUNK):
+                if limit is not None and out.tell() + len(piece) > limit:
+                    raise OverflowError(out.tell() + len(piece))
+                out.write(piece)
+            return out.tell()
 
     def write_lines(self, key: str, lines: Iterator[bytes]) -> int:
-        tmp = self._tmp(key)
-        written = 0
-        try:
-            with tmp.open("wb") as out:
-                for line in lines:
-                    out.write(line)
-                    written += len(line)
-            os.replace(tmp, self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
-        return written
+        with self._replacing(key) as out:
+            out.writelines(lines)
+            return out.tell()
 
     def concat(self, key: str, parts: Iterable[str]) -> int:
-        tmp = self._tmp(key)
-        written = 0
-        try:
-            with tmp.open("wb") as out:
-                for part in parts:
-                    try:
-                        src = self.path(part).open("rb")
-                    except FileNotFoundError:
-                        raise MissingPart(part) from None
-                    with src:
-                        while piece := src.read(COPY_CHUNK):
-                            out.write(piece)
-                            written += len(piece)
-            os.replace(tmp, self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
-        return written
+        with self._replacing(key) as out:
+            for part in parts:
+                try:
+                    src = self.path(part).open("rb")
+                except FileNotFoundError:
+                    raise MissingPart(part) from None
+                with src:
+                    shutil.copyfileobj(src, out, COPY_CHUNK)
+            return out.tell()
 
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")

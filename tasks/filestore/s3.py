@@ -249,13 +249,8 @@ class S3FileStore(FileStore):
         self, key: str, source: BinaryIO, *, limit: int | None = None
     ) -> tuple[int, LocalFile]:
         """The upload and a temporary local copy written in one pass: no second GET."""
-        local = self._temporary()
-        try:
-            with local.path.open("wb") as copy:
-                return self._copy(key, source, limit, copy), local
-        except BaseException:
-            local.close()
-            raise
+        with self._temporary() as (local, copy):
+            return self._copy(key, source, limit, copy), local
 
     def _copy(self, key: str, source: BinaryIO, limit: int | None, tee: BinaryIO | None) -> int:
         with self._writer(key) as out:
@@ -322,20 +317,22 @@ class S3FileStore(FileStore):
     def local_file(self, key: str) -> LocalFile:
         """A temporary copy, downloaded in pieces; removed when the result is closed."""
         body = self._get(key)
-        local = self._temporary()
+        with contextlib.closing(body), self._temporary() as (local, out):
+            for piece in body.iter_chunks(COPY_CHUNK):
+                out.write(piece)
+        return local
+
+    @contextlib.contextmanager
+    def _temporary(self) -> Iterator[tuple[LocalFile, BinaryIO]]:
+        """A temporary local file open for writing; removed if the block fails."""
+        fd, name = tempfile.mkstemp(prefix="laneway-", dir=self.tmp_dir)
+        local = LocalFile(Path(name), temporary=True)
         try:
-            with contextlib.closing(body), local.path.open("wb") as out:
-                for piece in body.iter_chunks(COPY_CHUNK):
-                    out.write(piece)
+            with os.fdopen(fd, "wb") as out:
+                yield local, out
         except BaseException:
             local.close()
             raise
-        return local
-
-    def _temporary(self) -> LocalFile:
-        fd, name = tempfile.mkstemp(prefix="laneway-", dir=self.tmp_dir)
-        os.close(fd)
-        return LocalFile(Path(name), temporary=True)
 
     # -- deletes and listings -----------------------------------------------------------
 
@@ -363,14 +360,12 @@ class S3FileStore(FileStore):
         are otherwise kept, and billed."""
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         paginator = self.client.get_paginator("list_multipart_uploads")
-        uploads = [
-            ((upload["Key"], upload["UploadId"]), upload["Initiated"])
+        began = {
+            (upload["Key"], upload["UploadId"]): upload["Initiated"]
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._dir(""))
             for upload in page.get("Uploads", ())
-        ]
-        stale = self._looked.confirm(
-            [name for name, _ in uploads], [name for name, began in uploads if began < cutoff]
-        )
+        }
+        stale = self._looked.confirm(began, [u for u, at in began.items() if at < cutoff])
         for name, upload_id in stale:
             with contextlib.suppress(ClientError):  # completed or aborted meanwhile
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
