@@ -216,9 +216,9 @@ class RateLimiter:
             retry_after=seconds,
         )
 
-    def meter(self, redis: aioredis.Redis, who: Principal | None) -> TokenMeter:
+    def meter(self, redis: aioredis.Redis, who: Principal) -> TokenMeter:
         """A request's meter; one that holds tokens when ``who`` has a ``tpm``."""
-        if who is None or not self.limits(who)[1]:
+        if not self.limits(who)[1]:
             return TokenMeter()
         return TokenMeter(hold=partial(self._hold, redis, who))
 

@@ -162,7 +162,7 @@ class Gate:
 
     def _meter(self, principal: Principal | None) -> TokenMeter:
         """The request's token meter: holds and charges for a key with a tokens limit."""
-        if self.state is None:
+        if self.state is None or principal is None:  # no keys: nothing to hold or charge
             return TokenMeter()
         return self.limiter.meter(self.state().redis, principal)
 
