@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tasks.batches import status
@@ -52,12 +52,7 @@ def remove_leftovers(store: FileStore, batch_id: str, keep: Collection[str]) -> 
 def release(batch_id: str, token: str) -> None:
     """Nothing is owed any more: end the lease taken for the removal."""
     with session_scope() as s:
-        s.execute(
-            update(BatchRow)
-            .where(BatchRow.id == batch_id, BatchRow.lease_token == token)
-            .values(lease_until=None, lease_token=None)
-            .execution_options(synchronize_session=False)
-        )
+        status.release(s, batch_id, token)
 
 
 def _counted_files(s: Session, batch_id: str) -> set[str]:

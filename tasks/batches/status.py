@@ -13,7 +13,8 @@ Validation and finalisation are claimed with a lease: ``claim()`` writes a fresh
 (``renew()``, from a heartbeat thread) and makes its final move with ``transition(...,
 fence=token)``. Someone whose lease ran out may find the work claimed by another; every
 write it would still make carries its token, so it changes nothing. A finaliser's final
-move keeps its lease while it removes the chunk parts (``tasks/batches/leftovers.py``).
+move keeps its lease while it removes the chunk parts, then ``release()``s it
+(``tasks/batches/leftovers.py``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ def renew(session: Session, batch_id: str, token: str, lease_s: float) -> bool:
         update(BatchRow)
         .where(BatchRow.id == batch_id, BatchRow.lease_token == token)
         .values(lease_until=now() + lease_s)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release(session: Session, batch_id: str, token: str) -> bool:
+    """End the lease ``token`` holds, leaving the status as it is (a finished batch's
+    cleanup lease, once the cleanup is done); False when the token is not ours."""
+    result = session.execute(
+        update(BatchRow)
+        .where(BatchRow.id == batch_id, BatchRow.lease_token == token)
+        .values(lease_until=None, lease_token=None)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
