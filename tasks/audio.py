@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from configs.catalog import Catalog, CatalogEntry
 from tasks import contract
 from tasks.audio_languages import LANGUAGES
-from tasks.errors import InvalidRequest, invalid_request, quote
+from tasks.errors import InvalidRequest, PayloadTooLarge, invalid_request, quote
 
 CAPABILITY = "audio"
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
@@ -95,6 +95,14 @@ def parse_body(body: Any) -> BatchAudioRequest:
             param="response_format",
         )
     return request
+
+
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    """An audio file over ``LANEWAY_AUDIO_MAX_BYTES``: a live upload's 413, and the same
+    error on a Batch API line whose ``user_data`` file is that large."""
+    return PayloadTooLarge(
+        f"The audio file is larger than the limit of {max_bytes} bytes", param="file"
+    )
 
 
 def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:

@@ -5,6 +5,15 @@ often long. PyAV carries its own FFmpeg, so no system ``ffmpeg`` is needed. No t
 API process imports this module (``probe``, a cheap check before a job is enqueued) and
 so do the workers (``windows``, ``decode``).
 
+Only single-file audio containers are opened: FFmpeg's ``wav``, ``mp3``, ``mov`` (m4a,
+mp4, mov), ``flac``, ``ogg`` and ``matroska`` (webm, mkv) demuxers (``ALLOWED_DEMUXERS``,
+FFmpeg's ``format_whitelist``). Everything else is refused before its header is parsed, above
+all the demuxers that name other files or URLs (concat lists, HLS and DASH playlists, SDP,
+RTSP): an upload must never make the server read another tenant's file, a local path or a
+URL. The file is handed to FFmpeg as an open Python file with ``protocol_whitelist`` set to
+no protocol at all, so nothing a container says can open a second input, and the ``mov``
+demuxer's external data references (``enable_drefs``) stay off.
+
 ``windows`` streams: it holds about one window of samples, never the whole file, and cuts
 each window at its quietest 100 ms so words are rarely split. Every failure the caller
 can fix (not audio, no audio stream, empty, corrupt, too long) is an ``InvalidRequest``
@@ -30,7 +39,16 @@ from tasks.errors import InvalidRequest
 
 SAMPLE_RATE = 16000
 PARAM = "file"
-SUPPORTED_FORMATS = "wav, mp3, m4a, flac, ogg, webm"
+SUPPORTED_FORMATS = "wav, mp3, m4a/mp4/mov, flac, ogg, webm/mkv"
+# FFmpeg demuxers (``format_whitelist``) an upload may be opened with: single-file audio
+# containers only, none that can refer to another file or URL
+ALLOWED_DEMUXERS = ("wav", "mp3", "mov", "flac", "ogg", "matroska")
+_OPEN_OPTIONS = {
+    "format_whitelist": ",".join(ALLOWED_DEMUXERS),
+    "protocol_whitelist": "none",  # no nested input: the file is read through Python
+    "enable_drefs": "0",  # mov: never open a track's data from an external file
+    "use_absolute_path": "0",
+}
 # codecs pad: an mp3 or aac file decodes to up to a few tens of ms more than was encoded,
 # so a file of exactly the allowed length is not refused for its padding
 DURATION_SLACK_S = 0.25
@@ -49,6 +67,11 @@ NOT_AUDIO = (
 NO_AUDIO_STREAM = (
     "The audio file could not be decoded: it holds no audio stream. Send audio in a "
     f"supported format ({SUPPORTED_FORMATS})."
+)
+NOT_ALLOWED = (
+    "The audio file could not be decoded: its container is not a supported audio format "
+    f"({SUPPORTED_FORMATS}); playlists, concat lists and other files that refer to other "
+    "files or URLs are not allowed."
 )
 EMPTY_FILE = "The audio file is empty (0 bytes)."
 EMPTY_AUDIO = "The audio file is empty: it holds no audio samples."
@@ -88,14 +111,19 @@ def _open_audio(path: str | os.PathLike[str]) -> Iterator[tuple[InputContainer, 
     name = os.fspath(path)
     if os.path.getsize(name) == 0:  # a missing file raises FileNotFoundError here
         raise _refuse(EMPTY_FILE)
-    try:
-        container = av.open(name, mode="r", metadata_errors="ignore")
-    except _AV_ERRORS as exc:
-        raise _refuse(NOT_AUDIO) from exc
-    with container:
-        if not container.streams.audio:
-            raise _refuse(NO_AUDIO_STREAM)
-        yield container, container.streams.audio[0]
+    with open(name, "rb") as file:  # a file object: FFmpeg opens no protocol for it
+        try:
+            container = av.open(
+                file, mode="r", container_options=_OPEN_OPTIONS, metadata_errors="ignore"
+            )
+        except av.error.ArgumentError as exc:  # EINVAL: a demuxer not on the whitelist
+            raise _refuse(NOT_ALLOWED) from exc
+        except _AV_ERRORS as exc:
+            raise _refuse(NOT_AUDIO) from exc
+        with container:
+            if not container.streams.audio:
+                raise _refuse(NO_AUDIO_STREAM)
+            yield container, container.streams.audio[0]
 
 
 class _Mono16k:

@@ -18,8 +18,9 @@ from typing import Any
 
 from configs.catalog import CatalogEntry, load_catalog
 from tasks import files
-from tasks.audio import parse_body, served_entry, to_work
+from tasks.audio import parse_body, served_entry, to_work, too_large
 from tasks.audio_bodies import outcome_body, usage
+from tasks.audio_decode import probe
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
 from tasks.db import session_scope
@@ -158,9 +159,10 @@ def live_handler(runtime: WorkerRuntime) -> SpeechLive:
     return SpeechLive(runtime)
 
 
-def _user_file(file_id: str, owner: str | None) -> str:
+def _user_file(file_id: str, owner: str | None, *, max_bytes: int | None = None) -> str:
     """The storage key of a file ``owner`` uploaded with purpose ``user_data`` (a batch
-    line's audio); another owner's file is as unknown as one that does not exist."""
+    line's audio); another owner's file is as unknown as one that does not exist, and one
+    over ``max_bytes`` is refused as a live upload that large is (413)."""
     with session_scope() as s:
         try:
             row = files.get_file(s, file_id, owner=owner)
@@ -172,7 +174,24 @@ def _user_file(file_id: str, owner: str | None) -> str:
                 "uploaded with purpose 'user_data'",
                 param="file",
             )
+        if max_bytes is not None and row.bytes > max_bytes:
+            raise too_large(max_bytes)
         return row.storage_key
+
+
+def _probed(copy: LocalFile | Exception, max_duration_s: float) -> LocalFile | Exception:
+    """``copy`` once it passed the live route's check (``probe``: an allowed container
+    whose audio decodes, no longer than ``max_duration_s`` by its header), else the
+    error of every line naming it, the copy closed. A file too long is refused before any of it is
+    transcribed, as it is live."""
+    if not isinstance(copy, LocalFile):
+        return copy
+    try:
+        probe(copy.path, max_duration_s=max_duration_s)
+    except LanewayError as exc:
+        copy.close()
+        return exc
+    return copy
 
 
 def batch_executor(runtime: WorkerRuntime) -> Executor:
@@ -192,7 +211,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                 request = parse_body(body)
                 entry = served_entry(catalog, settings.models, request.model)
                 work = to_work(request, entry, "transcribe", {})
-                key = _user_file(request.file, owner)
+                key = _user_file(request.file, owner, max_bytes=settings.audio_max_bytes)
             except LanewayError as exc:
                 works.append(exc)
                 keys.append(None)
@@ -202,6 +221,8 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         unique = list(dict.fromkeys(k for k in keys if k is not None))  # one copy per file
         local = dict(zip(unique, local_files(store, unique), strict=True))
         try:
+            max_s = settings.audio_max_duration_s
+            local.update({k: _probed(copy, max_s) for k, copy in local.items()})
             subs = _submissions(works, keys, local)
             started = iter(runtime.engine_as(model, SpeechEngine).submit_many(subs, lane=BATCH))
             # _outcome waits for each future: every local copy is read when this returns

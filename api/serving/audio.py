@@ -23,10 +23,10 @@ from starlette.requests import Request
 from api.live import LiveClient, LiveStream
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.audio import CAPABILITY, AudioRequest, parse_form, served_entry, to_work
+from tasks.audio import CAPABILITY, AudioRequest, parse_form, served_entry, to_work, too_large
 from tasks.audio_bodies import delta_event, done_event, render
 from tasks.audio_decode import probe
-from tasks.errors import InvalidRequest, LanewayError, PayloadTooLarge
+from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore
 from tasks.replies import DONE, ERROR, Reply
 
@@ -58,10 +58,7 @@ class Upload:
                 limit=settings.audio_max_bytes,
             )
         except OverflowError:
-            raise PayloadTooLarge(
-                f"The audio file is larger than the limit of {settings.audio_max_bytes} bytes",
-                param="file",
-            ) from None
+            raise too_large(settings.audio_max_bytes) from None
         try:
             if size == 0:
                 raise InvalidRequest("The audio file is empty.", param="file")

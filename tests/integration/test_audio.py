@@ -16,6 +16,7 @@ from unittest.mock import ANY
 import httpx
 import pytest
 
+from tasks.audio_decode import NOT_ALLOWED
 from tests.audio_files import (
     FORMATS,
     clip_path,
@@ -386,6 +387,81 @@ def test_bad_input_is_a_clear_4xx(
     _, fields, data, name, status, param = case
     response = post(http, "/v1/audio/transcriptions", data, name, **fields)
     assert_openai_error(response, status, param=ANY if param is None else param)
+
+
+def test_playlists_and_concat_lists_are_400(http: httpx.Client) -> None:
+    """A file that names other inputs is refused by the API's probe, whatever it names."""
+    wav = clip_path("clip01").read_bytes()
+    concat = b"ffconcat version 1.0\nfile 'a.wav'\nfile 'http://127.0.0.1:9/x.wav'\n"
+    hls = b"#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:3.4,\nhttp://127.0.0.1:9/x.wav\n"
+    for data, name in ((concat, "list.ffconcat"), (hls, "list.m3u8")):
+        error = assert_openai_error(post(http, "/v1/audio/transcriptions", data, name), 400)
+        assert error["param"] == "file", error
+        assert "not a supported audio format (wav, mp3, m4a/mp4/mov" in error["message"]
+    error = assert_openai_error(post(http, "/v1/audio/transcriptions", concat), 400)
+    assert error["message"] == NOT_ALLOWED
+    assert post(http, "/v1/audio/transcriptions", wav, response_format="text").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def tenants(stack: Stack) -> dict[str, Any]:
+    """Clients of alice and bob (static keys) on another API of the same stack."""
+    import openai
+
+    url = stack.start_another_api("api-keys", {"LANEWAY_API_KEYS": "alice:k-alice,bob:k-bob"})
+    return {
+        name: openai.OpenAI(base_url=f"{url}/v1", api_key=f"k-{name}", max_retries=0, timeout=60)
+        for name in ("alice", "bob")
+    }
+
+
+def test_a_batch_line_cannot_read_another_tenants_audio(tenants: dict[str, Any]) -> None:
+    """bob's line names his own user_data file, a concat list naming alice's upload by the
+    name it has next to his in the file store: a 400 on that line, never alice's words.
+    His line over LANEWAY_AUDIO_MAX_BYTES is the live route's 413; the batch completes."""
+    alice, bob = tenants["alice"], tenants["bob"]
+    with clip_path("clip03").open("rb") as f:
+        secret = alice.files.create(file=("secret.wav", f), purpose="user_data").id
+    concat = f"ffconcat version 1.0\nfile '{secret}'\n".encode()
+    attack = bob.files.create(file=("talk.wav", io.BytesIO(concat)), purpose="user_data").id
+    with clip_path("clip05").open("rb") as f:
+        mine = bob.files.create(file=("mine.wav", f), purpose="user_data").id
+    large = clip_path("clip01").read_bytes()[:44] + bytes(MAX_BYTES + 1)
+    big = bob.files.create(file=("big.wav", io.BytesIO(large)), purpose="user_data").id
+    bodies = {"attack": attack, "mine": mine, "big": big, "named": secret}
+    lines = [
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/audio/transcriptions",
+            "body": {"model": ALIAS, "file": file_id},
+        }
+        for cid, file_id in bodies.items()
+    ]
+    upload = bob.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = bob.batches.create(
+        input_file_id=upload.id, endpoint="/v1/audio/transcriptions", completion_window="24h"
+    )
+    done = wait_finished(bob, batch.id, timeout=120)
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 3)
+    [out] = read_lines(bob, done.output_file_id)
+    assert out["custom_id"] == "mine" and out["response"]["status_code"] == 200
+    assert wer(TEXTS["clip05"], out["response"]["body"]["text"]) < 0.6
+    errors = {x["custom_id"]: x["response"] for x in read_lines(bob, done.error_file_id)}
+    assert set(errors) == {"attack", "big", "named"}
+    assert errors["attack"]["status_code"] == 400, errors["attack"]
+    assert errors["attack"]["body"]["error"]["message"] == NOT_ALLOWED
+    assert errors["big"]["status_code"] == 413, errors["big"]
+    assert errors["big"]["body"]["error"] == {
+        "message": f"The audio file is larger than the limit of {MAX_BYTES} bytes",
+        "type": "invalid_request_error",
+        "param": "file",
+        "code": "request_too_large",
+    }
+    assert errors["named"]["status_code"] == 400 and "No such File" in str(errors["named"])
+    for response in errors.values():
+        assert "text" not in response["body"]
 
 
 def test_missing_parts_are_400(http: httpx.Client) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from tasks.audio_decode import NOT_ALLOWED
 from tasks.models import FileRow
 from tests.audio_files import clip_path, transcripts, wer
 from tests.harness import Stack, wait_until
@@ -187,4 +188,42 @@ def test_an_audio_batch_reads_its_files_from_the_bucket(stack: Stack, client: An
     out = read_lines(client, batch.output_file_id)
     assert sorted(x["custom_id"] for x in out) == ["c0", "c1"]
     assert all(x["response"]["body"]["text"] == live for x in out), out
+    assert_nothing_local(stack)
+
+
+def test_a_concat_list_is_refused_from_the_bucket(stack: Stack, client: Any) -> None:
+    """The API probes its temporary copy of a live upload and the worker its download of a
+    batch line's file: both through the same guarded opening as a directory store's."""
+    with clip_path("clip05").open("rb") as f:
+        audio = client.files.create(file=("clip05.wav", f), purpose="user_data")
+    concat = f"ffconcat version 1.0\nfile '{audio.id}'\n".encode()
+    with stack.http() as http:
+        live = http.post(
+            "/v1/audio/transcriptions",
+            data={"model": TINY},
+            files={"file": ("list.wav", concat)},
+        )
+    assert live.status_code == 400, live.text
+    assert live.json()["error"]["message"] == NOT_ALLOWED
+    attack = client.files.create(file=("list.wav", io.BytesIO(concat)), purpose="user_data")
+    lines = [
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/audio/transcriptions",
+            "body": {"model": TINY, "file": file_id},
+        }
+        for cid, file_id in (("attack", attack.id), ("good", audio.id))
+    ]
+    upload = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    created = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/audio/transcriptions", completion_window="24h"
+    )
+    batch = wait_finished(client, created.id, timeout=120)
+    assert batch.status == "completed", batch
+    [good] = read_lines(client, batch.output_file_id)
+    [refused] = read_lines(client, batch.error_file_id)
+    assert (good["custom_id"], good["response"]["status_code"]) == ("good", 200)
+    assert (refused["custom_id"], refused["response"]["status_code"]) == ("attack", 400)
+    assert refused["response"]["body"]["error"]["message"] == NOT_ALLOWED
     assert_nothing_local(stack)

@@ -29,6 +29,7 @@ from tasks.errors import InvalidRequest
 from tests.audio_files import CLIPS, FORMATS, Floats, encode, read_wav, write_wav
 
 CLIP = CLIPS / "clip01.wav"
+ACCEPTED = "(wav, mp3, m4a/mp4/mov, flac, ogg, webm/mkv)"  # what the refusals list
 
 
 def envelope(samples: np.ndarray, hop: int = 400) -> np.ndarray:
@@ -211,9 +212,21 @@ def test_bad_files_are_refused(tmp_path: Path) -> None:
             assert message.startswith("The audio file"), (name, message)
     with pytest.raises(InvalidRequest) as exc:
         probe(tmp_path / "random.bin", max_duration_s=60)
-    assert "not a supported audio format (wav, mp3, m4a, flac, ogg, webm)" in refusal(exc)
-    with pytest.raises(InvalidRequest) as exc:
+    assert f"it is not a supported audio format {ACCEPTED}" in refusal(exc)
+    with pytest.raises(InvalidRequest) as exc:  # FFmpeg reads images, but not for us
         probe(tmp_path / "image.png", max_duration_s=60)
+    assert f"its container is not a supported audio format {ACCEPTED}" in refusal(exc)
+    video_only = tmp_path / "video_only.mkv"
+    with av.open(str(video_only), "w", format="matroska") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        for _ in range(3):
+            image = np.zeros((64, 64, 3), dtype=np.uint8)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode(None))
+    with pytest.raises(InvalidRequest) as exc:
+        probe(video_only, max_duration_s=60)
     assert "no audio stream" in refusal(exc)
 
 
