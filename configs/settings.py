@@ -199,6 +199,16 @@ class Settings(BaseSettings):
     )
     image_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="per image")
     image_max_pixels: int = Field(default=4096 * 4096, ge=1)
+    image_max_per_request: int = Field(
+        default=16,
+        ge=1,
+        description="images in one chat request (counted before any is decoded or fetched)",
+    )
+    image_max_request_pixels: int = Field(
+        default=4 * 4096 * 4096,
+        ge=1,
+        description="pixels of all the images of one chat request together",
+    )
     image_fetch_timeout_s: float = Field(default=10.0, gt=0, description="per remote image")
     image_inline_max_bytes: int = Field(
         default=64 * 1024,

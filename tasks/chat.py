@@ -504,12 +504,32 @@ def check_supported(request: ChatCompletionRequest, entry: CatalogEntry) -> None
 # -- the work request ------------------------------------------------------------------------
 
 
+def count_images(request: ChatCompletionRequest) -> int:
+    """The ``image_url`` parts of the messages: counted, none of them decoded or fetched."""
+    return sum(
+        isinstance(part, ImagePart)
+        for message in request.messages
+        if isinstance(message.content, list)
+        for part in message.content
+    )
+
+
 def _check_counts(request: ChatCompletionRequest, settings: Settings) -> None:
+    """Sizes of the request as a whole, checked before any image is decoded or fetched
+    (the pixels of all its images together are checked as they are: ``PixelBudget``)."""
     count = len(request.messages)
     if count > settings.max_chat_messages:
         raise InvalidRequest(
             f"Invalid 'messages': array too long. Expected an array with maximum length "
             f"{settings.max_chat_messages}, but got an array with length {count} instead.",
+            param="messages",
+        )
+    images = count_images(request)
+    if images > settings.image_max_per_request:
+        raise InvalidRequest(
+            f"Invalid 'messages': too many images. This server accepts at most "
+            f"{settings.image_max_per_request} images per request, but the messages hold "
+            f"{images}.",
             param="messages",
         )
     if request.n > settings.max_chat_n:

@@ -7,8 +7,9 @@ from ``settings.image_fetch_hosts``, never from loopback, private, link-local, m
 or otherwise non-public addresses. It resolves each host itself, checks every address,
 then connects to the address it checked (the URL carries the IP; ``Host`` and TLS SNI
 carry the name), so a DNS answer that changes between check and connect cannot bypass
-the check. Redirects are followed by hand, each hop checked again. It returns the body
-undecoded: ``tasks.images`` (``resolve_image_url``, ``check_image``) checks it.
+the check. Redirects are followed by hand, each hop checked again; one from https to
+plain http is refused. It returns the body undecoded: ``tasks.images``
+(``resolve_image_url``, ``check_image``) checks it.
 """
 
 from __future__ import annotations
@@ -211,9 +212,17 @@ def _redirect_target(response: httpx.Response, current: httpx.URL, hops: int) ->
             f"{response.status_code} without a Location."
         )
     try:
-        return current.join(location)
+        target = current.join(location)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise refuse("The image URL redirected to an invalid URL.") from None
+    if current.scheme == "https" and target.scheme == "http":
+        # a downgrade: the next request, and the image, would cross the network in the
+        # clear, open to being read or replaced on the way
+        raise refuse(
+            "The image URL redirected from https to plain http; this server does not "
+            "follow redirects that drop TLS."
+        )
+    return target
 
 
 def _check_response(response: httpx.Response, settings: Settings) -> None:

@@ -6,6 +6,9 @@ Pure logic, no torch: the API process and the workers both import it.
   running Batch API lines) turn one ``image_url.url`` into checked bytes and an
   ``ImageInfo``; every refusal is an ``InvalidRequest``. Remote URLs go through
   ``tasks.image_fetch.ImageFetcher`` (the guarded fetcher and its address rules).
+* ``PixelBudget``: the pixels of one request's images together, refused once past
+  ``image_max_request_pixels`` (before the image that passes it is decoded). The number
+  of images is capped earlier, before any is decoded or fetched (``tasks.chat``).
 * ``to_wire`` / ``from_wire`` / ``release``: how an image travels to a worker, inline
   base64 when small, else a file-store reference the worker deletes when done.
 """
@@ -108,8 +111,27 @@ def _too_many_pixels(
     )
 
 
-def check_image(data: bytes, settings: Settings) -> ImageInfo:
-    """Open ``data`` with Pillow, check its format and size, decode its (first) frame."""
+class PixelBudget:
+    """The pixels of one request's images, summed as each is checked (one per request)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limit = settings.image_max_request_pixels
+        self.total = 0
+
+    def take(self, width: int, height: int) -> None:
+        self.total += width * height
+        if self.total > self.limit:
+            raise refuse(
+                f"The images of this request have more pixels together (at least "
+                f"{self.total}) than this server's limit of {self.limit} pixels per request; "
+                "send fewer or smaller images."
+            )
+
+
+def check_image(data: bytes, settings: Settings, budget: PixelBudget | None = None) -> ImageInfo:
+    """Open ``data`` with Pillow, check its format and size, decode its (first) frame.
+
+    With ``budget``, its pixels are counted against the request's before it is decoded."""
     if not data:
         raise refuse("The image is empty.")
     if len(data) > settings.image_max_bytes:
@@ -125,6 +147,8 @@ def check_image(data: bytes, settings: Settings) -> ImageInfo:
                 raise refuse("The image has no pixels.")
             if width * height > settings.image_max_pixels:
                 raise _too_many_pixels(settings, width, height)
+            if budget is not None:
+                budget.take(width, height)
             img.load()
     except InvalidRequest:
         raise
@@ -164,9 +188,11 @@ def _route(url: str, settings: Settings) -> str:
     )
 
 
-def _decode_checked(url: str, settings: Settings) -> tuple[bytes, ImageInfo]:
+def _decode_checked(
+    url: str, settings: Settings, budget: PixelBudget | None
+) -> tuple[bytes, ImageInfo]:
     data = decode_data_uri(url, settings)
-    return data, check_image(data, settings)
+    return data, check_image(data, settings, budget)
 
 
 def _with_param(exc: InvalidRequest, param: str) -> InvalidRequest:
@@ -175,29 +201,40 @@ def _with_param(exc: InvalidRequest, param: str) -> InvalidRequest:
 
 
 async def resolve_image_url(
-    url: str, settings: Settings, fetcher: ImageFetcher | None = None, *, param: str = PARAM
+    url: str,
+    settings: Settings,
+    fetcher: ImageFetcher | None = None,
+    *,
+    param: str = PARAM,
+    budget: PixelBudget | None = None,
 ) -> tuple[bytes, ImageInfo]:
-    """One ``image_url.url`` of a chat message -> checked bytes and what they are.
+    """One ``image_url.url`` of a chat message -> checked bytes and what they are
+    (``budget``: the request's ``PixelBudget``, which this image's pixels are taken from).
 
     Decoding runs in a thread, so a large image does not hold up the event loop."""
     try:
         if _route(url, settings) == "data":
-            return await asyncio.to_thread(_decode_checked, url, settings)
+            return await asyncio.to_thread(_decode_checked, url, settings, budget)
         data = await (fetcher or ImageFetcher(settings)).fetch(url)
-        return data, await asyncio.to_thread(check_image, data, settings)
+        return data, await asyncio.to_thread(check_image, data, settings, budget)
     except InvalidRequest as exc:
         raise _with_param(exc, param) from None
 
 
 def resolve_image_url_sync(
-    url: str, settings: Settings, fetcher: ImageFetcher | None = None, *, param: str = PARAM
+    url: str,
+    settings: Settings,
+    fetcher: ImageFetcher | None = None,
+    *,
+    param: str = PARAM,
+    budget: PixelBudget | None = None,
 ) -> tuple[bytes, ImageInfo]:
     """``resolve_image_url`` for threads (workers running Batch API lines)."""
     try:
         if _route(url, settings) == "data":
-            return _decode_checked(url, settings)
+            return _decode_checked(url, settings, budget)
         data = (fetcher or ImageFetcher(settings)).fetch_sync(url)
-        return data, check_image(data, settings)
+        return data, check_image(data, settings, budget)
     except InvalidRequest as exc:
         raise _with_param(exc, param) from None
 

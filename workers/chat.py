@@ -22,7 +22,7 @@ from tasks.chat import parse_body, served_entry, to_work
 from tasks.chat_bodies import choice_body, completion_body, fingerprint
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, get_file_store
-from tasks.images import from_wire, release, resolve_image_url_sync
+from tasks.images import PixelBudget, from_wire, release, resolve_image_url_sync
 from tasks.names import BATCH, LIVE, Lane
 from tasks.usage import Usage
 from workers.batching import JobMeta, failed
@@ -46,12 +46,27 @@ class Images:
         self.runtime = runtime
         self.store = store
 
-    def take(
-        self, messages: Sequence[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], list[bytes], list[dict[str, Any]]]:
+    @staticmethod
+    def refs_of(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The stored copies the API sent a request's images as: deleted once the request
+        is done, whatever happens to it (also when taking its images fails half-way)."""
+        return [
+            part["image"]
+            for message in messages
+            if isinstance(content := message.get("content"), list)
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") == "image"
+            and isinstance(part.get("image"), dict)
+            and "ref" in part["image"]
+        ]
+
+    def take(self, messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[bytes]]:
         out: list[dict[str, Any]] = []
         images: list[bytes] = []
-        refs: list[dict[str, Any]] = []
+        # a batch line's images, capped together as the API caps a live request's
+        # (``to_work`` has capped their number)
+        budget = PixelBudget(self.runtime.settings)
         for i, message in enumerate(messages):
             content = message.get("content")
             if not isinstance(content, list):
@@ -61,12 +76,10 @@ class Images:
             for j, part in enumerate(content):
                 if part.get("type") == "image":  # from the API: bytes inline or stored
                     images.append(self._stored(part["image"]))
-                    if "ref" in part["image"]:
-                        refs.append(part["image"])
                 elif part.get("type") == "image_url":  # from a batch line: fetched here
                     param = f"messages[{i}].content[{j}].image_url.url"
                     data, _ = resolve_image_url_sync(
-                        str(part.get("url")), self.runtime.settings, param=param
+                        str(part.get("url")), self.runtime.settings, param=param, budget=budget
                     )
                     images.append(data)
                 else:
@@ -74,15 +87,15 @@ class Images:
                     continue
                 parts.append({"type": "image"})
             out.append({**message, "content": parts})
-        return out, images, refs
+        return out, images
 
     def _stored(self, wire: dict[str, Any]) -> bytes:
         try:
             return from_wire(wire, self.store)
         except (OSError, ValueError) as exc:  # deleted meanwhile, or not an image reference
-            raise InvalidRequest(
-                f"an image of the request is gone: {exc}", param="messages"
-            ) from None
+            # the error's text names the store's path: the log has it, the caller does not
+            log.warning("an image of a request could not be read: %s", exc)
+            raise InvalidRequest("an image of the request is gone", param="messages") from None
 
     def release(self, refs: list[dict[str, Any]], _: object = None) -> None:
         for ref in refs:
@@ -107,11 +120,13 @@ def submit_all(
     futures: list[Future[ChatResult]] = [Future() for _ in requests]
     by_model: dict[str, list[tuple[int, Submission, list[dict[str, Any]]]]] = {}
     for n, request in enumerate(requests):
-        refs: list[dict[str, Any]] = []
+        refs = Images.refs_of(request.work["messages"])
         try:
             runtime.engine_as(str(request.work.get("model")), ChatEngine)
-            messages, data, refs = images.take(request.work["messages"])
-        except LanewayError as exc:
+            messages, data = images.take(request.work["messages"])
+        except Exception as exc:  # this request alone fails
+            if not isinstance(exc, LanewayError):
+                log.exception("could not take the images of chat request %s", request.meta)
             images.release(refs)
             futures[n].set_exception(exc)
             continue

@@ -33,7 +33,7 @@ from tasks.chat_bodies import (
 from tasks.errors import LanewayError
 from tasks.filestore import FileStore
 from tasks.image_fetch import ImageFetcher
-from tasks.images import release, resolve_image_url, to_wire
+from tasks.images import PixelBudget, release, resolve_image_url, to_wire
 from tasks.replies import DONE, ERROR, Reply
 from tasks.usage import Usage
 
@@ -59,7 +59,10 @@ class Images:
         self.sent: list[dict[str, str]] = []
 
     async def resolve(self, messages: list[dict[str, Any]]) -> None:
-        """Each ``image_url`` part becomes ``{"type": "image", "image": <wire form>}``."""
+        """Each ``image_url`` part becomes ``{"type": "image", "image": <wire form>}``.
+
+        ``to_work`` has capped their number; their pixels together are capped here."""
+        budget = PixelBudget(self.settings)
         for i, message in enumerate(messages):
             content = message.get("content")
             if not isinstance(content, list):
@@ -69,7 +72,7 @@ class Images:
                     continue
                 param = f"messages[{i}].content[{j}].image_url.url"
                 data, info = await resolve_image_url(
-                    part["url"], self.settings, self.fetcher, param=param
+                    part["url"], self.settings, self.fetcher, param=param, budget=budget
                 )
                 wire = await asyncio.to_thread(to_wire, data, info, self.store, self.settings)
                 self.sent.append(wire)

@@ -25,6 +25,8 @@ VL = "test/tiny-qwen-vl"
 BERT = "test/tiny-llama-bert-tokenizer"  # its tokenizer returns token_type_ids
 INLINE_MAX = 4096  # images over this travel by file-store reference
 IMAGE_MAX = 200_000
+IMAGES_PER_REQUEST = 3
+REQUEST_PIXELS = 20_000  # one 120x120 image (14,400) passes, two do not
 EMBED = "laneway/fake-embeddings"
 PROMPTS = ["hello there", "what is the capital of france", "tell me about dogs"]
 
@@ -68,6 +70,8 @@ def stack(
             "LANEWAY_IMAGE_FETCH_HOSTS": "127.0.0.1,10.0.0.1,169.254.169.254,localhost",
             "LANEWAY_IMAGE_INLINE_MAX_BYTES": str(INLINE_MAX),
             "LANEWAY_IMAGE_MAX_BYTES": str(IMAGE_MAX),
+            "LANEWAY_IMAGE_MAX_PER_REQUEST": str(IMAGES_PER_REQUEST),
+            "LANEWAY_IMAGE_MAX_REQUEST_PIXELS": str(REQUEST_PIXELS),
         },
     )
     try:
@@ -497,6 +501,54 @@ def test_an_oversized_or_undecodable_image_is_refused(stack: Stack) -> None:
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 400, response.text
             assert error_of(response)["param"] == "messages[0].content[1].image_url.url"
+
+
+def images_message(*pngs: bytes) -> list[dict[str, Any]]:
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in pngs]
+    return [{"role": "user", "content": [{"type": "text", "text": "compare"}, *parts]}]
+
+
+def test_images_per_request_and_their_pixels_are_capped_live_and_in_a_batch(
+    stack: Stack,
+) -> None:
+    """Too many images (400 naming ``messages``, before any is decoded) and too many pixels
+    together (400 at the image that passes the limit): the same error live and as a batch
+    line, where it is that line's entry in the error file."""
+    small, large = noise_png(16), noise_png(120)
+    bodies = {
+        "too-many": {"model": VL, "messages": images_message(*[small] * 4), "max_tokens": 2},
+        "too-large": {"model": VL, "messages": images_message(large, large), "max_tokens": 2},
+    }
+    live: dict[str, dict[str, Any]] = {}
+    with stack.http() as http:
+        for name, body in bodies.items():
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, response.text
+            live[name] = error_of(response)
+    assert live["too-many"]["param"] == "messages"
+    assert f"at most {IMAGES_PER_REQUEST} images" in live["too-many"]["message"]
+    assert live["too-large"]["param"] == "messages[0].content[2].image_url.url"
+    assert f"limit of {REQUEST_PIXELS} pixels per request" in live["too-large"]["message"]
+    assert stored_images(stack) == []  # the first image, stored already, is deleted
+    client = stack.openai_client()
+    fine = {"model": VL, "messages": images_message(*[small] * 3), "max_tokens": 2}
+    lines = [
+        {"custom_id": name, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for name, body in [*bodies.items(), ("fine", fine)]
+    ]
+    upload = client.files.create(file=("images.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_finished(client, batch.id, timeout=180)
+    assert done.status == "completed", done
+    errors = {x["custom_id"]: x["response"] for x in read_lines(client, done.error_file_id)}
+    assert set(errors) == set(bodies)
+    for name, response in errors.items():
+        assert response["status_code"] == 400
+        assert response["body"]["error"] == live[name]
+    [ok] = read_lines(client, done.output_file_id)
+    assert ok["custom_id"] == "fine" and ok["response"]["status_code"] == 200
 
 
 def test_remote_images_are_refused_when_fetching_is_off(stack: Stack) -> None:

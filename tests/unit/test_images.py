@@ -399,6 +399,7 @@ class LocalServer:
     seen: list[dict[str, str]]
     sni: list[str | None]
     scheme: str = "http"
+    routes: dict[str, Handler] = field(default_factory=dict)  # tests may add their own
 
     def url(self, path: str, host: str = "images.test") -> str:
         return f"{self.scheme}://{host}:{self.port}{path}"
@@ -469,7 +470,7 @@ def _serve(ssl_context: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
     thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
-        yield LocalServer(port, seen, sni, "https" if ssl_context else "http")
+        yield LocalServer(port, seen, sni, "https" if ssl_context else "http", routes)
     finally:
         server.shutdown()
         server.server_close()
@@ -667,6 +668,49 @@ def test_https_sends_the_name_in_sni_and_checks_the_certificate(
     assert tls_server.seen[-1]["host"] == f"images.test:{tls_server.port}"
     # same address, a name the certificate does not cover: the TLS check refuses it
     refused(lambda: fetch(fetcher, tls_server.url("/ok.png", "other.test"), mode), "TLS")
+
+
+def tls_fetcher(tls_files: tuple[Path, Path]) -> ImageFetcher:
+    return ImageFetcher(
+        settings(image_fetch_hosts=["images.test"]),
+        resolve=dns(),
+        allow_loopback_for_tests=True,
+        ssl_context=ssl.create_default_context(cafile=str(tls_files[0])),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", ["/to-plain", "/to-to-plain"])
+def test_a_redirect_from_https_to_http_is_refused(
+    tls_server: LocalServer,
+    server: LocalServer,
+    tls_files: tuple[Path, Path],
+    path: str,
+    mode: str,
+) -> None:
+    """A downgrade would send the request, and take the image, in the clear: the plain
+    server is never asked, whichever hop of the chain downgrades."""
+    tls_server.routes["/to-plain"] = lambda r: _send(r, 302, Location=server.url("/ok.png"))
+    tls_server.routes["/to-to-plain"] = lambda r: _send(r, 301, Location="/to-plain")
+    error = refused(
+        lambda: fetch(tls_fetcher(tls_files), tls_server.url(path), mode),
+        "redirected from https to plain http",
+    )
+    assert error.param == "messages"
+    assert server.seen == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_redirects_to_https_are_followed(
+    tls_server: LocalServer, server: LocalServer, tls_files: tuple[Path, Path], mode: str
+) -> None:
+    """http -> https (an upgrade) and https -> https are fine."""
+    server.routes["/to-tls"] = lambda r: _send(r, 302, Location=tls_server.url("/to-ok"))
+    fetcher = tls_fetcher(tls_files)
+    assert fetch(fetcher, server.url("/to-tls"), mode) == PNG
+    assert [s["path"] for s in server.seen] == ["/to-tls"]
+    assert [s["path"] for s in tls_server.seen] == ["/to-ok", "/ok.png"]
+    assert fetch(fetcher, tls_server.url("/to-ok"), mode) == PNG
 
 
 # -- wire form --------------------------------------------------------------------------------

@@ -340,8 +340,10 @@ def _picture(data: bytes) -> Any:
     """Image bytes (checked by ``tasks.images`` before they got here) as an RGB image."""
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as image:
+    from tasks.images import OPEN_FORMATS
+
+    try:  # the same decoders the check allowed, never Pillow's whole plugin list
+        with Image.open(io.BytesIO(data), formats=OPEN_FORMATS) as image:
             return image.convert("RGB")
     except Exception as exc:
-        raise InvalidRequest(f"an image could not be decoded: {exc}", param="messages") from None
+        raise InvalidRequest("an image could not be decoded", param="messages") from exc
