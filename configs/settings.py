@@ -49,7 +49,10 @@ class S3Location:
 class Settings(BaseSettings):
     """Everything configurable, validated once at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="LANEWAY_", extra="ignore")
+    # hide_input_in_errors: a start-up error must not print what was set (keys, passwords)
+    model_config = SettingsConfigDict(
+        env_prefix="LANEWAY_", extra="ignore", hide_input_in_errors=True
+    )
 
     # where things live
     data_dir: Path = Field(default=Path(".laneway"), description="SQLite file and file store")
@@ -136,6 +139,11 @@ class Settings(BaseSettings):
     )
     protect_ops: bool = Field(
         default=False, description="the API key also guards /docs, /openapi.json, /metrics"
+    )
+    allow_open_api: bool = Field(
+        default=False,
+        description="serve the API on an address beyond loopback (0.0.0.0, ::, a LAN "
+        "address, a host name) with no key anywhere, logging a warning; off: refuse to start",
     )
     api_workers: int | None = Field(
         default=None,
@@ -305,13 +313,15 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _name_key_pairs(cls, value: list[str]) -> list[str]:
-        for pair in value:
+        # the messages name a pair by its position, never by its text: in a malformed or
+        # reversed pair the "name" may be the key
+        for number, pair in enumerate(value, 1):
             name, colon, key = pair.partition(":")
             if not (name and colon and key):
-                raise ValueError("LANEWAY_API_KEYS must be name:key[,name:key]")
+                raise ValueError(f"LANEWAY_API_KEYS must be name:key[,name:key] (pair {number})")
             if not KEY_NAME.fullmatch(name):
                 raise ValueError(
-                    f"LANEWAY_API_KEYS: the name {name[:80]!r} is not 1-64 letters, digits, "
+                    f"LANEWAY_API_KEYS: the name of pair {number} is not 1-64 letters, digits, "
                     "'.', '_' or '-' starting with a letter or digit"
                 )
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 
 from laneway.argtypes import whole
 from laneway.batch_cli import add_parser as add_batch_parser
+from laneway.embedded_redis import redact_url
 from laneway.keys_cli import add_parser as add_keys_parser
 from laneway.logs import configure as configure_logging
 from laneway.stack import Processes
@@ -65,11 +67,74 @@ def default_api_workers(cpus: int | None = None) -> int:
     return max(1, min(4, (cpus or os.cpu_count() or 1) // 4))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an API bound to ``host`` is reachable from this machine only: 127.0.0.0/8,
+    ::1 or localhost. Anything else (0.0.0.0 and ::, which are every interface, another
+    address, a host name, which may resolve to any) may be reached from elsewhere."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _stored_keys() -> bool:
+    from tasks.keys import load_records
+
+    return bool(load_records())
+
+
+OPEN_API_HOW = (
+    "Set LANEWAY_API_KEY (or LANEWAY_API_KEYS, or create one with `laneway keys create`), "
+    "listen on 127.0.0.1 (--host, LANEWAY_HOST), or set LANEWAY_ALLOW_OPEN_API=true to "
+    "serve it without a key on purpose"
+)
+
+
+def open_api_problem(
+    host: str, settings: Settings, stored_keys: Callable[[], bool] | None = None
+) -> str | None:
+    """Why an API on ``host`` would be open to others (None: it is not): it listens beyond
+    loopback and no key is set anywhere (a key in the database, revoked included, closes
+    the API, see api/auth.py). ``stored_keys``: whether the database holds any key."""
+    if is_loopback(host) or settings.api_key or settings.api_keys:
+        return None
+    try:
+        if (stored_keys or _stored_keys)():
+            return None
+    except Exception as exc:  # no answer is no proof of a key
+        said = (str(exc).splitlines() or [""])[0][:200]
+        return (
+            f"the API would listen on {host!r}, beyond this machine, and with no key set "
+            f"the database's keys could not be read ({type(exc).__name__}: {said})"
+        )
+    return (
+        f"the API would listen on {host!r}, beyond this machine, with no API key: anyone "
+        "who reaches it could use it"
+    )
+
+
+def guard_open_api(host: str, settings: Settings) -> None:
+    """Refuse to serve an API open to others, unless LANEWAY_ALLOW_OPEN_API says so."""
+    problem = open_api_problem(host, settings)
+    if problem is None:
+        return
+    if not settings.allow_open_api:
+        raise SystemExit(f"laneway: refusing to start: {problem}. {OPEN_API_HOW}.")
+    log.warning("WARNING: LANEWAY_ALLOW_OPEN_API is set: %s", problem)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     _check_catalog()
     if not args.no_migrate:
         cmd_migrate(args)
     settings = _settings()
+    guard_open_api(args.host or settings.host, settings)
     workers = args.workers or settings.api_workers or 1
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -131,21 +196,24 @@ def flower_command(
     Only the broker URL is needed for the queues: on Redis, Flower reads their lengths
     (``/api/queues/length``) itself; ``--broker-api`` is for RabbitMQ's management API. The
     queue names come from the workers' ``active_queues``, which laneway's workers answer
-    with both lanes (see ``workers/launcher.py``). The basic auth goes in the environment
-    (Flower reads ``FLOWER_BASIC_AUTH``), not in argv, where ``ps`` would show it.
+    with both lanes (see ``workers/launcher.py``). Secrets go in the environment, never in
+    argv, where ``ps`` shows them to every local user: the broker URL, which may hold
+    Redis's password, as ``CELERY_BROKER_URL`` (Celery's app reads it; ``BROKER_URL``, which
+    the ``celery`` command would take as ``--broker`` over it, is dropped), and the basic
+    auth as ``FLOWER_BASIC_AUTH`` (Flower reads it).
     """
     argv = [
         sys.executable,
         "-m",
         "celery",
-        "--broker",
-        settings.effective_redis_url,
         "flower",
         f"--port={port}",
         f"--address={host}",
         f"--purge_offline_workers={FLOWER_PURGE_OFFLINE_S}",
     ]
     env = dict(environ)
+    env.pop("BROKER_URL", None)
+    env["CELERY_BROKER_URL"] = settings.effective_redis_url
     if settings.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     return argv, env
@@ -207,9 +275,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not settings.redis_url:
             _, url = procs.redis(settings.data_dir / "redis")
             os.environ["LANEWAY_REDIS_URL"] = procs.env["LANEWAY_REDIS_URL"] = url
-            log.info("embedded redis-server at %s", url)
+            log.info("embedded redis-server at %s", redact_url(url))
         get_settings.cache_clear()
         cmd_migrate(args)
+        guard_open_api(args.host or settings.host, settings)  # before any worker starts
         for cap in capabilities:
             procs.worker(cap, device=args.device)
         host = args.host or settings.host

@@ -112,9 +112,12 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def redis(self, data_dir: Path, port: int | None = None) -> tuple[Proc, str]:
-        """An embedded redis-server (it logs to ``data_dir/redis.log`` itself)."""
-        popen, url = start_redis(data_dir, port=port)
+    def redis(
+        self, data_dir: Path, port: int | None = None, password: str | None = None
+    ) -> tuple[Proc, str]:
+        """An embedded redis-server (it logs to ``data_dir/redis.log`` itself); its URL
+        holds its password (a random one unless ``password`` reuses an earlier one)."""
+        popen, url = start_redis(data_dir, port=port, password=password)
         argv = [str(a) for a in cast(list[Any], popen.args)]
         proc = Proc("redis", popen, data_dir / "redis.log", argv)
         self.procs["redis"] = proc

@@ -213,7 +213,12 @@ class Stack:
         migrate(self.database_url)
 
     def start_redis(self, port: int | None = None) -> str:
-        self.redis_proc, url = self.launcher.redis(self.root / "redis", port or self.redis_port)
+        """The embedded redis-server; a restart keeps its port and password, so every
+        client reconnects with the URL it has."""
+        password = urlsplit(self.redis_url).password if self.redis_url else None
+        self.redis_proc, url = self.launcher.redis(
+            self.root / "redis", port or self.redis_port, password=password
+        )
         self.redis_url = url
         self.redis_port = int(urlsplit(url).port or 0)
         return url

@@ -1,13 +1,15 @@
 """docker-compose.yml and docker/Dockerfile.*, checked without a Docker engine.
 
-Authentication is required, and Redis and Postgres stay off the host. Every `laneway`
-command (compose `command`, Dockerfile CMD/ENTRYPOINT) parses with the real CLI parser and
-names real capabilities, devices and catalog models; every served capability has a worker;
-every `LANEWAY_*` variable set is a real setting; health checks hit real, open API routes
-with a tool the image has; published ports are the ports the commands listen on; every
-COPY/ADD source exists and survives .dockerignore. `docker compose config` runs where
-Compose is installed: the plugin, or a standalone `docker-compose` from 1.28 on (the first
-with profiles; Debian's 1.29, which CI installs, reads the file as the plugin does).
+Authentication is required, Redis and Postgres stay off the host, and the API and Flower
+are published on its loopback unless LANEWAY_PUBLISH_ADDR widens it on purpose. Every
+`laneway` command (compose `command`, Dockerfile CMD/ENTRYPOINT) parses with the real CLI
+parser and names real capabilities, devices and catalog models; every served capability
+has a worker; every `LANEWAY_*` variable set is a real setting; health checks hit real,
+open API routes with a tool the image has; published ports are the ports the commands
+listen on; every COPY/ADD source exists and survives .dockerignore. `docker compose
+config` runs where Compose is installed: the plugin, or a standalone `docker-compose` from
+1.28 on (the first with profiles; Debian's 1.29, which CI installs, reads the file as the
+plugin does).
 
 The compose file is loaded with PyYAML and Compose's variable interpolation is
 reimplemented here for the forms the file may use: `$VAR`, `${VAR}`, `${VAR:-default}`,
@@ -60,6 +62,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 REQUIRED = {"api": "LANEWAY_API_KEY", "flower": "FLOWER_BASIC_AUTH"}
 DATA_PORTS = {"5432", "6379"}  # Postgres, Redis (container side)
+# the API and Flower: published on the host's loopback unless LANEWAY_PUBLISH_ADDR widens it
+HOST_PORTS = {"api": "8000", "flower": "5555"}
 
 _TOKEN = re.compile(
     rf"\$(?:(?P<escaped>\$)"
@@ -178,6 +182,33 @@ def test_postgres_and_redis_are_not_published_on_all_interfaces() -> None:
                 assert ip in LOOPBACK, f"{name} publishes {port!r} on all interfaces"
 
 
+def published(services: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """(host IP, container port) of every published port, by service."""
+    return {
+        name: [host_ip_and_target(port) for port in service.get("ports") or []]
+        for name, service in services.items()
+    }
+
+
+def test_nothing_is_published_beyond_loopback_by_default() -> None:
+    ports = published(render(AUTH_ENV)["services"])
+    for name, target in HOST_PORTS.items():
+        assert [t for _, t in ports[name]] == [target], ports[name]
+    for name, entries in ports.items():
+        for ip, target in entries:
+            assert ip in LOOPBACK, f"{name} publishes {target} on {ip or 'all interfaces'}"
+
+
+def test_the_publish_address_widens_the_api_and_flower_on_purpose() -> None:
+    services = render(AUTH_ENV | {"LANEWAY_PUBLISH_ADDR": "0.0.0.0"})["services"]
+    ports = published(services)
+    for name, target in HOST_PORTS.items():
+        assert ports[name] == [("0.0.0.0", target)]
+    assert not port_problems(services), report(port_problems(services))
+    # Redis and Postgres stay unpublished whatever it says
+    assert not [p for entries in ports.values() for p in entries if p[1] in DATA_PORTS]
+
+
 # --- the real files ------------------------------------------------------------------------
 
 
@@ -280,7 +311,10 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     no_env = tmp_path / "empty.env"  # not the project's .env; Compose 1.x wants a file
     no_env.write_text("")
     base = [*compose, "--env-file", str(no_env), "-f", str(COMPOSE_FILE), "--profile", "gpu"]
-    clean = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    # the defaults, whatever this shell sets
+    clean = {
+        k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "LANEWAY_PUBLISH_ADDR"
+    }
     done = subprocess.run(
         [*base, "config", "--quiet"],
         env=clean | AUTH_ENV,
@@ -289,6 +323,14 @@ def test_docker_compose_config(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    shown = subprocess.run(
+        [*base, "config"], env=clean | AUTH_ENV, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    ports = published(yaml.safe_load(shown.stdout)["services"])
+    for name, target in HOST_PORTS.items():
+        assert [t for _, t in ports[name]] == [target], ports[name]
+        assert all(ip in LOOPBACK for ip, _ in ports[name]), ports[name]
     refused = subprocess.run(
         [*base, "config", "--quiet"], env=clean, capture_output=True, text=True, timeout=120
     )

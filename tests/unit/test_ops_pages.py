@@ -55,9 +55,13 @@ def test_flower_gets_the_basic_auth_in_its_environment() -> None:
     argv, env = flower_command(
         _settings(flower_basic_auth="ops:pw"), "127.0.0.1", 5555, {"PATH": "/bin"}
     )
-    assert env == {"PATH": "/bin", "FLOWER_BASIC_AUTH": "ops:pw"}
+    assert env == {
+        "PATH": "/bin",
+        "FLOWER_BASIC_AUTH": "ops:pw",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+    }
     assert not any("pw" in arg for arg in argv)
-    assert argv[argv.index("--broker") + 1] == "redis://127.0.0.1:6379/0"
+    assert "--broker" not in argv  # the broker URL is in the environment (tests/unit/test_cli.py)
     assert {"flower", "--port=5555", "--address=127.0.0.1"} <= set(argv)
 
 
