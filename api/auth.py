@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from configs.settings import Settings
 from tasks.errors import AuthenticationFailed, ServiceUnavailable
@@ -32,15 +32,23 @@ MAX_TOKEN_BYTES = 512
 HOW = "Send it as 'Authorization: Bearer <key>'."
 
 
+KEY_ID_CHARS = 32  # hex digits of the key's SHA-256 in ``Principal.key_id``: 128 bits
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller: the key's name (for logs), its owner (of files and
-    batches) and its limits (None: the settings' defaults)."""
+    batches), its limits (None: the settings' defaults) and ``key_id``, a prefix of the
+    key's SHA-256: unique per key where names are not (a database key may be named like a
+    static one), so what is counted per key (rate limits) is keyed by it."""
 
     name: str
     owner: str | None
     rpm: int | None = None
     tpm: int | None = None
+    key_id: str = field(default="", compare=False)
+    # quota overrides by tasks.quotas field (absent or None: the settings' defaults)
+    quota: Mapping[str, int | None] = field(default_factory=dict, compare=False, hash=False)
 
 
 def static_records(settings: Settings) -> dict[str, KeyRecord]:
@@ -68,7 +76,16 @@ def bearer_token(authorization: bytes | None) -> bytes:
 
 
 class KeyRing:
-    """Authenticates requests against the static keys and the database's, from memory."""
+    """Authenticates requests against the static keys and the database's, from memory.
+
+    The database's keys are re-read in the background once half of
+    ``LANEWAY_KEYS_REFRESH_S`` has passed, so under traffic nobody waits for them; a
+    request that finds them older than the whole period (an idle process's first) waits
+    for the read, so a revoked key stops working within the period whatever the traffic.
+    When they cannot be read, what was read before serves for up to
+    ``LANEWAY_KEYS_MAX_STALE_S``; past that, database keys are refused (503) until a read
+    succeeds: a key revoked meanwhile must not stay valid for as long as the database is
+    away. Static keys need no read at all."""
 
     def __init__(
         self,
@@ -78,38 +95,61 @@ class KeyRing:
     ) -> None:
         self.static = static_records(settings)
         self.refresh_s = settings.keys_refresh_s
+        self.max_stale_s = settings.keys_max_stale_s
         self.load = load
         self.clock = clock
         self.stored: Mapping[str, KeyRecord] | None = None
         self.read_at = float("-inf")
+        self.retry_at = float("-inf")  # after a failed read, when to try again
         self._refreshing: asyncio.Task[None] | None = None
 
     async def authenticate(self, authorization: bytes | None) -> Principal | None:
         """The caller, or None when no key is configured anywhere; raises
         ``AuthenticationFailed`` (401) for a missing, malformed, unknown, revoked or
-        expired key."""
-        stored = await self._stored()
-        if not self.static and not stored:
-            return None
-        token = bearer_token(authorization)
-        digest = hash_key(token)
-        record = self.static.get(digest) or stored.get(digest)
+        expired key, ``ServiceUnavailable`` (503) when the database's keys are needed and
+        cannot be trusted."""
+        if self.static:  # closed whatever the database holds
+            token = bearer_token(authorization)
+            digest = hash_key(token)
+            record = self.static.get(digest) or (await self._stored()).get(digest)
+        else:
+            stored = await self._stored()
+            if not stored:
+                return None
+            token = bearer_token(authorization)
+            digest = hash_key(token)
+            record = stored.get(digest)
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         if record.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
         if record.expires_at is not None and record.expires_at <= time.time():
             raise AuthenticationFailed("This API key has expired.", code="key_expired")
-        return Principal(record.name, record.owner, record.rpm, record.tpm)
+        return Principal(
+            record.name,
+            record.owner,
+            record.rpm,
+            record.tpm,
+            digest[:KEY_ID_CHARS],
+            quota=record.quota,
+        )
 
     async def _stored(self) -> Mapping[str, KeyRecord]:
-        if self.clock() - self.read_at >= self.refresh_s and self._refreshing is None:
+        age = self.clock() - self.read_at
+        if age >= self.refresh_s / 2 and self._refreshing is None and self.clock() >= self.retry_at:
             self._refreshing = asyncio.ensure_future(self._refresh())
-        if self.stored is None and self._refreshing is not None:
-            await asyncio.shield(self._refreshing)  # nothing read yet: wait for it
+        if (self.stored is None or age >= self.refresh_s) and self._refreshing is not None:
+            await asyncio.shield(self._refreshing)  # too old to trust: wait for the read
         if self.stored is None:
             raise ServiceUnavailable(
                 "API keys could not be read from the database; retry shortly",
+                code="keys_unavailable",
+            )
+        stale = self.clock() - self.read_at > self.max_stale_s
+        if stale and self.stored:  # keys revoked meanwhile would pass: fail closed
+            raise ServiceUnavailable(
+                "API keys could not be read from the database for over "
+                f"{self.max_stale_s:g} s; retry shortly",
                 code="keys_unavailable",
             )
         return self.stored
@@ -118,9 +158,9 @@ class KeyRing:
         try:
             self.stored = await asyncio.to_thread(self.load)
             self.read_at = self.clock()
-        except Exception as exc:  # keep serving what was read before
+        except Exception as exc:  # keep serving what was read before, for a while
             log.warning("could not re-read API keys from the database: %s", exc)
-            self.read_at = self.clock() - self.refresh_s / 2  # retry soon, not per request
+            self.retry_at = self.clock() + self.refresh_s / 2  # soon, not per request
         finally:
             self._refreshing = None
 

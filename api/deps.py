@@ -13,6 +13,7 @@ from starlette.types import Receive
 from api.auth import Principal
 from api.state import AppState
 from configs.settings import Settings
+from tasks.quotas import Quota
 from tasks.tenancy import Owner
 
 
@@ -32,6 +33,15 @@ async def get_owner(request: Request) -> Owner:
     return principal.owner if principal is not None else None
 
 
+async def get_quota(
+    request: Request, settings: Annotated[Settings, Depends(get_settings_dep)]
+) -> Quota:
+    """What the request's key may keep and run (tasks/quotas.py): the settings' quotas,
+    with the key's own overrides."""
+    principal: Principal | None = request.scope.get("state", {}).get("principal")
+    return Quota.of(settings, principal.quota if principal is not None else None)
+
+
 async def until_disconnect(receive: Receive) -> Any:
     """Resolves when the client hangs up (the body has been read by then)."""
     while True:
@@ -47,3 +57,4 @@ async def wait_disconnect(request: Request) -> Any:
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 OwnerDep = Annotated[Owner, Depends(get_owner)]
+QuotaDep = Annotated[Quota, Depends(get_quota)]

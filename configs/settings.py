@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         description="how often an API process re-reads the database's keys (a key created "
         "or revoked takes effect within this)",
     )
+    keys_max_stale_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="how long an API process keeps using the database's keys it read "
+        "last when they cannot be read again; past it, database keys are refused (503) "
+        "until they can be, so a revoked key never stays valid while the database is away",
+    )
     rate_limit_rpm: int = Field(
         default=0,
         ge=0,
@@ -130,6 +137,29 @@ class Settings(BaseSettings):
         description="tokens per minute per key (0: no limit; a live request holds its "
         "estimate while in flight, settled against its usage); "
         "`laneway keys create --tpm` overrides it per key",
+    )
+    quota_stored_bytes: int = Field(
+        default=10 * 1024**3,
+        ge=0,
+        description="bytes of files a key's owner may keep in the file store (0: no limit); "
+        "`laneway keys create --max-stored-bytes` overrides it per key",
+    )
+    quota_files: int = Field(
+        default=10_000,
+        ge=0,
+        description="files a key's owner may keep (0: no limit); `--max-files` per key",
+    )
+    quota_open_batches: int = Field(
+        default=100,
+        ge=0,
+        description="batches of a key's owner not finished yet (0: no limit); "
+        "`--max-open-batches` per key",
+    )
+    quota_batch_lines: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="requests of a key's owner's running batches not answered yet (0: no "
+        "limit); a batch that would pass it fails validation; `--max-batch-lines` per key",
     )
     rate_limit_window_s: float = Field(
         default=60.0,
@@ -243,6 +273,13 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_batch_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_batch_lines: int = Field(default=50_000, ge=1)
+    max_batch_line_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="largest line of a batch input file, its newline not counted (as large "
+        "as a live request body by default); a longer line is an error of the file, "
+        "measured while streaming, never read whole",
+    )
     chunk_lines: int = Field(default=256, ge=1, description="requests per batch chunk")
     chunk_lease_s: float = Field(
         default=120.0, gt=0, description="lease of a running chunk, validation or finalisation"

@@ -30,7 +30,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     from tasks.keys import create_key
 
     made = create_key(
-        args.name, owner=args.owner, expires_in_days=args.expires_in, rpm=args.rpm, tpm=args.tpm
+        args.name,
+        owner=args.owner,
+        expires_in_days=args.expires_in,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        quota={name: getattr(args, f"max_{name}") for name, _ in QUOTA_FLAGS},
     )
     row = made.row
     print(
@@ -99,6 +104,14 @@ def _run(func: Any) -> Any:
 
 
 MAX_LIMIT = 2**31 - 1  # the column is an INTEGER
+MAX_QUOTA = 2**63 - 1  # a BIGINT
+# the quotas `create` overrides (tasks/quotas.py): field, what it bounds
+QUOTA_FLAGS = (
+    ("stored_bytes", "bytes of files the key's owner keeps"),
+    ("files", "files the key's owner keeps"),
+    ("open_batches", "batches of the key's owner not finished"),
+    ("batch_lines", "requests of the key's owner's running batches not answered yet"),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -120,6 +133,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=whole(0, MAX_LIMIT),
         help="tokens per minute (0: none; default LANEWAY_RATE_LIMIT_TPM)",
     )
+    for name, what in QUOTA_FLAGS:
+        create.add_argument(
+            f"--max-{name.replace('_', '-')}",
+            type=whole(0, MAX_QUOTA if name == "stored_bytes" else MAX_LIMIT),
+            help=f"quota: {what} (0: none; default LANEWAY_QUOTA_{name.upper()})",
+        )
     create.set_defaults(func=_run(cmd_create))
 
     listing = commands.add_parser("list", help="every key: name, owner, state, limits")

@@ -15,6 +15,7 @@ from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, quote
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, FileRow
 from tasks.pagination import paginate
+from tasks.quotas import Quota, check_stored, lock_owner, room_to_store, stored_bytes_exceeded
 from tasks.safety import is_id, text_problem
 from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
 
@@ -84,10 +85,13 @@ def _new_row(
     )
 
 
-def find_by_idempotency_key(session: Session, key: str | None) -> FileRow | None:
+def find_by_idempotency_key(session: Session, key: str | None, owner: Owner) -> FileRow | None:
+    """``owner``'s file made with this stored (scoped) key, if any."""
     if not key:
         return None
-    return session.scalars(select(FileRow).where(FileRow.idempotency_key == key)).first()
+    return session.scalars(
+        select(FileRow).where(FileRow.idempotency_key == key, owned_by(FileRow.owner, owner))
+    ).first()
 
 
 def check_upload(
@@ -116,38 +120,46 @@ def create_file(
     expires_after_s: int | None = None,
     idempotency_key: str | None = None,
     owner: Owner = None,
+    quota: Quota | None = None,
 ) -> dict[str, Any]:
     """Store an upload and record it; returns the file object.
 
-    No database transaction is open while the bytes are copied (up to ``max_bytes``):
-    the copy comes first, then the row in one short transaction. A copy that fails leaves
-    no blob (the store writes to a temporary name); a row that cannot be written takes its
-    blob with it."""
+    No database transaction is open while the bytes are copied (up to ``max_bytes``, or
+    what the owner's ``quota`` has room for): the copy comes first, then the row in one
+    short transaction, which also checks the quota with the row counted. A copy that
+    fails leaves no blob (the store writes to a temporary name); a row that cannot be
+    written, or does not fit the quota, takes its blob with it."""
+    quota = quota or Quota()
     filename, idempotency_key = check_upload(
         filename=filename, purpose=purpose, idempotency_key=idempotency_key, owner=owner
     )
-    if idempotency_key:
-        with session_scope() as s:
-            existing = find_by_idempotency_key(s, idempotency_key)
-            if existing is not None:
-                return file_object(existing)
+    with session_scope() as s:
+        existing = find_by_idempotency_key(s, idempotency_key, owner)
+        if existing is not None:
+            return file_object(existing)
+        room = room_to_store(s, owner, quota)
     file_id = new_file_id()
     key = f"files/{file_id}"
+    limit = max_bytes if room is None else min(max_bytes, room)
     try:
-        size = store.write_from(key, source, limit=max_bytes)
+        size = store.write_from(key, source, limit=limit)
     except OverflowError:
+        if limit < max_bytes:
+            raise stored_bytes_exceeded(quota) from None
         raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
     row = _new_row(file_id, filename, purpose, size, key, expires_after_s, owner)
     row.idempotency_key = idempotency_key
     try:
         with session_scope() as s:
+            lock_owner(s, owner)
             s.add(row)
             s.flush()
+            check_stored(s, owner, quota)
             return file_object(row)
     except IntegrityError:  # the same key raced us: keep the first
         store.delete(key)
         with session_scope() as s:
-            winner = find_by_idempotency_key(s, idempotency_key)
+            winner = find_by_idempotency_key(s, idempotency_key, owner)
             if winner is None:
                 raise
             return file_object(winner)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -21,6 +22,7 @@ from configs.settings import KEY_NAME
 from tasks.db import session_scope
 from tasks.errors import InvalidRequest, NotFound, quote
 from tasks.models import ApiKeyRow
+from tasks.quotas import FIELDS as QUOTA_FIELDS  # stored as columns max_<name>
 
 KEY_PREFIX = "lw-"
 SHOWN_PREFIX = 8  # characters of a key `laneway keys list` shows
@@ -50,6 +52,8 @@ class KeyRecord:
     revoked_at: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    # quota overrides by tasks.quotas field name (None or absent: the settings' default)
+    quota: Mapping[str, int | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,18 @@ def create_key(
     expires_in_days: float | None = None,
     rpm: int | None = None,
     tpm: int | None = None,
+    quota: Mapping[str, int | None] | None = None,
 ) -> NewKey:
-    """Make a key; the returned ``key`` is the only time it exists in clear."""
+    """Make a key; the returned ``key`` is the only time it exists in clear. ``quota``
+    overrides the settings' quotas (``tasks.quotas.FIELDS``) for this key."""
     check_name(name)
     owner = check_name(owner, "owner") if owner is not None else name
     if expires_in_days is not None and expires_in_days <= 0:
         raise InvalidRequest("--expires-in must be a positive number of days")
-    for limit in (rpm, tpm):
+    quota = dict(quota or {})
+    if unknown := set(quota) - set(QUOTA_FIELDS):
+        raise InvalidRequest(f"unknown quotas: {', '.join(sorted(unknown))}")
+    for limit in (rpm, tpm, *quota.values()):
         if limit is not None and limit < 0:
             raise InvalidRequest("limits are 0 (none) or a positive number")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -85,6 +94,7 @@ def create_key(
         expires_at=now + int(expires_in_days * 86400) if expires_in_days else None,
         rpm=rpm,
         tpm=tpm,
+        **{f"max_{name}": quota.get(name) for name in QUOTA_FIELDS},
     )
     try:
         with session_scope() as s:
@@ -114,6 +124,7 @@ def describe(row: ApiKeyRow) -> dict[str, Any]:
         "revoked_at": row.revoked_at,
         "rpm": row.rpm,
         "tpm": row.tpm,
+        **{f"max_{name}": getattr(row, f"max_{name}") for name in QUOTA_FIELDS},
     }
 
 
@@ -146,6 +157,11 @@ def load_records() -> dict[str, KeyRecord]:
                 ApiKeyRow.revoked_at,
                 ApiKeyRow.rpm,
                 ApiKeyRow.tpm,
+                *(getattr(ApiKeyRow, f"max_{name}") for name in QUOTA_FIELDS),
             )
         ).all()
-    return {r[0]: KeyRecord(*r[1:]) for r in rows}
+    records: dict[str, KeyRecord] = {}
+    for key_hash, name, owner, expires_at, revoked_at, rpm, tpm, *quota in rows:
+        overrides = dict(zip(QUOTA_FIELDS, quota, strict=True))
+        records[key_hash] = KeyRecord(name, owner, expires_at, revoked_at, rpm, tpm, overrides)
+    return records

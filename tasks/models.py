@@ -78,6 +78,13 @@ class BatchRow(Base):
     # tasks/batches/leftovers.py)
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     lease_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # claims of the work the batch's status needs (validation, finalisation, cleanup) since
+    # its last status move: past LANEWAY_CHUNK_MAX_ATTEMPTS the batch fails instead of
+    # being claimed again (tasks/batches/lifecycle.py)
+    job_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the creating key's quota of batch lines in flight (0: none), checked by validation
+    # once it has counted this batch's lines (tasks/quotas.py)
+    lines_quota: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
@@ -125,3 +132,8 @@ class ApiKeyRow(Base):
     # per-key limits; None: the settings' defaults
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # per-key quotas (tasks/quotas.py); None: the settings' defaults
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_files: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_open_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_batch_lines: Mapped[int | None] = mapped_column(Integer, nullable=True)

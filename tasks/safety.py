@@ -7,7 +7,11 @@ an upload, an orphaned blob) if it reached the database, so the edges check them
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
+
+import orjson
 
 from tasks.errors import InvalidRequest
 
@@ -48,3 +52,33 @@ def check_idempotency_key(key: str | None) -> str | None:
     if not key:
         return None
     return check_text(key, param="Idempotency-Key", max_chars=MAX_IDEMPOTENCY_KEY)
+
+
+# -- JSON from a client -------------------------------------------------------------------
+
+
+class JSONTooDeep(ValueError):
+    """Nested deeper than the parsers take (orjson: 1024 levels)."""
+
+
+# completes "We could not parse ...: " and "the line ...: "
+NESTED_TOO_DEEPLY = "it is nested too deeply (at most 1024 levels of arrays and objects)"
+
+
+def parse_json(raw: bytes) -> tuple[Any, bool]:
+    """A client's JSON (a live body or a Batch API line), and whether orjson (strict
+    UTF-8) parsed it. The standard parser is the fallback, as it also takes lone
+    surrogates (which the contracts then refuse by name), but never for input nested
+    past orjson's limit: the standard parser recurses on the C stack and raises
+    ``RecursionError`` (a 500, or a batch validation that crashes on every retry).
+    Raises ``JSONTooDeep`` for that, ``UnicodeDecodeError`` for bytes that are not UTF-8
+    and ``ValueError`` for anything else that is not JSON."""
+    try:
+        return orjson.loads(raw), True
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc) or "recursion" in str(exc).lower():
+            raise JSONTooDeep(NESTED_TOO_DEEPLY) from None
+    try:
+        return json.loads(raw), False
+    except RecursionError:  # nested past the stack: orjson said so above, or it differs
+        raise JSONTooDeep(NESTED_TOO_DEEPLY) from None

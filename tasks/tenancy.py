@@ -15,6 +15,7 @@ from typing import Any
 from tasks.safety import check_idempotency_key
 
 Owner = str | None
+ANONYMOUS = "anon:"  # the stored Idempotency-Keys of the owner None
 
 
 def owned_by(column: Any, owner: Owner) -> Any:
@@ -23,11 +24,14 @@ def owned_by(column: Any, owner: Owner) -> Any:
 
 
 def scoped_idempotency_key(key: str | None, owner: Owner) -> str | None:
-    """The ``Idempotency-Key`` as stored: one owner's key never finds another owner's
-    object (the column is unique across owners, so a named owner's key is stored as a
-    digest of owner and key)."""
+    """The ``Idempotency-Key`` as stored: a digest of owner and key, for every owner,
+    the one without a key (None) included, so no value a client sends can equal another
+    owner's stored key (the column is unique across owners). Lookups also filter by owner
+    (``owned_by``)."""
     key = check_idempotency_key(key)
-    if key is None or owner is None:
-        return key
+    if key is None:
+        return None
+    if owner is None:  # the form migration 0006 gave the keys stored before
+        return ANONYMOUS + hashlib.sha256(key.encode("utf-8")).hexdigest()
     digest = hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
     return f"owner:{digest}"

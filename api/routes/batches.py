@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep
+from api.deps import OwnerDep, QuotaDep, SettingsDep
 from api.protocol.batches import Batch, BatchList, CreateBatchRequest
 from api.protocol.errors import error_responses
 from api.serving import batches as serving
@@ -22,9 +22,10 @@ async def create_batch(
     body: CreateBatchRequest,
     settings: SettingsDep,
     owner: OwnerDep,
+    quota: QuotaDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
-    return await run_in_threadpool(serving.create, settings, body, idempotency_key, owner)
+    return await run_in_threadpool(serving.create, settings, body, idempotency_key, owner, quota)
 
 
 @router.get(

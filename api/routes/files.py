@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import OwnerDep, SettingsDep
+from api.deps import OwnerDep, QuotaDep, SettingsDep
 from api.protocol.errors import error_responses
 from api.protocol.files import UPLOAD_SCHEMA, FileDeleted, FileList, FileObject, Purpose
 from api.serving import files as serving
@@ -34,6 +34,7 @@ async def upload_file(
     request: Request,
     settings: SettingsDep,
     owner: OwnerDep,
+    quota: QuotaDep,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Any:
     async with request.form(max_files=1, max_fields=16) as form:
@@ -55,6 +56,7 @@ async def upload_file(
             expires_after_s=expires,
             idempotency_key=idempotency_key,
             owner=owner,
+            quota=quota,
         )
 
 

@@ -10,6 +10,7 @@ from configs.settings import Settings
 from tasks.batches import service
 from tasks.db import session_scope
 from tasks.pagination import page_object
+from tasks.quotas import Quota
 from tasks.tenancy import Owner
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,11 @@ def _hint(capability: str, batch_id: str) -> None:
 
 
 def create(
-    settings: Settings, body: CreateBatchRequest, idempotency_key: str | None, owner: Owner
+    settings: Settings,
+    body: CreateBatchRequest,
+    idempotency_key: str | None,
+    owner: Owner,
+    quota: Quota,
 ) -> dict[str, Any]:
     with session_scope() as s:
         row, created = service.create_batch(
@@ -39,6 +44,7 @@ def create(
             ),
             idempotency_key=idempotency_key,
             owner=owner,
+            quota=quota,
         )
         obj = service.batch_object(row)
         capability = row.capability or ""

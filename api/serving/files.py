@@ -11,6 +11,7 @@ from tasks.db import session_scope
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
 from tasks.pagination import page_object
+from tasks.quotas import Quota
 from tasks.tenancy import Owner
 
 
@@ -34,9 +35,11 @@ def upload(
     expires_after_s: int | None,
     idempotency_key: str | None,
     owner: Owner,
+    quota: Quota,
 ) -> dict[str, Any]:
     return files.create_file(
         owner=owner,
+        quota=quota,
         store=get_file_store(settings),
         source=source,
         filename=filename,

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # twice is harmless: every delete is of something nobody needs)
 CLEANUP_LEASE_S = 300.0
 OWED_PER_PASS = 16
+# claims of one batch's removal before it is given up (each claim is counted, so one
+# that crashes its worker every time ends too)
+MAX_CLEANUPS = 5
 
 
 def parts_dir(batch_id: str) -> str:
@@ -77,13 +80,17 @@ def remove_owed(store: FileStore) -> int:
     removed = 0
     for batch_id, batch_status in owed:
         with session_scope() as s:
-            token = status.claim(s, batch_id, batch_status, CLEANUP_LEASE_S)
-            keep = _counted_files(s, batch_id) if token else set()
-        if token is None:  # another reaper took it
+            claimed = status.claim(s, batch_id, batch_status, CLEANUP_LEASE_S)
+            keep = _counted_files(s, batch_id) if claimed else set()
+        if claimed is None:  # another reaper took it
             continue
-        remove_leftovers(store, batch_id, keep)
+        token, attempt = claimed
+        if attempt > MAX_CLEANUPS:  # it broke every time: stop trying (and say so)
+            log.error("batch %s: its leftovers could not be removed; giving up", batch_id)
+        else:
+            remove_leftovers(store, batch_id, keep)
+            removed += 1
         release(batch_id, token)
-        removed += 1
     if removed:
         log.warning("removed what %d finished batch(es) left behind their finaliser", removed)
     return removed

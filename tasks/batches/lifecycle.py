@@ -41,6 +41,7 @@ from tasks.db import session_scope
 from tasks.files import put_output_file
 from tasks.filestore import FileStore
 from tasks.models import BatchRow, ChunkRow, FileRow
+from tasks.quotas import lines_error, lines_in_flight, lock_owner
 from tasks.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class BatchJob:
     batch_id: str
     status: str
     token: str
+    attempt: int = 1  # this claim's number since the batch's last status move
 
     def __str__(self) -> str:
         what = "validation" if self.status == "validating" else "finalisation"
@@ -121,10 +123,52 @@ def claim_batch_job(*, settings: Settings, capability: str) -> BatchJob | None:
         ).all()
     for batch_id, batch_status in rows:
         with session_scope() as s:
-            token = status.claim(s, batch_id, batch_status, settings.chunk_lease_s)
-        if token is not None:
-            return BatchJob(batch_id, batch_status, token)
+            claimed = status.claim(s, batch_id, batch_status, settings.chunk_lease_s)
+        if claimed is None:
+            continue
+        job = BatchJob(batch_id, batch_status, *claimed)
+        if job.attempt <= settings.chunk_max_attempts:
+            return job
+        give_up(job)
     return None
+
+
+def give_up(job: BatchJob) -> bool:
+    """The job broke on every try (each claim is counted in the database, so a worker
+    that crashes outright counts too): the batch becomes ``failed`` with an error saying
+    so, instead of being claimed again for the rest of its window. The removal of what
+    its chunks wrote is owed at once (the lapsed lease: ``leftovers.remove_owed``)."""
+    tries = job.attempt - 1
+    what = "validating its input file" if job.status == "validating" else "finalising it"
+    error = {
+        "code": "batch_job_failed",
+        "line": None,
+        "message": f"{what} failed {tries} times; the batch is given up (the workers' logs "
+        f"have the cause under batch {job.batch_id})",
+        "param": None,
+    }
+    with session_scope() as s:
+        moved = transition(
+            s,
+            job.batch_id,
+            "failed",
+            fence=job.token,
+            errors=[error],
+            lease_token=job.token,
+            lease_until=now(),
+        )
+    if moved:
+        log.error("%s failed %d times: batch %s failed", job, tries, job.batch_id)
+    return moved
+
+
+def back_off(job: BatchJob, settings: Settings) -> None:
+    """A job that raised: its lease now runs out after a short pause that doubles with
+    each attempt (a crash that repeats reaches ``give_up`` in about a minute, a passing
+    fault is retried soon), instead of after the full lease."""
+    pause = min(settings.chunk_lease_s, 2.0**job.attempt)
+    with session_scope() as s:
+        status.renew(s, job.batch_id, job.token, pause)
 
 
 def _heartbeat(job: BatchJob, settings: Settings) -> Heartbeat:
@@ -150,7 +194,7 @@ def validate_batch(
             if batch is None:
                 return None
             file_row = s.get(FileRow, batch.input_file_id)
-            endpoint = batch.endpoint
+            endpoint, owner, lines_quota = batch.endpoint, batch.owner, batch.lines_quota
             # also when deleted or expired for the API since the batch was created
             found = file_row is not None and not file_row.deleted
             key, size = (file_row.storage_key, file_row.bytes) if found and file_row else ("", 0)
@@ -167,23 +211,34 @@ def validate_batch(
             v = Validation()
             v.error("file_not_found", None, "the input file was deleted before validation")
         with session_scope() as s:
-            return _record_validation(s, job, v)
+            return _record_validation(s, job, v, owner, lines_quota)
 
 
-def _record_validation(s: Session, job: BatchJob, v: Validation) -> str | None:
-    if v.errors:
-        moved = transition(
-            s, job.batch_id, "failed", fence=job.token, errors=v.errors, request_total=v.total
-        )
-        return "failed" if moved else None
-    s.add_all(_chunk_row(job.batch_id, i, spec) for i, spec in enumerate(v.chunks))
-    s.flush()
-    if transition(
-        s, job.batch_id, "in_progress", fence=job.token, model=v.model, request_total=v.total
-    ):
-        return "in_progress"
-    s.rollback()  # cancelled, expired or taken over meanwhile: no chunks wanted
-    return None
+def _record_validation(
+    s: Session, job: BatchJob, v: Validation, owner: str | None, lines_quota: int
+) -> str | None:
+    """The validation's outcome, in one fenced transaction: the chunk rows and the move
+    to ``in_progress`` (with the owner's lines in flight counted with this batch's, under
+    the quota lock), or ``failed`` with the errors."""
+    if not v.errors:
+        if lines_quota:
+            lock_owner(s, owner)
+        s.add_all(_chunk_row(job.batch_id, i, spec) for i, spec in enumerate(v.chunks))
+        s.flush()
+        if not transition(
+            s, job.batch_id, "in_progress", fence=job.token, model=v.model, request_total=v.total
+        ):
+            s.rollback()  # cancelled, expired or taken over meanwhile: no chunks wanted
+            return None
+        in_flight = lines_in_flight(s, owner) if lines_quota else 0
+        if in_flight <= lines_quota or not lines_quota:
+            return "in_progress"
+        s.rollback()  # over the owner's quota: nothing of it stays, the batch fails
+        v.errors.append(lines_error(lines_quota, in_flight))
+    moved = transition(
+        s, job.batch_id, "failed", fence=job.token, errors=v.errors, request_total=v.total
+    )
+    return "failed" if moved else None
 
 
 def _chunk_row(batch_id: str, index: int, spec: ChunkSpec) -> ChunkRow:

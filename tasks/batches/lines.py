@@ -14,6 +14,7 @@ from typing import Any
 
 from tasks.errors import InternalError, LanewayError
 from tasks.filestore import FileStore
+from tasks.safety import parse_json
 from tasks.usage import Usage
 
 
@@ -80,7 +81,7 @@ def expired_line(batch_id: str, index: int, custom_id: str) -> bytes:
 
 def iter_requests(store: FileStore, key: str, start: int, end: int) -> Iterator[dict[str, Any]]:
     """The requests in bytes [start, end) of an input file, one at a time (validation
-    already proved each non-blank line there a JSON object)."""
+    already proved each non-blank line there a JSON object, with the same parser)."""
     for raw in store.iter_lines(key, start, end):
         if raw.strip():
-            yield json.loads(raw)
+            yield parse_json(raw)[0]

@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session
 
 from configs.settings import Settings
 from tasks.batches.endpoints import BATCH_ENDPOINTS
-from tasks.batches.status import transition
+from tasks.batches.status import FINISHED_STATUSES, OPEN_STATUSES, transition
 from tasks.errors import InvalidRequest, NotFound, quote
 from tasks.files import check_expires_after, get_file
 from tasks.models import BatchRow, ChunkRow
 from tasks.names import BATCH, queue_name, task_name
 from tasks.pagination import paginate
+from tasks.quotas import Quota, check_lines_room, check_open_batches, lock_owner
 from tasks.safety import is_id, text_problem
 from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.usage import Usage
@@ -105,9 +106,11 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
-def _by_idempotency_key(session: Session, key: str) -> BatchRow | None:
-    """The batch made with this stored (owner-scoped) key, if any."""
-    return session.scalars(select(BatchRow).where(BatchRow.idempotency_key == key)).first()
+def _by_idempotency_key(session: Session, key: str, owner: Owner) -> BatchRow | None:
+    """``owner``'s batch made with this stored (owner-scoped) key, if any."""
+    return session.scalars(
+        select(BatchRow).where(BatchRow.idempotency_key == key, owned_by(BatchRow.owner, owner))
+    ).first()
 
 
 def _checked_expiry(output_expires_after: Any) -> dict[str, Any] | None:
@@ -164,18 +167,22 @@ def create_batch(
     output_expires_after: Any = None,
     idempotency_key: str | None = None,
     owner: Owner = None,
+    quota: Quota | None = None,
 ) -> tuple[BatchRow, bool]:
     """A new batch in ``validating`` (or the one ``owner`` created earlier with the same
-    key), reading an input file of ``owner``'s. Returns (row, created)."""
+    key), reading an input file of ``owner``'s, within the key's ``quota`` of open
+    batches and lines in flight. Returns (row, created)."""
+    quota = quota or Quota()
     idempotency_key = scoped_idempotency_key(idempotency_key, owner)
     if idempotency_key:
-        found = _by_idempotency_key(session, idempotency_key)
+        found = _by_idempotency_key(session, idempotency_key, owner)
         if found is not None:
             return found, False
     _check_target(endpoint, completion_window)
     metadata = check_metadata(metadata)
     expiry = _checked_expiry(output_expires_after)
     _check_input_file(session, input_file_id, owner)
+    check_lines_room(session, owner, quota)
     now = int(time.time())
     row = BatchRow(
         id=f"batch_{uuid.uuid4().hex[:24]}",
@@ -190,20 +197,23 @@ def create_batch(
         output_expires_after=expiry,
         idempotency_key=idempotency_key,
         owner=owner,
+        lines_quota=quota.batch_lines,
         request_total=0,
         request_completed=0,
         request_failed=0,
         **Usage().columns(),
     )
+    lock_owner(session, owner)
     session.add(row)
     try:
         session.flush()
     except IntegrityError:  # the same key raced us: keep the first
         session.rollback()
-        found = _by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        found = _by_idempotency_key(session, idempotency_key, owner) if idempotency_key else None
         if found is None:
             raise
         return found, False
+    check_open_batches(session, owner, quota)  # counted with the new row, under the lock
     return row, True
 
 
@@ -248,17 +258,37 @@ def request_cancel(session: Session, batch_id: str, *, owner: Owner = None) -> B
     return row
 
 
-def count_by_status(session: Session) -> dict[str, int]:
-    """Batches per status (what /metrics reports as ``laneway_batches``)."""
-    rows = session.execute(select(BatchRow.status, func.count()).group_by(BatchRow.status))
-    return {str(status): int(n) for status, n in rows}
+def count_by_status(session: Session, *, finished: bool = False) -> dict[str, int]:
+    """Batches per open status (what /metrics reports as ``laneway_batches``): a range of
+    the status index, bounded by the owners' open-batch quotas; with ``finished``, the
+    finished ones instead (every batch there ever was: not for every scrape)."""
+    wanted = FINISHED_STATUSES if finished else OPEN_STATUSES
+    rows = session.execute(
+        select(BatchRow.status, func.count())
+        .where(BatchRow.status.in_(wanted))
+        .group_by(BatchRow.status)
+    )
+    counts = dict.fromkeys(wanted, 0)
+    counts.update({str(status): int(n) for status, n in rows})
+    return counts
 
 
-def notify(capability: str, batch_id: str) -> None:
+# hints waiting on a capability's batch lane beyond which no more are sent: one wakes a
+# worker as well as many, and a lane no worker consumes (no model of that capability is
+# served anywhere) must not fill a ``noeviction`` Redis with them
+MAX_PENDING_HINTS = 8
+
+
+def notify(capability: str, batch_id: str) -> bool:
     """Wake a worker of ``capability``: this batch has work (a hint; workers also look in
-    the database on their own, so a lost hint only costs a poll interval)."""
+    the database on their own, so a lost or skipped hint only costs a poll interval).
+    Returns whether one was sent (not when enough wait on the lane already)."""
     from tasks.celery_app import get_celery
 
-    get_celery().send_task(
-        task_name(capability, BATCH), args=[batch_id], queue=queue_name(capability, BATCH)
-    )
+    app = get_celery()
+    queue = queue_name(capability, BATCH)
+    with app.connection_for_write() as conn:
+        if conn.default_channel.client.llen(queue) >= MAX_PENDING_HINTS:
+            return False
+        app.send_task(task_name(capability, BATCH), args=[batch_id], queue=queue, connection=conn)
+    return True

@@ -8,6 +8,9 @@ fenced lease a validator or finaliser holds while it works.
         │  └─> failed   │  └─> expired      (past completion_window)
         └──────────> cancelling ──> cancelled
 
+    and from in_progress, finalizing or cancelling to failed: the job that status needs
+    (a finalisation) broke ``LANEWAY_CHUNK_MAX_ATTEMPTS`` times (lifecycle.give_up)
+
 Validation and finalisation are claimed with a lease: ``claim()`` writes a fresh
 ``lease_token`` and ``lease_until``; the holder renews ``lease_until`` while it works
 (``renew()``, from a heartbeat thread) and makes its final move with ``transition(...,
@@ -23,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from tasks.models import BatchRow
@@ -31,9 +34,9 @@ from tasks.models import BatchRow
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 LEGAL: dict[str, set[str]] = {
     "validating": {"in_progress", "failed", "cancelling", "expired"},
-    "in_progress": {"finalizing", "cancelling", "expired"},
-    "finalizing": {"completed"},
-    "cancelling": {"cancelled"},
+    "in_progress": {"finalizing", "cancelling", "expired", "failed"},
+    "finalizing": {"completed", "failed"},
+    "cancelling": {"cancelled", "failed"},
 }
 TIMESTAMP_FIELD = {
     "in_progress": "in_progress_at",
@@ -60,8 +63,9 @@ def transition(
     With ``fence``, only while that lease token is still the batch's. Every move ends
     whatever claim was on the batch (its lease is cleared), so a validator still at work
     on a batch that was cancelled stops renewing, and the next step can be claimed at
-    once. Returns False (and changes nothing) when the batch is not in a status that may
-    move to ``to`` or the fence does not hold; raises ValueError for an unknown status.
+    once, and the count of its job's attempts starts again. Returns False (and changes
+    nothing) when the batch is not in a status that may move to ``to`` or the fence does
+    not hold; raises ValueError for an unknown status.
     """
     if to not in TIMESTAMP_FIELD:
         raise ValueError(f"unknown batch status {to!r}")
@@ -71,6 +75,7 @@ def transition(
         where.append(BatchRow.lease_token == fence)
     values.setdefault("lease_until", None)
     values.setdefault("lease_token", None)
+    values.setdefault("job_attempts", 0)
     result = session.execute(
         update(BatchRow)
         .where(*where)
@@ -80,9 +85,10 @@ def transition(
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def claim(session: Session, batch_id: str, status: str, lease_s: float) -> str | None:
-    """Take the batch's lease for the work its ``status`` needs (validation or
-    finalisation); returns the new token, or None while someone else holds it."""
+def claim(session: Session, batch_id: str, status: str, lease_s: float) -> tuple[str, int] | None:
+    """Take the batch's lease for the work its ``status`` needs (validation, finalisation
+    or, once finished, the cleanup); returns the new token and how many claims that work
+    has had (this one included), or None while someone else holds it."""
     t = now()
     token = uuid.uuid4().hex
     result = session.execute(
@@ -92,10 +98,13 @@ def claim(session: Session, batch_id: str, status: str, lease_s: float) -> str |
             BatchRow.status == status,
             (BatchRow.lease_until.is_(None)) | (BatchRow.lease_until < t),
         )
-        .values(lease_until=t + lease_s, lease_token=token)
+        .values(lease_until=t + lease_s, lease_token=token, job_attempts=BatchRow.job_attempts + 1)
         .execution_options(synchronize_session=False)
     )
-    return token if result.rowcount == 1 else None  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    attempts = session.scalar(select(BatchRow.job_attempts).where(BatchRow.id == batch_id))
+    return token, int(attempts or 1)
 
 
 def renew(session: Session, batch_id: str, token: str, lease_s: float) -> bool:

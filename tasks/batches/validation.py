@@ -3,9 +3,10 @@ valid file into chunks at line boundaries (``LANEWAY_CHUNK_LINES`` requests each
 
 from __future__ import annotations
 
-import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -13,7 +14,10 @@ from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.errors import quote
-from tasks.filestore import FileStore
+from tasks.filestore import COPY_CHUNK, FileStore
+from tasks.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+
+log = logging.getLogger(__name__)
 
 MAX_ERRORS_REPORTED = 1000
 
@@ -56,13 +60,14 @@ def validate_input(
         )
         return v
     capability = BATCH_ENDPOINTS[endpoint]
+    limit = settings.max_batch_line_bytes
     seen: set[bytes] = set()  # digests of the custom_ids so far: memory bounded by lines
     offset = chunk_byte = 0
     chunk_first = 0
     with store.open(storage_key) as f:
-        for lineno, raw in enumerate(f, start=1):
-            offset += len(raw)
-            if not raw.strip():
+        for lineno, (raw, size) in enumerate(bounded_lines(f, limit), start=1):
+            offset += size
+            if raw is not None and not raw.strip():
                 continue
             if v.total >= settings.max_batch_lines:
                 v.error(
@@ -72,7 +77,11 @@ def validate_input(
                 )
                 break
             v.total += 1
-            _check_line(v, raw, lineno, seen, endpoint, capability, settings, catalog)
+            if raw is None:
+                message = f"the line is {size} bytes long; a line may be at most {limit} bytes"
+                v.error("line_too_large", lineno, message)
+            else:
+                _check_line(v, raw, lineno, seen, endpoint, capability, settings, catalog)
             if v.total - chunk_first == settings.chunk_lines:
                 v.chunks.append(ChunkSpec(chunk_first, chunk_byte, offset))
                 chunk_first, chunk_byte = v.total, offset
@@ -83,6 +92,20 @@ def validate_input(
     if v.total == 0 and not v.errors:
         v.error("empty_file", None, "the input file has no requests")
     return v
+
+
+def bounded_lines(f: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """Each line of ``f`` and its size in bytes, with None in place of a line longer than
+    ``limit`` bytes (its newline not counted): such a line is read past in pieces, never
+    held whole."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n") and (raw := f.readline(COPY_CHUNK)):
+            size += len(raw)
+        yield None, size
 
 
 # (code, message, param) of a line's first problem
@@ -99,12 +122,18 @@ def _check_line(
     settings: Settings,
     catalog: Catalog,
 ) -> None:
-    """Record the line's first problem in ``v`` (none: it is a valid request)."""
-    obj, problem = _parse(raw)
-    if problem is None:
-        problem = _check_envelope(obj, seen, endpoint)
-    if problem is None:
-        problem = _check_model(v, obj["body"], lineno, endpoint, capability, settings, catalog)
+    """Record the line's first problem in ``v`` (none: it is a valid request). A check
+    that breaks on the line (a bug, or input nobody foresaw) makes it an error line,
+    never a validation that crashes on every retry."""
+    try:
+        obj, problem = _parse(raw)
+        if problem is None:
+            problem = _check_envelope(obj, seen, endpoint)
+        if problem is None:
+            problem = _check_model(v, obj["body"], lineno, endpoint, capability, settings, catalog)
+    except Exception:
+        log.exception("line %d could not be checked", lineno)
+        problem = ("invalid_request", "the line could not be checked", None)
     if problem is not None:
         code, message, param = problem
         v.error(code, lineno, message, param)
@@ -112,9 +141,11 @@ def _check_line(
 
 def _parse(raw: bytes) -> tuple[dict[str, Any], Problem | None]:
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj, _ = parse_json(raw)
     except UnicodeDecodeError:
         return {}, ("invalid_file_encoding", "the line is not valid UTF-8", None)
+    except JSONTooDeep:
+        return {}, ("invalid_json_line", f"the line is not valid JSON: {NESTED_TOO_DEEPLY}", None)
     except ValueError:
         return {}, ("invalid_json_line", "the line is not valid JSON", None)
     if not isinstance(obj, dict):

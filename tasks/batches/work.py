@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.chunks import ChunkClaim, Executor, claim_chunk, run_chunk
-from tasks.batches.lifecycle import BatchJob, advance, claim_batch_job, finalize, validate_batch
+from tasks.batches.lifecycle import (
+    BatchJob,
+    advance,
+    back_off,
+    claim_batch_job,
+    finalize,
+    validate_batch,
+)
 from tasks.filestore import FileStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ class BatchWork:
     models: list[str]
     execute: Executor
     # tells the other workers of the capability that a batch has chunks to run
-    notify: Callable[[str, str], None]
+    notify: Callable[[str, str], object]
 
     def next_job(self) -> Job | None:
         return claim_batch_job(settings=self.settings, capability=self.capability) or (
@@ -43,7 +50,15 @@ class BatchWork:
         if isinstance(job, ChunkClaim):
             run_chunk(job, settings=self.settings, store=self.store, execute=self.execute)
             advance(job.batch_id)  # the last chunk moves its batch to finalizing
-        elif job.status == "validating":
+            return
+        try:
+            self._run_batch_job(job)
+        except Exception:
+            back_off(job, self.settings)  # counted: give_up once it has failed too often
+            raise
+
+    def _run_batch_job(self, job: BatchJob) -> None:
+        if job.status == "validating":
             moved = validate_batch(
                 job, settings=self.settings, catalog=self.catalog, store=self.store
             )

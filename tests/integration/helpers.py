@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -82,3 +84,25 @@ def sample(
         for got, value in samples.get(name, [])
         if all(got.get(k) == v for k, v in labels.items())
     )
+
+
+def keys_cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`laneway keys ...` as an operator runs it, on the stack's database."""
+    done = subprocess.run(
+        [sys.executable, "-m", "laneway", "keys", *args],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"laneway keys {' '.join(args)}: {done.stderr}")
+    return done
+
+
+def create_key(stack: Stack, name: str, *extra: str) -> str:
+    """A new database key (`laneway keys create`), returned in clear."""
+    out = keys_cli(stack, "create", "--name", name, *extra).stdout
+    key = out.strip().splitlines()[-1]  # alone on the last line
+    assert key.startswith("lw-") and len(key) > 40, out
+    return key

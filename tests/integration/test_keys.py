@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,7 @@ from tests.integration.batch_support import (
     request,
     wait_finished,
 )
-from tests.integration.helpers import assert_openai_error
+from tests.integration.helpers import assert_openai_error, create_key, keys_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -50,27 +48,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.close()
-
-
-def keys_cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`laneway keys ...` as an operator runs it, on the stack's database."""
-    done = subprocess.run(
-        [sys.executable, "-m", "laneway", "keys", *args],
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"laneway keys {' '.join(args)}: {done.stderr}")
-    return done
-
-
-def create_key(stack: Stack, name: str, *extra: str) -> str:
-    out = keys_cli(stack, "create", "--name", name, *extra).stdout
-    key = out.strip().splitlines()[-1]  # alone on the last line
-    assert key.startswith("lw-") and len(key) > 40, out
-    return key
 
 
 def embed(base_url: str, key: str | None, text: str = "hello", model: str = FAKE) -> httpx.Response:

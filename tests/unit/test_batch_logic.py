@@ -120,8 +120,9 @@ def test_transition_allows_exactly_the_legal_moves(db: None, source: str, target
 def test_terminal_statuses_have_no_way_out() -> None:
     for terminal in ("completed", "failed", "expired", "cancelled"):
         assert terminal not in LEGAL
-    assert LEGAL["finalizing"] == {"completed"}
-    assert LEGAL["cancelling"] == {"cancelled"}
+    # a finalisation ends where it leads, or in failed once it broke too often (give_up)
+    assert LEGAL["finalizing"] == {"completed", "failed"}
+    assert LEGAL["cancelling"] == {"cancelled", "failed"}
 
 
 def test_transition_refuses_an_unknown_status(db: None) -> None:
@@ -146,9 +147,9 @@ def test_transition_of_a_missing_batch_is_false(db: None) -> None:
 def validated(settings: Settings, store: FileStore, catalog: Catalog, content: bytes) -> str:
     batch_id = new_batch(settings, store, content)
     with session_scope() as s:
-        token = claim(s, batch_id, "validating", 60)
-    assert token is not None
-    job = BatchJob(batch_id, "validating", token)
+        claimed = claim(s, batch_id, "validating", 60)
+    assert claimed is not None
+    job = BatchJob(batch_id, "validating", *claimed)
     assert validate_batch(job, settings=settings, catalog=catalog, store=store) == "in_progress"
     return batch_id
 

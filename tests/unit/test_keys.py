@@ -117,19 +117,32 @@ def test_a_revoked_key_stays_closed_even_when_it_was_the_last() -> None:
         auth(keys, None)
 
 
-def test_keys_are_re_read_after_the_refresh_interval_only() -> None:
+def test_keys_are_re_read_in_the_background_after_half_the_interval() -> None:
     loader, clock = Loader(), Clock()
     keys = ring(loader, clock)
     assert auth(keys, None) is None and loader.reads == 1
     loader.records[hash_key("new")] = KeyRecord("n", "n")
-    clock.now = 1.0
+    clock.now = 0.9
     assert auth(keys, None) is None and loader.reads == 1  # still fresh
-    clock.now = 2.5
-    auth(keys, None)  # answered from what was read; the re-read starts
+    clock.now = 1.2
+    assert auth(keys, None) is None  # answered from what was read; the re-read starts
     assert loader.reads == 2
     with pytest.raises(AuthenticationFailed):
         auth(keys, None)
     assert auth(keys, b"Bearer new") == Principal("n", "n")
+
+
+def test_an_idle_process_waits_for_keys_older_than_the_interval() -> None:
+    """A key revoked while a process was idle is refused on its very next request: keys
+    read longer ago than LANEWAY_KEYS_REFRESH_S are read again before answering."""
+    loader, clock = Loader({hash_key("k"): KeyRecord("k", "k")}), Clock()
+    keys = ring(loader, clock)
+    assert auth(keys, b"Bearer k") == Principal("k", "k")
+    loader.records[hash_key("k")] = KeyRecord("k", "k", revoked_at=1)
+    clock.now = 60.0  # an hour of quiet would do the same
+    with pytest.raises(AuthenticationFailed) as refused:
+        auth(keys, b"Bearer k")
+    assert refused.value.code == "key_revoked"
 
 
 def test_a_failed_re_read_keeps_the_keys_read_before() -> None:
@@ -139,6 +152,34 @@ def test_a_failed_re_read_keeps_the_keys_read_before() -> None:
     loader.fail, clock.now = True, 10.0
     assert auth(keys, b"Bearer k") is not None
     assert auth(keys, b"Bearer k") is not None
+    assert loader.reads == 2  # the failed read is not retried on every request
+
+
+def test_keys_unreadable_past_the_bound_are_refused_until_read_again() -> None:
+    """Fail closed: past LANEWAY_KEYS_MAX_STALE_S without a read, database keys are 503
+    (a key revoked meanwhile must not pass); static keys need no read and still pass."""
+    loader, clock = Loader({hash_key("k"): KeyRecord("k", "k")}), Clock()
+    keys = ring(loader, clock, keys_max_stale_s=30, api_keys="ops:static-key")
+    assert auth(keys, b"Bearer k") is not None
+    loader.fail = True
+    clock.now = 29.0
+    assert auth(keys, b"Bearer k") is not None  # within the bound: what was read before
+    clock.now = 31.0
+    with pytest.raises(ServiceUnavailable):
+        auth(keys, b"Bearer k")
+    assert auth(keys, b"Bearer static-key") == Principal("ops", "ops")
+    loader.fail, clock.now = False, 40.0
+    assert auth(keys, b"Bearer k") is not None
+
+
+def test_an_open_api_stays_open_while_its_keys_cannot_be_read() -> None:
+    """No key was read (none exists), and none can be made while the database is away:
+    live routes keep working through an outage."""
+    loader, clock = Loader(), Clock()
+    keys = ring(loader, clock, keys_max_stale_s=30)
+    assert auth(keys, None) is None
+    loader.fail, clock.now = True, 300.0
+    assert auth(keys, None) is None
 
 
 def test_keys_never_read_are_503_not_open() -> None:
@@ -149,10 +190,13 @@ def test_keys_never_read_are_503_not_open() -> None:
 
 
 def test_idempotency_keys_are_scoped_by_owner() -> None:
-    assert scoped_idempotency_key("k", None) == "k"
     assert scoped_idempotency_key(None, "alice") is None
     alice, bob = scoped_idempotency_key("k", "alice"), scoped_idempotency_key("k", "bob")
     assert alice != bob and alice is not None and len(alice) <= 256
+    # the owner None's keys are digested too: no value it sends is another's stored key
+    nobody = scoped_idempotency_key("k", None)
+    assert nobody not in ("k", alice, bob) and nobody is not None and len(nobody) <= 256
+    assert scoped_idempotency_key(alice, None) != alice
     with pytest.raises(InvalidRequest):
         scoped_idempotency_key("bad\x00key", "alice")
 
