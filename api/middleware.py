@@ -5,14 +5,22 @@ Order matters: an unauthenticated request is answered 401 from its headers alone
 stranger cannot make the API buffer a 16 MB body; a body over the limit is refused by its
 ``Content-Length`` or as it streams. The caller (``api.auth.Principal``) is left in
 ``scope["state"]["principal"]`` for the routes (whose files and batches) and the log.
+
+Every decision is made on the path the router will route (``route_path``: the request's
+path less ``root_path``), never on the raw one: behind a proxy that strips a prefix
+(``laneway api --root-path /lw``), or mounted inside another app, ``/lw/v1/files`` is
+routed to ``/v1/files`` and must be guarded as such. And it fails closed: every path
+needs the key but ``/health`` and, unless ``LANEWAY_PROTECT_OPS``, the operator pages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,20 +38,28 @@ from tasks.errors import LanewayError, PayloadTooLarge
 
 ACCESS = logging.getLogger("laneway.access")
 
-# what the API key protects: every OpenAI route, and (a setting) the operator pages
+# what the API key leaves open: /health always, the operator pages unless a setting
+# guards them too; everything else (every OpenAI route, and any path no route matches)
+# needs it. Rate limits count the OpenAI routes.
 V1_PREFIX = "/v1/"
+PUBLIC_PATHS = ("/health",)
 OPS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics")
 # the pages' scripts, styles and icon (api/docs.py): guarded exactly when the pages are
 DOCS_ASSETS = "/docs/assets"
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: the request's path less the ``root_path`` a proxy
+    (``--root-path``) or a mount set (Starlette's own rule, so the two never disagree)."""
+    return get_route_path(scope)
+
+
 def is_protected(path: str, *, protect_ops: bool) -> bool:
-    """Whether the API key (when one is set) guards ``path``."""
-    if path.startswith(V1_PREFIX):
-        return True
-    return protect_ops and (
-        path in OPS_PATHS or path == DOCS_ASSETS or path.startswith(f"{DOCS_ASSETS}/")
-    )
+    """Whether the API key (when one is set) guards the routed ``path``."""
+    if path in PUBLIC_PATHS:
+        return False
+    is_ops = path in OPS_PATHS or path == DOCS_ASSETS or path.startswith(f"{DOCS_ASSETS}/")
+    return protect_ops or not is_ops
 
 
 class _TooLarge(StarletteHTTPException):
@@ -112,7 +128,7 @@ class Gate:
         headers: dict[bytes, bytes],
         started: float,
     ) -> None:
-        path: str = scope["path"]
+        path = route_path(scope)
         rid_header = (HEADER, scope["state"]["request_id"].encode("ascii"))
         limit = self.body_limits.get(path, self.max_bytes)
         length = headers.get(b"content-length")
@@ -174,20 +190,32 @@ class Gate:
         self, scope: Scope, path: str, headers: dict[bytes, bytes]
     ) -> LanewayError | None:
         """401 for a protected path without a valid key, 429 for a key over its limits:
-        decided from headers alone. None: go on."""
+        decided from headers alone. None: go on. A request the keys let through (a valid
+        key, or no keys configured) is marked ``authenticated`` (``/health`` shows its
+        detail only to such a caller)."""
         if not is_protected(path, protect_ops=self.protect_ops):
+            with contextlib.suppress(LanewayError):  # open path: a bad key is no refusal
+                await self._authenticate(scope, headers)
             return None
         try:
-            principal = await self.keys.authenticate(headers.get(b"authorization"))
+            principal = await self._authenticate(scope, headers)
             if principal is None:  # no keys configured
                 return None
-            scope["state"]["principal"] = principal
             KEY_NAME.set(principal.name)  # for the live message (the worker's log)
             if path.startswith(V1_PREFIX) and self.state is not None:
                 await self.limiter.admit(self.state().redis, principal)
         except LanewayError as exc:
             return exc
         return None
+
+    async def _authenticate(self, scope: Scope, headers: dict[bytes, bytes]) -> Principal | None:
+        """The caller (None: no keys configured), left in the scope's state; raises
+        ``LanewayError`` for a missing or bad key."""
+        principal = await self.keys.authenticate(headers.get(b"authorization"))
+        scope["state"]["authenticated"] = True
+        if principal is not None:
+            scope["state"]["principal"] = principal
+        return principal
 
     def _route_of(self, scope: Scope) -> str:
         """The template of the route a request would reach (it has not been routed yet)."""

@@ -102,10 +102,16 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
+    root_path: str = Field(
+        default="",
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description="the path prefix a reverse proxy strips before the API (`laneway api "
+        "--root-path`), e.g. /lw; unset: none",
+    )
     api_key: str | None = Field(
         default=None,
-        description="one static key for small setups: when set, /v1/* needs it (its files "
-        "and batches are those made without keys)",
+        description="one static key for small setups: when set, every route but /health "
+        "needs it (its files and batches are those made without keys)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

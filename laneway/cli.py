@@ -164,6 +164,9 @@ def _serve(args: argparse.Namespace, settings: Settings, workers: int) -> None:
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=10,
+        # behind a proxy that strips a path prefix: the prefix (the gate and the router
+        # both decide on the path less it, see api/middleware.py)
+        root_path=args.root_path or settings.root_path,
     )
 
 
@@ -305,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     api.add_argument("--no-migrate", action="store_true")
+    api.add_argument(
+        "--root-path",
+        help="the path prefix a reverse proxy strips, e.g. /lw (default: LANEWAY_ROOT_PATH)",
+    )
     api.add_argument(
         "--workers",
         type=whole(1, 64),

@@ -9,8 +9,9 @@ from pydantic import BaseModel
 
 class ModelHealth(BaseModel):
     warm: bool
-    workers: list[str]
-    warm_workers: list[str]
+    # which workers (host and pid): only for a caller the API key lets through
+    workers: list[str] | None = None
+    warm_workers: list[str] | None = None
 
 
 class Health(BaseModel):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import suppress
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
@@ -25,7 +26,10 @@ router = APIRouter()
 
 
 @router.get("/health", response_class=JSONResponse, responses=HEALTH_RESPONSES)
-async def health(state: StateDep) -> JSONResponse:
+async def health(state: StateDep, request: Request) -> JSONResponse:
+    """Whether every served model is warm; which workers serve each (host names and pids)
+    only for a caller the API key lets through (the gate marks it ``authenticated``)."""
+    detail = bool(request.scope.get("state", {}).get("authenticated"))
     models: dict[str, Any] = {}
     try:
         await state.live.registry.workers(fresh=True)
@@ -39,6 +43,8 @@ async def health(state: StateDep) -> JSONResponse:
             m: {"warm": False, "workers": [], "warm_workers": []} for m in state.settings.models
         }
     ok = broker == "ok" and all(m["warm"] for m in models.values())
+    if not detail:
+        models = {m: {"warm": v["warm"]} for m, v in models.items()}
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "broker": broker, "models": models},
         status_code=200 if ok else 503,
@@ -70,6 +76,18 @@ async def metrics(state: StateDep) -> Response:
     return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
+# the finished batches are every batch there ever was: counted at most this often per
+# process, not on every scrape (the open ones are, from a range of the status index)
+FINISHED_COUNTS_EVERY_S = 300.0
+_finished: tuple[float, dict[str, int]] = (float("-inf"), {})
+
+
 def _batch_counts() -> dict[str, int]:
+    global _finished
     with session_scope() as s:
-        return count_by_status(s)
+        counts = count_by_status(s)
+        counted_at, finished = _finished
+        if time.monotonic() - counted_at >= FINISHED_COUNTS_EVERY_S:
+            finished = count_by_status(s, finished=True)
+            _finished = (time.monotonic(), finished)
+    return {**counts, **finished}

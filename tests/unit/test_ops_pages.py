@@ -1,4 +1,5 @@
-"""The operator pages' pure decisions: what the API key guards among the docs' assets,
+"""The operator pages' pure decisions: what the API key guards (all but /health and, as a
+setting, the docs' pages and assets),
 an OpenAPI document without dangling ``$defs`` references, and how `laneway flower` is
 started (its basic auth from the settings, kept off the command line)."""
 
@@ -30,9 +31,18 @@ def test_the_docs_assets_follow_the_pages(path: str) -> None:
     assert not is_protected(path, protect_ops=False)
 
 
-@pytest.mark.parametrize("path", ["/health", "/docsx", "/docs/assetsx/a.js", "/static/a.js"])
-def test_other_paths_stay_open(path: str) -> None:
-    assert not is_protected(path, protect_ops=True)
+@pytest.mark.parametrize("protect_ops", [True, False])
+def test_health_stays_open(protect_ops: bool) -> None:
+    assert not is_protected("/health", protect_ops=protect_ops)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/files", "/docsx", "/docs/assetsx/a.js", "/static/a.js", "/", "", "//v1/files"]
+)
+@pytest.mark.parametrize("protect_ops", [True, False])
+def test_every_other_path_needs_the_key(path: str, protect_ops: bool) -> None:
+    """Fail closed: a path no route knows (or one a future route adds) is guarded too."""
+    assert is_protected(path, protect_ops=protect_ops)
 
 
 def test_the_openapi_document_has_no_dangling_defs(monkeypatch: pytest.MonkeyPatch) -> None:
