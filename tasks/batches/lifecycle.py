@@ -230,7 +230,7 @@ def _record_validation(
         ):
             s.rollback()  # cancelled, expired or taken over meanwhile: no chunks wanted
             return None
-        in_flight = lines_in_flight(s, owner) if lines_quota else 0
+        in_flight = lines_in_flight(s, owner) if lines_quota else 0  # this batch's included
         if in_flight <= lines_quota or not lines_quota:
             return "in_progress"
         s.rollback()  # over the owner's quota: nothing of it stays, the batch fails
