@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tasks.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+
 MAX_PROBLEMS = 5
 
 
 def _line_problem(raw: bytes, endpoint: str, seen: set[str]) -> str | None:
     """What is wrong with one non-blank line of a batch input file (None: nothing)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
+    try:  # the server's parser (tasks/batches/validation.py), so the two agree
+        obj, _ = parse_json(raw)
     except UnicodeDecodeError:
         return "not valid UTF-8"
+    except JSONTooDeep:
+        return f"not valid JSON: {NESTED_TOO_DEEPLY}"
     except json.JSONDecodeError as exc:
         return f"not valid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(obj, dict):

@@ -57,6 +57,7 @@ def test_a_good_file_with_blank_lines_passes(tmp_path: Path) -> None:
         (line("c", method="GET"), "'method' is 'GET', must be 'POST'"),
         (line("c", body=[1]), "'body' must be a JSON object"),
         (line("a"), "custom_id 'a' is used more than once"),
+        ("[" * 5000 + "]" * 5000, "not valid JSON: it is nested too deeply"),
     ],
 )
 def test_a_bad_line_is_refused_before_upload_naming_its_line(
