@@ -5,20 +5,34 @@ scheduler thread per model loops:
 
 1. **admit** waiting jobs between decode steps: live jobs first, in arrival order; a
    batch job only while no live job waits (so no batch sequence is admitted ahead of a
-   live one), within ``max_running`` sequences and the token budget (prompt plus
-   ``max_tokens`` of every running sequence, the cache it may grow to);
+   live one), within ``max_running`` sequences and the token budget. The budget counts
+   the cache the batch may grow to: the cache is left-padded, so every row is as wide
+   as the widest, and that is rows x the largest prompt plus ``max_tokens``. A live job
+   that finds no room preempts running batch jobs, newest first, but only when that
+   makes it fit; otherwise it waits and nothing is preempted;
 2. **prefill** the admitted sequences in one forward and merge their cache into the
    running batch (``workers.backends.chat.merge``);
-3. **sample** one token per running sequence (greedy at temperature 0, else top-p with a
-   per-request generator, penalties, log-probabilities), detect the end (EOS, a stop
-   string, ``max_tokens``), stream the new text of streaming jobs;
+3. **sample** one token per running sequence, batched on the logits' device (penalties,
+   temperature, top-p, log-probabilities: ``workers.chat_sampling``) and read back in
+   one copy: greedy at temperature 0, else a draw with a generator on that device, a
+   seeded request's its own (so its tokens do not depend on the rest of the batch);
+   then detect the end (EOS, a stop string, ``max_tokens``) and stream the new text of
+   streaming jobs;
 4. drop finished sequences from the batch, and those whose caller hung up (checked every
    few steps), then **decode** the rest in one forward.
 
-On a device out-of-memory the newest half of the running jobs goes back to the front of
-its queue (each resumes later by prefilling its prompt and what it generated so far,
-so no request fails for it), and the running batch stays at most that size for
-``chat_oom_cooldown_s``.
+On a device out-of-memory in a decode, the cache is cut back to its width before the
+step (``workers.backends.chat.rollback``: the layers that ran had appended their
+column), the newest half of the running jobs goes back to the front of its queue (each
+resumes later by prefilling its prompt and what it generated so far, so no request
+fails for it), and the running batch stays at most that size for
+``chat_oom_cooldown_s``. A prefill that runs out of memory with several jobs halves
+the same way.
+
+Every job's future completes, whatever happens: a prefill that fails (out of memory
+with a single job, or any other error) fails exactly its own jobs, and the running
+batch, which shares no cache with it, goes on; a step that fails fails the running
+jobs; ``stop`` fails whatever is still waiting or running (``ServiceUnavailable``).
 """
 
 from __future__ import annotations
@@ -27,8 +41,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +52,18 @@ from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.chat import ChatLimits, check_context
 from tasks.chat_bodies import TokenLogprob, logprob_entry
-from tasks.errors import LanewayError
+from tasks.errors import LanewayError, ServiceUnavailable
 from tasks.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
-from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt, merge, select
+from workers.backends.chat import (
+    Batch,
+    ChatBackend,
+    OutOfMemory,
+    Prompt,
+    merge,
+    rollback,
+    select,
+)
 from workers.batching import (
     FRESH_S,
     Dropped,
@@ -50,40 +72,12 @@ from workers.batching import (
     JobMeta,
     failed,
 )
+from workers.chat_sampling import Sampling, pick, row_index, to_host
 
 log = logging.getLogger(__name__)
 
 GONE_EVERY_S = 0.05  # how often running live requests are checked for a hung-up caller
 Emit = Callable[[list[dict[str, Any]]], None]  # a streaming job's new choice deltas
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-    @classmethod
-    def from_work(cls, work: dict[str, Any]) -> Sampling:
-        return cls(
-            max_tokens=int(work["max_tokens"]),
-            temperature=float(work.get("temperature", 1.0)),
-            top_p=float(work.get("top_p", 1.0)),
-            n=int(work.get("n", 1)),
-            stop=tuple(str(s) for s in work.get("stop") or ()),
-            seed=work.get("seed"),
-            presence_penalty=float(work.get("presence_penalty", 0.0)),
-            frequency_penalty=float(work.get("frequency_penalty", 0.0)),
-            logprobs=bool(work.get("logprobs", False)),
-            top_logprobs=int(work.get("top_logprobs", 0)),
-        )
 
 
 @dataclass(frozen=True)
@@ -114,6 +108,9 @@ class Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     fresh_logprobs: int = 0  # logprobs not streamed yet
     closed: bool = False  # its finish has been streamed
+    # how often each token was generated (vocab,), on the logits' device, for penalties;
+    # built on the first penalised step (again after a preemption), see ``chat_sampling``
+    counts: torch.Tensor | None = field(default=None, repr=False)
 
     def resume_prompt(self) -> Prompt:
         return Prompt(self.job.prompt.ids + self.generated, self.job.prompt.extra)
@@ -128,16 +125,19 @@ class ChatJob:
     emit: Emit | None = None
     future: Future[ChatResult] = field(default_factory=Future)
     choices: list[Choice] = field(default_factory=list)
+    # a seeded request's own generator, made on the logits' device at its first draw
     generator: torch.Generator | None = None
     arrived: float = field(default_factory=time.monotonic)
 
     @property
-    def reserve(self) -> int:
-        """The cache tokens its sequences may grow to."""
-        return (len(self.prompt.ids) + self.sampling.max_tokens) * self.sampling.n
+    def width(self) -> int:
+        """The cache columns each of its rows may grow to (prompt and completion)."""
+        return len(self.prompt.ids) + self.sampling.max_tokens
 
 
 class ChatEngine:
+    kind = "transformers"  # the engine's name, shown per model in /health
+
     def __init__(
         self, backend: ChatBackend, settings: Settings, *, gone: GoneCheck | None = None
     ) -> None:
@@ -155,6 +155,7 @@ class ChatEngine:
         self._running: list[Choice] = []  # in the order of the batch's rows
         self._state: Batch | None = None
         self._logits: torch.Tensor | None = None  # the running rows' next-token logits
+        self._generators: dict[torch.device, torch.Generator] = {}  # unseeded draws'
         self._cap = self.limits.max_running
         self._cap_until = 0.0
         self._gone_at = 0.0
@@ -177,9 +178,13 @@ class ChatEngine:
         return self.backend.warm
 
     def stop(self) -> None:
+        """Stop the scheduler. No caller is left waiting: the queued jobs fail now, the
+        running ones once the scheduler is out of its step (``ServiceUnavailable``)."""
         with self._cond:
             self._stopped = True
+            waiting = self._take_waiting()
             self._cond.notify()
+        _fail(waiting, self._stopped_error())
         self._thread.join(timeout=5)
 
     def metrics(self) -> dict[str, Any]:
@@ -220,10 +225,13 @@ class ChatEngine:
                 continue
             jobs.append(job)
             futures.append(job.future)
-        if jobs:
-            with self._cond:
+        with self._cond:
+            stopped = self._stopped
+            if jobs and not stopped:
                 (self._batch if lane == BATCH else self._live).extend(jobs)
                 self._cond.notify()
+        if stopped:  # nothing would ever run them
+            _fail(jobs, self._stopped_error())
         return futures
 
     def _job(
@@ -239,25 +247,38 @@ class ChatEngine:
         check_context(len(prompt.ids), sampling.max_tokens, self.limits.context_length)
         job = ChatJob(sampling, prompt, lane, meta, emit)
         job.choices = [Choice(job, i) for i in range(sampling.n)]
-        if sampling.temperature > 0:
-            job.generator = torch.Generator(device="cpu")
-            if sampling.seed is not None:
-                job.generator.manual_seed(int(sampling.seed))
-            else:
-                job.generator.seed()
         return job
+
+    def _generator(self, job: ChatJob, device: torch.device) -> torch.Generator:
+        """The generator ``job``'s sampled rows draw with, on ``device`` (the logits'):
+        a CPU generator cannot drive a draw on CUDA. A seeded request has its own,
+        seeded once, so what it draws depends on nothing else in the batch and repeats
+        from run to run; the others share the engine's, seeded at random."""
+        if job.sampling.seed is None:
+            shared = self._generators.get(device)
+            if shared is None:
+                shared = self._generators[device] = torch.Generator(device=device)
+                shared.seed()
+            return shared
+        if job.generator is None:
+            job.generator = torch.Generator(device=device)
+            job.generator.manual_seed(int(job.sampling.seed))
+        return job.generator
 
     # -- the scheduler ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """The scheduler thread (see the module docstring). A step that raises fails
+        what it held and the loop goes on; once stopped, what is left fails."""
         while True:
-            with self._cond:
-                while not self._stopped and not self._running and not self._waiting():
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                admitted, preempt = self._admit()
+            admitted: list[ChatJob] = []
             try:
+                with self._cond:
+                    while not self._stopped and not self._running and not self._waiting():
+                        self._cond.wait()
+                    if self._stopped:
+                        break
+                    admitted, preempt = self._admit()
                 if preempt:
                     self._preempt(preempt)
                 if admitted:
@@ -267,66 +288,116 @@ class ChatEngine:
             except Exception as exc:  # a bug or a broken forward: fail what runs, go on
                 log.exception("chat step failed for %s", self.entry.id)
                 self._fail_running(exc)
+                _fail(self._orphans(admitted), exc)
+        with self._cond:
+            waiting = self._take_waiting()
+        error = self._stopped_error()
+        _fail(waiting, error)
+        self._fail_running(error)
 
     def _waiting(self) -> bool:
         return bool(self._live or self._batch)
 
+    def _take_waiting(self) -> list[ChatJob]:
+        """Every queued job, the queues emptied; holds the lock."""
+        waiting = [*self._live, *self._batch]
+        self._live.clear()
+        self._batch.clear()
+        return waiting
+
+    def _orphans(self, admitted: list[ChatJob]) -> list[ChatJob]:
+        """Of the jobs admitted this turn, those that are neither running nor queued
+        again: after a failed step nothing else would ever complete them."""
+        running = {c.job for c in self._running}
+        with self._cond:
+            queued = {*self._live, *self._batch}
+        return [j for j in admitted if j not in running and j not in queued]
+
+    def _stopped_error(self) -> ServiceUnavailable:
+        return ServiceUnavailable(f"model {self.entry.id!r} stopped before it answered")
+
     def _admit(self) -> tuple[list[ChatJob], list[ChatJob]]:
         """(jobs to start now, running batch jobs to preempt for them); holds the lock.
         Live first; batch only when no live job waits. A live job that finds no room
-        preempts running batch jobs, newest first: they go back to wait and resume later
-        by prefilling what they had generated, so a live request never waits for a
-        batch sequence to finish."""
+        preempts running batch jobs, newest first, when that makes it fit: they go back
+        to wait and resume later by prefilling what they had generated, so a live
+        request never waits for a batch sequence to finish. When even preempting every
+        batch job would not make room, nothing is preempted: the live job waits for
+        running live ones, and the batch jobs go on meanwhile."""
         if self._cap_until and time.monotonic() > self._cap_until:
             self._cap, self._cap_until = self.limits.max_running, 0.0
-        running = list({c.job: None for c in self._running})
-        rows = sum(j.sampling.n for j in running)
-        used = sum(j.reserve for j in running)
+        held = list({c.job: None for c in self._running})  # running, then admitted
         preempt: list[ChatJob] = []
         taken: list[ChatJob] = []
-
-        def fits(job: ChatJob) -> bool:
-            if rows == 0 and not taken:
-                return True  # alone, it runs whatever its size
-            return rows + job.sampling.n <= self._cap and used + job.reserve <= self.token_budget
-
         for queue in (self._live, self._batch):
             if queue is self._batch and self._live:
                 break  # a live job still waits for room: nothing is admitted ahead of it
             while queue:
                 job = queue[0]
-                if queue is self._live:
-                    for victim in reversed(running):
-                        if fits(job):
-                            break
-                        if victim.lane == BATCH and victim not in preempt:
-                            preempt.append(victim)
-                            rows -= victim.sampling.n
-                            used -= victim.reserve
-                if not fits(job):
-                    break
-                queue.popleft()
-                if job.future.done():  # dropped while it waited
+                if job.future.done():  # dropped or cancelled while it waited
+                    queue.popleft()
                     continue
+                if not self._fits(held, job):
+                    victims = self._victims(held, job) if queue is self._live else []
+                    if not victims:
+                        break
+                    preempt.extend(victims)
+                    held = [j for j in held if j not in victims]
+                queue.popleft()
                 taken.append(job)
-                rows += job.sampling.n
-                used += job.reserve
+                held.append(job)
         return taken, preempt
+
+    def _fits(self, held: list[ChatJob], job: ChatJob) -> bool:
+        """Whether ``job`` can run beside ``held``: within the running cap, and the cache
+        they may grow to within the token budget. The cache is left-padded, so it costs
+        every row the widest row's columns (prompt plus ``max_tokens``), not the sum of
+        the rows' own. Alone, a job runs whatever its size."""
+        if not held:
+            return True
+        rows = job.sampling.n + sum(j.sampling.n for j in held)
+        widest = max(job.width, *(j.width for j in held))
+        return rows <= self._cap and rows * widest <= self.token_budget
+
+    def _victims(self, held: list[ChatJob], job: ChatJob) -> list[ChatJob]:
+        """The running batch jobs, newest first, whose preemption makes room for the
+        live ``job``: as few as will do, or none when even all of them would not
+        (preempting them then would only throw their work away). While live jobs are
+        admitted no batch job is, so every batch job in ``held`` is a running one."""
+        victims: list[ChatJob] = []
+        kept = list(held)
+        for victim in reversed(held):
+            if victim.lane != BATCH:
+                continue
+            victims.append(victim)
+            kept.remove(victim)
+            if self._fits(kept, job):
+                return victims
+        return []
 
     def _preempt(self, jobs: list[ChatJob]) -> list[int]:
         """Take ``jobs`` out of the running batch and put them back first in their queue
         (each resumes later by prefilling what it had generated). The rows kept."""
         gone = set(jobs)
         keep = [i for i, c in enumerate(self._running) if c.job not in gone]
-        index = torch.as_tensor(keep, dtype=torch.long)
+        for choice in self._running:
+            if choice.job in gone:
+                choice.counts = None  # rebuilt from its tokens when it resumes
         self._state = select(self._state, keep) if keep and self._state is not None else None
-        self._logits = self._logits[index] if keep and self._logits is not None else None
+        if keep and self._logits is not None:
+            self._logits = self._logits[row_index(keep, self._logits.device)]
+        else:
+            self._logits = None
         self._running = [self._running[i] for i in keep]
         self.preempted += len(jobs)
         self._requeue(jobs)
         return keep
 
     def _prefill(self, jobs: list[ChatJob]) -> None:
+        """Start ``jobs``: their sequences in one forward, merged into the running batch.
+        A forward that fails fails exactly these jobs: it built a cache of its own, so
+        the running batch is untouched and goes on. Out of memory with several jobs,
+        the newer half goes back to wait and the older half tries again."""
         jobs = self._drop_gone(jobs, force=True)
         choices = [c for j in jobs for c in j.choices if c.finish_reason is None]
         if not choices:
@@ -337,21 +408,27 @@ class ChatEngine:
         began = time.perf_counter()
         try:
             logits, batch = self.backend.prefill([c.resume_prompt() for c in choices])
-        except OutOfMemory:
+        except OutOfMemory as exc:
             if len(jobs) == 1:
-                raise
+                _fail(jobs, exc)
+                return
             half = len(jobs) // 2
             self._requeue(jobs[half:])
             self._prefill(jobs[:half])
             return
+        except Exception as exc:
+            log.exception("chat prefill failed for %s", self.entry.id)
+            _fail(jobs, exc)
+            return
         self.stats.record(len(choices), time.perf_counter() - began)
+        # running first: a merge that breaks fails them with the batch (``_fail_running``)
+        self._running.extend(choices)
         self._state = merge(self._state, batch)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
-        self._running.extend(choices)
 
     def _step(self) -> None:
         assert self._logits is not None and self._state is not None
-        tokens, logprobs = self._sample(self._logits)
+        tokens, on_device, logprobs = self._sample(self._logits)
         for row, choice in enumerate(self._running):
             self._advance(choice, tokens[row], logprobs[row] if logprobs else None)
         emitted = False
@@ -361,20 +438,27 @@ class ChatEngine:
             time.sleep(0)  # let the reply writer send them before the next forward
         self._drop_gone([c.job for c in self._running])
         keep = [i for i, c in enumerate(self._running) if c.finish_reason is None]
+        for choice in self._running:
+            if choice.finish_reason is not None:
+                choice.counts = None
         if not keep:
             self._running, self._state, self._logits = [], None, None
             return
         if len(keep) < len(self._running):
             self._state = select(self._state, keep)
             self._running = [self._running[i] for i in keep]
-        self._decode(torch.as_tensor([tokens[i] for i in keep], dtype=torch.long))
+            on_device = on_device[row_index(keep, on_device.device)]
+        self._decode(on_device)
 
     def _decode(self, tokens: torch.Tensor) -> None:
-        """One decode step. Out of memory: the newest half of the running jobs goes back
-        to wait (``_preempt``) and the running batch stays at most the other half for the
-        cooldown; a single request that does not fit alone fails."""
+        """One decode step. Out of memory: the cache goes back to its width before the
+        step (``rollback``: layers that ran before the failure had appended their
+        column), the newest half of the running jobs goes back to wait (``_preempt``),
+        and the running batch stays at most the other half for the cooldown; a single
+        request that does not fit alone fails."""
         assert self._state is not None
         while True:
+            width = int(self._state.mask.shape[1])
             try:
                 began = time.perf_counter()
                 self._logits = self.backend.decode(self._state, tokens)
@@ -384,8 +468,7 @@ class ChatEngine:
                 jobs = list({c.job: None for c in self._running})
                 if len(jobs) == 1:
                     raise
-                # the decode appended the mask column before it failed: undo it
-                self._state.mask = self._state.mask[:, :-1]
+                rollback(self._state, width)
                 self._logits = None  # the last step's, already sampled
                 keep = self._preempt(jobs[len(jobs) // 2 :])
                 self._cap = len(keep)
@@ -394,7 +477,7 @@ class ChatEngine:
                     "out of memory on %s: running batch capped at %d", self.entry.id, self._cap
                 )
                 assert self._state is not None
-                tokens = tokens[torch.as_tensor(keep, dtype=torch.long)]
+                tokens = tokens[row_index(keep, tokens.device)]
 
     def _requeue(self, jobs: list[ChatJob]) -> None:
         with self._cond:
@@ -403,40 +486,30 @@ class ChatEngine:
 
     # -- tokens -------------------------------------------------------------------------
 
-    def _sample(self, logits: torch.Tensor) -> tuple[list[int], list[Any] | None]:
-        """One token per row, and (when any row asks) each row's log-probabilities."""
+    def _sample(
+        self, logits: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor, list[dict[str, Any] | None] | None]:
+        """One token per running row, picked on the logits' device (``pick``) and read
+        back in one copy: (the tokens, the same on the device for the decode, each row's
+        log-probabilities when any row asks, else None)."""
         rows = self._running
-        want_logprobs = any(c.job.sampling.logprobs for c in rows)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        scores = logits.clone()
-        for row, choice in enumerate(rows):
-            s = choice.job.sampling
-            if (s.presence_penalty or s.frequency_penalty) and choice.generated:
-                _penalise(scores[row], choice.generated, s)
-        tokens = scores.argmax(dim=-1).tolist()
-        for row, choice in enumerate(rows):
-            s = choice.job.sampling
-            if s.temperature > 0:
-                tokens[row] = _draw(scores[row], s, choice.job.generator)
-        if raw_logprobs is None:
-            return tokens, None
-        return tokens, [
-            self._logprob(raw_logprobs[row], tokens[row], rows[row].job.sampling)
-            if rows[row].job.sampling.logprobs
-            else None
-            for row in range(len(rows))
-        ]
-
-    def _logprob(self, logprobs: torch.Tensor, token: int, s: Sampling) -> dict[str, Any]:
-        chosen = TokenLogprob(self.backend.token_text(token), float(logprobs[token]))
-        top: list[TokenLogprob] = []
-        if s.top_logprobs:
-            values, ids = torch.topk(logprobs, s.top_logprobs)
+        picked = pick(logits, rows, self._generator)
+        host, chosen, values, ids = to_host(
+            picked.tokens, picked.chosen, picked.top_values, picked.top_ids
+        )
+        tokens = [int(t) for t in host]
+        if not picked.want:
+            return tokens, picked.tokens, None
+        k = 0 if picked.top_values is None else int(picked.top_values.shape[1])
+        entries: list[dict[str, Any] | None] = [None] * len(rows)
+        for j, row in enumerate(picked.want):
             top = [
-                TokenLogprob(self.backend.token_text(int(i)), float(v))
-                for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+                TokenLogprob(self.backend.token_text(int(ids[j * k + t])), values[j * k + t])
+                for t in range(min(rows[row].job.sampling.top_logprobs, k))
             ]
-        return logprob_entry(chosen, top)
+            token = TokenLogprob(self.backend.token_text(tokens[row]), chosen[j])
+            entries[row] = logprob_entry(token, top)
+        return tokens, picked.tokens, entries
 
     def _advance(self, choice: Choice, token: int, logprob: dict[str, Any] | None) -> None:
         """Append ``token`` to ``choice`` and decide whether it is finished. The text is
@@ -475,7 +548,8 @@ class ChatEngine:
                 job.emit(deltas)
                 sent = True
         if all(c.finish_reason is not None for c in job.choices) and not job.future.done():
-            job.future.set_result(
+            _settle(
+                job.future,
                 ChatResult(
                     [
                         {
@@ -488,7 +562,7 @@ class ChatEngine:
                     ],
                     prompt_tokens=len(job.prompt.ids),
                     completion_tokens=sum(len(c.generated) for c in job.choices),
-                )
+                ),
             )
             sent = True
         return sent
@@ -505,7 +579,8 @@ class ChatEngine:
         unique = list({j: None for j in jobs})
         wall = time.time()
         # a deadline is the latest start: a running stream is ended by its caller instead
-        dead = {
+        dead = {j for j in unique if j.future.cancelled()}  # its caller gave up on it
+        dead |= {
             j
             for j in unique
             if j.meta.deadline is not None
@@ -530,33 +605,33 @@ class ChatEngine:
         for job in dead:
             for c in job.choices:
                 c.finish_reason = c.finish_reason or "stop"
-            if not job.future.done():
-                job.future.set_exception(Dropped(job.meta.request_id or "job"))
+            _settle(job.future, Dropped(job.meta.request_id or "job"))
         return [j for j in jobs if j not in dead]
 
-    def _fail_running(self, exc: Exception) -> None:
-        for choice in self._running:
-            if not choice.job.future.done():
-                choice.job.future.set_exception(exc)
+    def _fail_running(self, exc: BaseException) -> None:
+        """Fail every running job and empty the batch (its cache may be half updated)."""
+        _fail({c.job: None for c in self._running}, exc)
         self._running, self._state, self._logits = [], None, None
 
 
-def _penalise(scores: torch.Tensor, generated: list[int], s: Sampling) -> None:
-    """OpenAI's presence and frequency penalties, over the tokens generated so far."""
-    ids = torch.as_tensor(generated, dtype=torch.long)
-    counts = torch.bincount(ids, minlength=scores.shape[0])[: scores.shape[0]].to(scores.dtype)
-    scores -= counts * s.frequency_penalty + (counts > 0).to(scores.dtype) * s.presence_penalty
+def _fail(jobs: Iterable[ChatJob], exc: BaseException) -> None:
+    """Complete every job in ``jobs`` that is not complete yet with ``exc``."""
+    for job in jobs:
+        _settle(job.future, exc)
 
 
-def _draw(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """A token drawn at ``temperature`` from the smallest set of mass ``top_p``."""
-    probs = torch.softmax(scores / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > s.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _settle(future: Future[ChatResult], outcome: ChatResult | BaseException) -> None:
+    """Complete ``future`` unless it already is: a caller may cancel it at any moment,
+    and completing a cancelled future raises, which must not fail the whole batch."""
+    if future.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass  # cancelled in between
 
 
 def _delta(choice: Choice) -> dict[str, Any] | None:

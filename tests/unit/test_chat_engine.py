@@ -1,6 +1,7 @@
 """workers.chat_engine.ChatEngine over a fake chat backend whose "KV cache" holds the
 token ids themselves: the next token is a function of the whole sequence, so a row that
-the cache surgery (merge, select, trim) mixed up gives a wrong continuation."""
+the cache surgery (merge, select, trim) mixed up gives a wrong continuation. The
+sampling on the device (``_pick``) is also tested on its own, on the 'meta' device."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import DynamicCache
 
 from configs.catalog import load_catalog
@@ -22,7 +25,16 @@ from tasks.names import BATCH, LIVE
 from tests.chat_models import chat_entry, write_catalog
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt
 from workers.batching import Dropped, JobMeta
-from workers.chat_engine import ChatEngine, ChatResult
+from workers.chat_engine import (
+    ChatEngine,
+    ChatJob,
+    ChatResult,
+    Choice,
+    Sampling,
+    Submission,
+)
+from workers.chat_sampling import _top_p
+from workers.chat_sampling import pick as _pick
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,6 +55,7 @@ class FakeChat(ChatBackend):
         self.gate = threading.Event()
         self.gate.set()
         self.delay_s = 0.0  # per decode step
+        self.soft = False  # broad logits (sampling, penalties and top-p all matter)
 
     def load(self) -> None:
         self.warm = True
@@ -60,6 +73,9 @@ class FakeChat(ChatBackend):
         # position-weighted over real tokens only: padding must not count
         score = ((keys * mask) * weights.flip(0)).sum(dim=1).long()
         nxt = score % (VOCAB - 2) + 2
+        if self.soft:  # every token possible, the likeliest some 20 times the least
+            spread = torch.arange(VOCAB)[None, :] * (nxt[:, None] % 7 + 1) + nxt[:, None]
+            return (spread % 13).float() / 4.0
         logits = torch.full((keys.shape[0], VOCAB), -10.0)
         logits[torch.arange(keys.shape[0]), nxt] = 10.0
         return logits
@@ -72,21 +88,29 @@ class FakeChat(ChatBackend):
         for row, p in enumerate(prompts):
             keys[row, 0, width - len(p.ids) :, 0] = torch.tensor(p.ids, dtype=torch.float)
             mask[row, width - len(p.ids) :] = 1
-        cache = DynamicCache()
-        cache.update(keys, keys.clone(), 0)
+        cache = self._new_cache()
+        self._append(cache, keys, "prefill")
         return self._logits(cache, mask), Batch(cache, mask, torch.zeros(len(prompts)))
 
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """As ``ChatBackend.decode`` says: the mask gets its column only on success."""
         self.gate.wait(10)
         time.sleep(self.delay_s)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
         if self.oom_over is not None and batch.rows > self.oom_over:
             self.ooms += 1
             raise OutOfMemory("simulated")
-        self.decodes.append(batch.rows)
         new = tokens.to(torch.float).view(-1, 1, 1, 1)
-        batch.cache.update(new, new.clone(), 0)
+        self._append(batch.cache, new, "decode")
+        self.decodes.append(batch.rows)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
         return self._logits(batch.cache, batch.mask)
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    def _append(self, cache: DynamicCache, keys: torch.Tensor, phase: str) -> None:
+        """``keys`` (and as many values) appended to the cache, as a forward's layers do."""
+        cache.update(keys, keys.clone(), 0)
 
     def text(self, ids: Sequence[int]) -> str:
         return "".join(f"w{i} " for i in ids if i not in self.eos_ids)
@@ -238,3 +262,204 @@ def test_one_request_that_does_not_fit_alone_fails_instead_of_hanging(make: Any)
         engine.submit(work("three choices", 5, n=3)).result(5)
     backend.oom_over = None
     assert len(engine.submit(work("next", 3)).result(5).choices[0]["text"].split()) == 3
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def texts(result: ChatResult) -> list[str]:
+    return [str(c["text"]) for c in result.choices]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch_or_the_engine(make: Any) -> None:
+    """A seeded request (temperature 1, top-p, penalties, n=2) gives the same tokens
+    alone, batched with other sampled, seeded, greedy and penalised requests (which
+    finish at other steps, so its rows move in the batch), and on another engine."""
+    first, backend = make(max_running=16)
+    second, other = make(max_running=16)
+    backend.soft = other.soft = True
+    seeded = work(
+        "seeded sampling",
+        20,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        n=2,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+    )
+    alone = texts(first.submit(seeded).result(10))
+    company = [
+        work("greedy", 12),
+        work("unseeded", 15, temperature=0.8),
+        seeded,
+        work("other seed", 9, temperature=1.2, seed=7, presence_penalty=1.0, logprobs=True),
+        work("penalised greedy", 25, frequency_penalty=2.0, top_logprobs=3, logprobs=True),
+    ]
+    futures = first.submit_many([Submission(w) for w in company])
+    assert texts(futures[2].result(10)) == alone
+    assert all(f.result(10) for f in futures)
+    assert len(backend.prefills[-1]) == 6  # all of them in one batch
+    assert texts(second.submit(seeded).result(10)) == alone
+    assert alone[0] != alone[1]  # the two choices drew their own tokens
+
+
+def _row(sampling: Sampling, generated: Sequence[int] = (), n: int = 1) -> list[Choice]:
+    job = ChatJob(sampling, Prompt([2, 3]), LIVE, JobMeta())
+    job.choices = [Choice(job, i, generated=list(generated)) for i in range(n)]
+    return job.choices
+
+
+class OneDevice(TorchDispatchMode):
+    """Records every op whose tensors are not all on one device: the only mix allowed is
+    an explicit copy of host values onto ``device`` (and a 0-dim scalar)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.mixed: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        found = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        devices = {t.device for t in found if t.dim() > 0}
+        copy_in = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and (
+            isinstance(out, torch.Tensor) and out.device == self.device
+        )
+        if len(devices) > 1 and not copy_in:
+            self.mixed.append(f"{func}: {sorted(map(str, devices))}")
+        generator = kwargs.get("generator")
+        if generator is not None and generator.device != self.device:
+            self.mixed.append(f"{func}: generator on {generator.device}")
+        return out
+
+
+def test_sampling_stays_on_the_logits_device_and_reads_nothing_back() -> None:
+    """``_pick`` on 'meta' logits: every op's tensors on that device (a CPU tensor in a
+    penalty, a CPU generator, ... is recorded) and no value read back (on 'meta' that
+    raises), with greedy, penalised, top-p, seeded (n=2), unseeded and logprob rows."""
+    meta = torch.device("meta")
+    rows = [
+        *_row(Sampling(8, temperature=0.0, frequency_penalty=0.5), [4, 4, 9]),
+        *_row(Sampling(8, top_p=0.5, presence_penalty=0.2, logprobs=True, top_logprobs=3)),
+        *_row(Sampling(8, temperature=0.7, seed=3), [5], n=2),
+        *_row(Sampling(8, temperature=1.3, logprobs=True)),
+    ]
+    asked: list[torch.device] = []
+
+    def generator(job: ChatJob, device: torch.device) -> torch.Generator | None:
+        asked.append(device)
+        return None  # no generator lives on 'meta': the default one draws
+
+    logits = torch.empty((len(rows), VOCAB), device=meta)
+    with OneDevice(meta) as guard:
+        picked = _pick(logits, rows, generator)
+    assert guard.mixed == []
+    assert asked and set(asked) == {meta}
+    assert picked.want == [1, 4]
+    for t in (picked.tokens, picked.chosen, picked.top_values, picked.top_ids):
+        assert t is not None and t.device == meta
+    assert picked.top_values is not None and picked.top_values.shape == (2, 3)
+    assert all(rows[i].counts is not None and rows[i].counts.device == meta for i in (0, 1))
+
+
+def test_penalties_temperature_top_p_and_logprobs_keep_their_meaning() -> None:
+    """Penalties on generated tokens only (frequency x count + presence x (count > 0)),
+    greedy at temperature 0, top-p the smallest set of that mass, log-probabilities of
+    the raw logits; and the penalised rows' counts follow the tokens picked."""
+    logits = torch.zeros((5, VOCAB))
+    logits[:, 5], logits[:, 6] = 3.0, 2.5
+    rows = [
+        *_row(Sampling(4, temperature=0.0, frequency_penalty=0.3), [5, 5]),  # 3 - 0.6 < 2.5
+        *_row(Sampling(4, temperature=0.0, presence_penalty=0.4), [5]),  # 3 - 0.4 > 2.5
+        *_row(Sampling(4, temperature=0.0), [5, 5, 5]),  # no penalty: 5
+        *_row(Sampling(4, temperature=1.0, top_p=0.01, seed=1)),  # only 5 is in the set
+        *_row(
+            Sampling(4, temperature=0.0, frequency_penalty=9.0, logprobs=True, top_logprobs=2),
+            [5],
+        ),
+    ]
+    engine_like = torch.Generator().manual_seed(0)
+    picked = _pick(logits, rows, lambda job, device: engine_like)
+    assert picked.tokens.tolist() == [6, 5, 5, 5, 6]
+    raw = torch.log_softmax(logits[4], dim=-1)
+    assert picked.chosen is not None and picked.chosen.tolist() == [float(raw[6])]
+    assert picked.top_ids is not None and picked.top_ids.tolist() == [[5, 6]]
+    assert picked.top_values is not None
+    assert picked.top_values.tolist() == [[float(raw[5]), float(raw[6])]]
+    counts = rows[0].counts
+    assert counts is not None and (counts[5], counts[6], counts.sum()) == (2, 1, 3)
+    assert rows[2].counts is None  # not penalised: nothing kept
+    # top-p: 0.4 < 0.5, so the next token joins the set; the rest drop out
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.1, 0.4, 0.2, 0.3]])
+    kept = _top_p(probs, torch.tensor([[0.5], [float("inf")]]))
+    assert torch.equal(kept, torch.tensor([[0.0, 0.4, 0.0, 0.3], [0.1, 0.4, 0.2, 0.3]]))
+
+
+def test_logprobs_come_back_with_the_tokens(make: Any) -> None:
+    engine, _ = make()
+    result = engine.submit(work("log me", 4, logprobs=True, top_logprobs=3)).result(10)
+    entries = result.choices[0]["logprobs"]
+    assert len(entries) == 4 and "".join(e["token"] for e in entries) == result.choices[0]["text"]
+    for e in entries:  # greedy over one-hot logits: the chosen token is the top one
+        assert len(e["top_logprobs"]) == 3 and e["top_logprobs"][0]["token"] == e["token"]
+        assert e["logprob"] == e["top_logprobs"][0]["logprob"]
+
+
+def test_generators_are_made_on_the_backend_device(make: Any) -> None:
+    """Made from the logits' device at the first draw (a CPU generator cannot drive a
+    CUDA draw); a seeded request keeps its own, the unseeded share the engine's."""
+    engine, backend = make()
+    device = torch.device(backend.device)
+    logits_device = torch.zeros(1, device=backend.device).device
+    seeded, unseeded, also = (
+        engine._job(work("x", 2, **kw), (), LIVE, JobMeta(), None)
+        for kw in ({"temperature": 1.0, "seed": 5}, {"temperature": 1.0}, {"temperature": 0.5})
+    )
+    generator = engine._generator(seeded, logits_device)
+    assert generator.device == device and generator is seeded.generator
+    assert engine._generator(seeded, logits_device) is generator
+    shared = engine._generator(unseeded, logits_device)
+    assert shared.device == device and shared is engine._generator(also, logits_device)
+    assert shared is not generator
+    again = torch.Generator(device=device).manual_seed(5)
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=again))
+
+
+# -- admission ------------------------------------------------------------------------------
+
+
+def test_admission_counts_every_row_as_wide_as_the_widest(make: Any) -> None:
+    """Budget 512: the rows' own widths add up to 208 + 6 x 15 = 298, but the cache is
+    left-padded, so seven rows cost 7 x 208; the long job starts with one short one."""
+    engine, backend = make(max_running=16, max_input_tokens=512, batch_token_budget=64)
+    assert engine.token_budget == 512
+    jobs = [work("x" * 200, 8), *(work(f"short {i}", 8) for i in range(6))]
+    expected = [alone(engine, str(w["messages"][0]["content"]), 8) for w in jobs]
+    before = len(backend.prefills)
+    futures = engine.submit_many([Submission(w) for w in jobs])
+    assert [f.result(10).choices[0]["text"] for f in futures] == expected
+    sizes = [len(call) for call in backend.prefills[before:]]
+    assert sizes[0] == 2 and sum(sizes) == 7, sizes  # 2 x 208 fits, 3 x 208 does not
+
+
+def test_a_live_job_that_would_not_fit_anyway_preempts_nothing(make: Any) -> None:
+    """Budget 600. Running: a live job (150 wide) and two batch jobs (100 wide): 3 x 150.
+    A live job 310 wide does not fit beside the running live one (2 x 310), whatever is
+    preempted: so no batch job is, they run to the end, and the live job waits."""
+    engine, backend = make(max_running=8, max_input_tokens=600, batch_token_budget=64)
+    batch_texts = ["batch one", "batch two"]
+    expected = [alone(engine, t, 91) for t in batch_texts]
+    backend.gate.clear()
+    batch = engine.submit_many([Submission(work(t, 91)) for t in batch_texts], lane=BATCH)
+    while not backend.prefills[len(batch_texts) :]:
+        time.sleep(0.01)
+    live = engine.submit_many([Submission(work("live one", 142)), Submission(work("y" * 290, 20))])
+    backend.gate.set()
+    assert [f.result(10).choices[0]["text"] for f in batch] == expected
+    assert all(len(f.result(10).choices[0]["text"].split()) in (142, 20) for f in live)
+    assert engine.preempted == 0
+    rendered = [tuple(backend.render([{"content": t}], []).ids) for t in batch_texts]
+    prefilled = [tuple(ids) for call in backend.prefills for ids in call]
+    assert [prefilled.count(r) for r in rendered] == [2, 2]  # alone, then once in the batch

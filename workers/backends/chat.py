@@ -10,7 +10,8 @@ sequence, left-padded to a common length with an attention mask. A backend gives
   position and their cache;
 - ``decode``: one token per running sequence in one forward, against the shared cache;
 - cache surgery (``select``, ``merge``, ``trim``), so sequences join between decode
-  steps and leave when they finish.
+  steps and leave when they finish, and ``rollback`` after a decode that failed part way
+  (out of memory), so the scheduler can shrink the batch and go on with the same cache.
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ class ChatBackend(ModelBackend):
 
     @abstractmethod
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row (``tokens``: (rows,)) appended; the next logits (rows, vocab)."""
+        """One token per row (``tokens``: (rows,)) appended; the next logits (rows, vocab).
+
+        The mask gets its new column only once the forward succeeded. A forward that
+        fails leaves the mask as it was, but the layers that ran before the failure
+        have appended their column: ``rollback`` cuts them back."""
 
     @abstractmethod
     def text(self, ids: Sequence[int]) -> str:
@@ -128,6 +133,19 @@ def trim(batch: Batch) -> Batch:
         layer.keys = layer.keys[:, :, first:]
         layer.values = layer.values[:, :, first:]
     return Batch(batch.cache, batch.mask[:, first:], batch.offsets)
+
+
+def rollback(batch: Batch, columns: int) -> None:
+    """``batch`` back to ``columns`` columns (its width before a decode that failed):
+    the mask and every layer's keys and values. A decode appends one column per layer as
+    the forward goes through them, so an out-of-memory inside layer k leaves layers
+    0..k-1 (and perhaps k) a column wider than the rest; a cache kept like that would
+    misalign every later step. Columns are only cut from the right (the new ones)."""
+    batch.mask = batch.mask[:, :columns]
+    for layer in _layers(batch.cache):
+        if layer.keys is not None and layer.keys.shape[2] > columns:
+            layer.keys = layer.keys[:, :, :columns]
+            layer.values = layer.values[:, :, :columns]
 
 
 def merge(a: Batch | None, b: Batch) -> Batch:
@@ -253,8 +271,9 @@ class TransformersChatBackend(ChatBackend):
             batch = merge(batch, b)
         assert batch is not None
         logits = torch.cat([lg for _, lg, _ in parts])
-        back = torch.as_tensor([order.index(i) for i in range(len(prompts))])
-        return logits[back], select(batch, back.tolist())
+        back = [order.index(i) for i in range(len(prompts))]
+        index = torch.as_tensor(back, dtype=torch.long, device=logits.device)
+        return logits[index], select(batch, back)
 
     def _prefill_text(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, Batch]:
         width = max(len(p.ids) for p in prompts)
@@ -308,14 +327,16 @@ class TransformersChatBackend(ChatBackend):
         return positions.unsqueeze(0).expand(3, *positions.shape)
 
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """See ``ChatBackend.decode``: the new mask column is kept only on success."""
         positions = (batch.mask.sum(dim=1) + batch.offsets).unsqueeze(1)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
+        mask = torch.cat([batch.mask, batch.mask.new_ones((batch.rows, 1))], dim=1)
         out = self._forward(
             input_ids=tokens.to(self.device).unsqueeze(1),
-            attention_mask=batch.mask,
+            attention_mask=mask,
             position_ids=self._rope(positions),
             cache=batch.cache,
         )
+        batch.mask = mask
         return out.logits[:, -1, :].float()  # type: ignore[no-any-return]
 
     # -- text ---------------------------------------------------------------------------
