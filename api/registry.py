@@ -46,6 +46,15 @@ class WorkerRegistry:
         await self.workers()
         return self._by_model.get(model, ([], []))
 
+    async def engines(self, model: str) -> list[str]:
+        """The engines (``vllm``, ``transformers``, ...) ``model``'s live workers run it on."""
+        found = {
+            str(state["engine"])
+            for info in await self.workers()
+            if isinstance(state := info.get("models", {}).get(model), dict) and state.get("engine")
+        }
+        return sorted(found)
+
     async def require_warm(self, capability: str, model: str) -> None:
         warm, live = await self.model_status(model)
         if warm:

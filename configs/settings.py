@@ -226,6 +226,17 @@ class Settings(BaseSettings):
     # chat
     max_chat_messages: int = Field(default=1024, ge=1)
     max_chat_n: int = Field(default=8, ge=1, le=128, description="largest `n` accepted")
+    chat_engine: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto",
+        description="the engine of chat catalog entries that name none: auto takes vLLM "
+        "where it imports and can serve the model, else laneway's own",
+    )
+    chat_chunk_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="how long a worker waits for a chat batch chunk's lines before it gives "
+        "the chunk back (to be retried, within LANEWAY_CHUNK_MAX_ATTEMPTS)",
+    )
     chat_oom_cooldown_s: float = Field(
         default=60.0,
         ge=0,

@@ -12,7 +12,7 @@ errors of scalar fields go through :func:`tasks.errors.invalid_request`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Self, cast
 
 from pydantic import (
@@ -406,6 +406,26 @@ def _option_bool(entry: CatalogEntry, key: str, fallback: bool) -> bool:
     return value
 
 
+ENGINES = ("auto", "vllm", "transformers")  # the chat engines a catalog entry may ask for
+
+
+def _option_engine(entry: CatalogEntry) -> str:
+    value = entry.options.get("engine", "auto") or "auto"
+    if value not in ENGINES:
+        raise CatalogError(
+            f"model {entry.id!r}: defaults.engine must be one of {', '.join(ENGINES)}; "
+            f"got {value!r}"
+        )
+    return str(value)
+
+
+def _option_mapping(entry: CatalogEntry, key: str) -> dict[str, Any]:
+    value = entry.options.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise CatalogError(f"model {entry.id!r}: defaults.{key} must be a mapping")
+    return dict(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ChatLimits:
     """A chat model's limits, from its catalog entry (``defaults:`` in the catalog)."""
@@ -414,6 +434,11 @@ class ChatLimits:
     default_max_tokens: int  # new tokens when a request names none
     max_running: int  # sequences decoded at once
     supports_images: bool
+    # auto: vLLM where it is installed, else laneway's own engine (workers/chat.py)
+    engine: str = "auto"
+    # sequence slots batch work never takes on vLLM, so live work finds one free
+    live_reserve: int = 1
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM's AsyncEngineArgs
 
     @classmethod
     def from_entry(cls, entry: CatalogEntry) -> ChatLimits:
@@ -424,11 +449,21 @@ class ChatLimits:
                 f"model {entry.id!r}: max_input_tokens (the context length) must be at least 2"
             )
         default = _option_int(entry, "max_tokens", DEFAULT_MAX_TOKENS)
+        running = _option_int(entry, "max_running", DEFAULT_MAX_RUNNING)
+        reserve = _option_int(entry, "live_reserve", max(1, running // 4))
+        if reserve >= running and running > 1:
+            raise CatalogError(
+                f"model {entry.id!r}: defaults.live_reserve ({reserve}) must be below "
+                f"max_running ({running})"
+            )
         return cls(
             context_length=context,
             default_max_tokens=min(default, context - 1),
-            max_running=_option_int(entry, "max_running", DEFAULT_MAX_RUNNING),
+            max_running=running,
             supports_images=_option_bool(entry, "supports_images", False),
+            engine=_option_engine(entry),
+            live_reserve=min(reserve, max(running - 1, 0)),
+            vllm_args=_option_mapping(entry, "vllm_args"),
         )
 
 

@@ -7,18 +7,20 @@ same checks as the API's. Stored copies are deleted once their request is done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry, load_catalog
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
-from tasks.chat import parse_body, served_entry, to_work
+from tasks.chat import ChatLimits, parse_body, served_entry, to_work
 from tasks.chat_bodies import choice_body, completion_body, fingerprint
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, get_file_store
@@ -29,13 +31,63 @@ from workers.batching import JobMeta, failed
 from workers.chat_engine import ChatEngine, ChatResult, Submission
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
+from workers.vllm_engine import VllmChatEngine
+from workers.vllm_engine import available as vllm_available
 
 log = logging.getLogger(__name__)
 
 
-def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> ChatEngine:
-    """The capability registry's entry point for loading a model (off the main thread)."""
-    return ChatEngine.load(entry, runtime.settings, device=runtime.device, gone=runtime.gone)
+@runtime_checkable
+class ChatScheduler(Protocol):
+    """What serves one chat model: laneway's own ``ChatEngine`` or ``VllmChatEngine``."""
+
+    entry: CatalogEntry
+
+    def submit_many(
+        self, submissions: Sequence[Submission], *, lane: Lane = LIVE
+    ) -> list[Future[ChatResult]]: ...
+
+
+def make_engine(runtime: WorkerRuntime, entry: CatalogEntry) -> ChatScheduler:
+    """The capability registry's entry point for loading a model (off the main thread):
+    on vLLM when the entry (or LANEWAY_CHAT_ENGINE, for entries that name none) asks for
+    it, or leaves it to ``auto`` and vLLM is installed (the ``vllm`` extra) and starts;
+    else on laneway's own engine, saying why in the log."""
+    settings, device, gone = runtime.settings, runtime.device, runtime.gone
+    wanted = engine_wanted(entry, settings.chat_engine)
+    if wanted != "transformers":
+        try:
+            return VllmChatEngine.load(entry, settings, device=device, gone=gone)
+        except Exception:
+            if wanted == "vllm":
+                raise
+            log.exception("%s: vLLM could not serve it; laneway's own engine does", entry.id)
+    return ChatEngine.load(entry, settings, device=device, gone=gone)
+
+
+def engine_wanted(entry: CatalogEntry, default: str) -> str:
+    """``vllm``, ``auto`` (vLLM, falling back to our own) or ``transformers``."""
+    wanted = ChatLimits.from_entry(entry).engine
+    if wanted == "auto":
+        wanted = default
+    if wanted == "transformers":
+        return wanted
+    if entry.backend != REGISTRY["chat"].default_backend:
+        say = log.warning if wanted == "vllm" else log.info
+        say("%s: a backend of its own (%s), not vLLM", entry.id, entry.backend)
+        return "transformers"
+    missing = vllm_available()
+    if missing is None:
+        return wanted
+    if wanted == "vllm":
+        log.warning(
+            "%s asks for vLLM, but vLLM is not available (%s): laneway's own engine serves it",
+            entry.id,
+            missing,
+        )
+    else:
+        log.info("%s on laneway's own chat engine: vLLM is not available (%s)", entry.id, missing)
+    return "transformers"
 
 
 class Images:
@@ -122,7 +174,7 @@ def submit_all(
     for n, request in enumerate(requests):
         refs = Images.refs_of(request.work["messages"])
         try:
-            runtime.engine_as(str(request.work.get("model")), ChatEngine)
+            runtime.engine_as(str(request.work.get("model")), ChatScheduler)  # type: ignore[type-abstract]
             messages, data = images.take(request.work["messages"])
         except Exception as exc:  # this request alone fails
             if not isinstance(exc, LanewayError):
@@ -133,7 +185,7 @@ def submit_all(
         sub = Submission({**request.work, "messages": messages}, data, request.meta, request.emit)
         by_model.setdefault(str(request.work["model"]), []).append((n, sub, refs))
     for model, items in by_model.items():
-        started = runtime.engine_as(model, ChatEngine).submit_many(
+        started = runtime.engine_as(model, ChatScheduler).submit_many(  # type: ignore[type-abstract]
             [sub for _, sub, _ in items], lane=lane
         )
         for (n, _, refs), future in zip(items, started, strict=True):
@@ -201,6 +253,22 @@ def _outcome(entry: CatalogEntry, request_id: str, result: ChatResult | BaseExce
     return Outcome(200, body, usage)
 
 
+def wait_all(futures: Sequence[Future[Any]], timeout_s: float) -> None:
+    """Wait for every future, ``timeout_s`` at most: past it, those not done are failed
+    (the engines skip and abort a job whose future is done) and ``TimeoutError`` gives the
+    chunk back, to be retried within its bounded attempts."""
+    _, pending = wait(futures, timeout=timeout_s)
+    if not pending:
+        return
+    for future in pending:
+        if not future.done():
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(TimeoutError("the chat engine did not finish in time"))
+    raise TimeoutError(
+        f"{len(pending)} of {len(futures)} chat lines unfinished after {timeout_s:.0f} s"
+    )
+
+
 def batch_executor(runtime: WorkerRuntime) -> Executor:
     """Batch API lines of /v1/chat/completions: parsed and checked like the live route,
     then generated together on the batch lane (live requests are admitted first)."""
@@ -227,13 +295,10 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         futures = [
             failed(refused[n]) if n in refused else next(started) for n in range(len(bodies))
         ]
-        outcomes: list[Outcome] = []
-        for rid, future in zip(request_ids, futures, strict=True):
-            try:
-                result: ChatResult | BaseException = future.result()
-            except Exception as exc:
-                result = exc
-            outcomes.append(_outcome(entry, rid, result))
-        return outcomes
+        wait_all(futures, settings.chat_chunk_timeout_s)
+        return [
+            _outcome(entry, rid, f.exception() or f.result())
+            for rid, f in zip(request_ids, futures, strict=True)
+        ]
 
     return execute

@@ -110,12 +110,19 @@ class WorkerRuntime:
             "capability": self.capability,
             "device": self.device,
             "queues": [queue_name(self.capability, LIVE), queue_name(self.capability, BATCH)],
-            "models": {
-                mid: {"warm": mid in self.engines and self.engines[mid].warm}
-                for mid in self.entries
-            },
+            "models": {mid: self._model_state(mid) for mid in self.entries},
             "ts": time.time(),
         }
+
+    def _model_state(self, model: str) -> dict[str, Any]:
+        """Warm or not, and which engine runs it (``/health`` shows it)."""
+        engine = self.engines.get(model)
+        state: dict[str, Any] = {"warm": engine is not None and engine.warm}
+        if engine is not None:
+            state["engine"] = (
+                getattr(engine, "kind", None) or engine.entry.backend.rpartition(":")[2]
+            )
+        return state
 
     def metrics_snapshot(self) -> dict[str, Any]:
         models = {mid: engine.metrics() for mid, engine in self.engines.items()}

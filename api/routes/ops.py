@@ -35,16 +35,22 @@ async def health(state: StateDep, request: Request) -> JSONResponse:
         await state.live.registry.workers(fresh=True)
         for model in state.settings.models:
             warm, live = await state.live.registry.model_status(model)
-            models[model] = {"warm": bool(warm), "workers": live, "warm_workers": warm}
+            models[model] = {
+                "warm": bool(warm),
+                "engines": await state.live.registry.engines(model),
+                "workers": live,
+                "warm_workers": warm,
+            }
         broker = "ok"
     except (RedisError, OSError) as exc:
         broker = f"unreachable: {type(exc).__name__}"
         models = {
-            m: {"warm": False, "workers": [], "warm_workers": []} for m in state.settings.models
+            m: {"warm": False, "engines": [], "workers": [], "warm_workers": []}
+            for m in state.settings.models
         }
     ok = broker == "ok" and all(m["warm"] for m in models.values())
     if not detail:
-        models = {m: {"warm": v["warm"]} for m, v in models.items()}
+        models = {m: {"warm": v["warm"], "engines": v["engines"]} for m, v in models.items()}
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "broker": broker, "models": models},
         status_code=200 if ok else 503,

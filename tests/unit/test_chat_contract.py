@@ -4,6 +4,8 @@ response bodies the official client parses."""
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -699,13 +701,45 @@ def test_generic_served_entry_wording() -> None:
 def test_limits_fall_back() -> None:
     limits = ChatLimits.from_entry(ENTRY)
     assert limits == ChatLimits(
-        context_length=2048, default_max_tokens=512, max_running=32, supports_images=False
+        context_length=2048,
+        default_max_tokens=512,
+        max_running=32,
+        supports_images=False,
+        engine="auto",
+        live_reserve=8,  # a quarter of the slots
     )
 
 
 def test_limits_from_options() -> None:
     entry = chat_entry(context=4096, max_tokens=1000, max_running=8, supports_images=True)
-    assert ChatLimits.from_entry(entry) == ChatLimits(4096, 1000, 8, True)
+    assert ChatLimits.from_entry(entry) == ChatLimits(4096, 1000, 8, True, live_reserve=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"engine": "sglang"}, "defaults.engine must be one of auto, vllm, transformers"),
+        ({"max_running": 4, "live_reserve": 4}, "live_reserve (4) must be below max_running"),
+        ({"live_reserve": 0}, "defaults.live_reserve must be a positive integer"),
+        ({"vllm_args": ["x"]}, "defaults.vllm_args must be a mapping"),
+    ],
+)
+def test_engine_options_are_checked_with_the_entry_named(
+    options: dict[str, Any], message: str
+) -> None:
+    entry = replace(ENTRY, options={**ENTRY.options, **options})
+    with pytest.raises(CatalogError, match=re.escape(message)) as info:
+        ChatLimits.from_entry(entry)
+    assert repr(ENTRY.id) in str(info.value)
+
+
+def test_engine_options_reach_the_limits() -> None:
+    entry = replace(
+        ENTRY,
+        options={"engine": "vllm", "max_running": 16, "live_reserve": 3, "vllm_args": {"a": 1}},
+    )
+    limits = ChatLimits.from_entry(entry)
+    assert (limits.engine, limits.live_reserve, limits.vllm_args) == ("vllm", 3, {"a": 1})
     # the default budget fits the context
     assert ChatLimits.from_entry(chat_entry(context=100)).default_max_tokens == 99
 

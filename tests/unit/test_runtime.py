@@ -113,7 +113,7 @@ def test_unknown_model(runtime: WorkerRuntime) -> None:
 
 def test_readiness_reports_warm_models(runtime: WorkerRuntime) -> None:
     info = runtime.readiness()
-    assert info["models"] == {FAKE: {"warm": True}}
+    assert info["models"] == {FAKE: {"warm": True, "engine": "FakeEmbeddingBackend"}}
     assert info["queues"] == ["embeddings.live", "embeddings.batch"]
     assert info["device"] == "cpu"
 

@@ -16,6 +16,7 @@ sequence, left-padded to a common length with an attention mask. A backend gives
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 from abc import abstractmethod
@@ -179,6 +180,11 @@ class TransformersChatBackend(ChatBackend):
         auto = AutoModelForImageTextToText if self.limits.supports_images else AutoModelForCausalLM
         self.model = auto.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()
+        # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; an
+        # older release ignores ``cache=`` without a word (every step then runs without
+        # the cache): name whichever this one takes (vLLM's CPU wheel pins 5.19)
+        takes = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in takes else "past_key_values"
         if self.limits.supports_images:
             # the image processor alone: AutoProcessor needs torchvision for Qwen-VL's
             # video half; the processor's other job (expanding placeholders) is done here
@@ -249,7 +255,8 @@ class TransformersChatBackend(ChatBackend):
     def _forward(self, **inputs: Any) -> Any:
         try:
             with torch.inference_mode():
-                return self.model(**inputs, use_cache=True)
+                cache = inputs.pop("cache")
+                return self.model(**inputs, **{self._cache_kw: cache}, use_cache=True)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(str(exc)) from exc
 
