@@ -102,7 +102,16 @@ class _Job:
     arrived: float = field(default_factory=time.monotonic)
     started: bool = False  # its first token came
 
-    images: bool = False  # its image inputs are not resumable: never preempted
+    images: bool = False
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a preempted sequence of it can resume as prompt + generated with the
+        same output: not with images (vLLM's processed inputs are not re-made here), nor
+        with presence or frequency penalties (vLLM counts the output alone, and resumed
+        tokens would be prompt)."""
+        s = self.sampling
+        return not self.images and not (s.presence_penalty or s.frequency_penalty)
 
 
 class VllmChatEngine:
@@ -254,13 +263,11 @@ class VllmChatEngine:
 
     def _make_room(self) -> None:
         """Abort the newest batch sequences while the live ones would find no free slot."""
-        while self._batch and len(self._live) + len(self._batch) > self.max_seqs:
-            victim = self._batch.pop()
-            if victim.job.images:  # its image inputs are not resumable: let it finish
-                self._batch.insert(0, victim)
-                if all(s.job.images for s in self._batch):
-                    return
-                continue
+        while len(self._live) + len(self._batch) > self.max_seqs:
+            victim = next((s for s in reversed(self._batch) if s.job.resumable), None)
+            if victim is None:  # what runs cannot resume unchanged: let it finish
+                return
+            self._batch.remove(victim)
             victim.preempting = True
             self.preempted += 1
             if victim.task is not None:

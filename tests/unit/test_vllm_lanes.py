@@ -177,6 +177,22 @@ def test_live_work_preempts_the_newest_batch_sequences_which_resume_unchanged(
     assert len(live_ids(fake)) == 3  # the live requests, at vLLM's first priority
 
 
+def test_sequences_that_cannot_resume_unchanged_are_not_preempted(
+    engine: tuple[VllmChatEngine, FakeLLM],
+) -> None:
+    """vLLM's presence and frequency penalties count the output alone: resumed, the
+    tokens generated before would be prompt, and the output would change."""
+    eng, _ = engine
+    batch = [
+        eng.submit(work(f"penalised {i}", 60, frequency_penalty=1.0), lane=BATCH) for i in range(3)
+    ]
+    time.sleep(20 * STEP_S)
+    live = [eng.submit(work(f"live {i}", 4)) for i in range(2)]
+    assert all(f.result(10).completion_tokens == 4 for f in live)
+    assert all(f.result(10).completion_tokens == 60 for f in batch)
+    assert eng.preempted == 0
+
+
 def live_ids(fake: FakeLLM) -> set[str]:
     return {r for r, p in fake.priorities.items() if p == 0}
 
