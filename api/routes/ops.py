@@ -50,7 +50,7 @@ async def health(state: StateDep, request: Request) -> JSONResponse:
         }
     ok = broker == "ok" and all(m["warm"] for m in models.values())
     if not detail:
-        models = {m: {"warm": v["warm"], "engines": v["engines"]} for m, v in models.items()}
+        models = {m: {"warm": v["warm"]} for m, v in models.items()}
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "broker": broker, "models": models},
         status_code=200 if ok else 503,

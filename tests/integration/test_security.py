@@ -139,6 +139,7 @@ def test_health_shows_its_workers_only_to_a_key(stack: Stack) -> None:
     assert all(set(m) == {"warm"} for m in anonymous.json()["models"].values())
     detailed = get(stack, "/health", ALICE).json()["models"][FAKE]
     assert detailed["warm"] and detailed["workers"] and detailed["warm_workers"]
+    assert detailed["engines"] == ["FakeEmbeddingBackend"]  # which engine serves it
 
 
 # -- deeply nested JSON ---------------------------------------------------------------------------
