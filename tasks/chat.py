@@ -436,7 +436,8 @@ class ChatLimits:
     supports_images: bool
     # auto: vLLM where it is installed, else laneway's own engine (workers/chat.py)
     engine: str = "auto"
-    # sequence slots batch work never takes on vLLM, so live work finds one free
+    # sequence slots batch work never takes, so live work finds one free without
+    # preempting (0: batch may take every slot, and live work preempts it)
     live_reserve: int = 1
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM's AsyncEngineArgs
 
@@ -450,7 +451,11 @@ class ChatLimits:
             )
         default = _option_int(entry, "max_tokens", DEFAULT_MAX_TOKENS)
         running = _option_int(entry, "max_running", DEFAULT_MAX_RUNNING)
-        reserve = _option_int(entry, "live_reserve", max(1, running // 4))
+        reserve = entry.options.get("live_reserve", max(1, running // 4))
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise CatalogError(
+                f"model {entry.id!r}: defaults.live_reserve must be 0 or more; got {reserve!r}"
+            )
         if reserve >= running and running > 1:
             raise CatalogError(
                 f"model {entry.id!r}: defaults.live_reserve ({reserve}) must be below "

@@ -352,12 +352,15 @@ class ChatEngine:
         """Whether ``job`` can run beside ``held``: within the running cap, and the cache
         they may grow to within the token budget. The cache is left-padded, so it costs
         every row the widest row's columns (prompt plus ``max_tokens``), not the sum of
-        the rows' own. Alone, a job runs whatever its size."""
+        the rows' own. Batch work leaves ``live_reserve`` rows free, so a live request
+        that arrives finds a row without preempting (a preempted job prefills again
+        what it had generated). Alone, a job runs whatever its size."""
         if not held:
             return True
         rows = job.sampling.n + sum(j.sampling.n for j in held)
         widest = max(job.width, *(j.width for j in held))
-        return rows <= self._cap and rows * widest <= self.token_budget
+        cap = self._cap if job.lane == LIVE else max(1, self._cap - self.limits.live_reserve)
+        return rows <= cap and rows * widest <= self.token_budget
 
     def _victims(self, held: list[ChatJob], job: ChatJob) -> list[ChatJob]:
         """The running batch jobs, newest first, whose preemption makes room for the

@@ -720,7 +720,7 @@ def test_limits_from_options() -> None:
     [
         ({"engine": "sglang"}, "defaults.engine must be one of auto, vllm, transformers"),
         ({"max_running": 4, "live_reserve": 4}, "live_reserve (4) must be below max_running"),
-        ({"live_reserve": 0}, "defaults.live_reserve must be a positive integer"),
+        ({"live_reserve": -1}, "defaults.live_reserve must be 0 or more"),
         ({"vllm_args": ["x"]}, "defaults.vllm_args must be a mapping"),
     ],
 )

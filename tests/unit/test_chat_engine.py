@@ -234,7 +234,7 @@ def test_prompt_over_the_context_fails_before_compute(make: Any) -> None:
 def test_a_live_job_preempts_batch_jobs_that_hold_every_slot(make: Any) -> None:
     """Both slots run 150-token batch jobs (1.5 s); a live job must not wait for them: it
     takes the newest one's slot, which resumes later with the same continuation."""
-    engine, backend = make(max_running=2)
+    engine, backend = make(max_running=2, live_reserve=0)
     texts = ["batch job one", "batch job two"]
     expected = [alone(engine, t, 150) for t in texts]
     backend.delay_s = 0.01
@@ -251,6 +251,25 @@ def test_a_live_job_preempts_batch_jobs_that_hold_every_slot(make: Any) -> None:
     # a live job that waited for a slot would finish after a batch job, ~145 steps later
     assert finished == ["live", "batch", "batch"]
     assert engine.preempted >= 1
+
+
+def test_batch_jobs_leave_the_live_reserve_free_so_live_work_preempts_nothing(
+    make: Any,
+) -> None:
+    """Four slots, one kept for live work: three batch jobs run, the fourth waits, and a
+    live job starts at once in the free slot without throwing any batch work away."""
+    engine, backend = make(max_running=4, live_reserve=1)
+    backend.delay_s = 0.01
+    batch = [engine.submit(work(f"batch job {i}", 60), lane=BATCH) for i in range(4)]
+    while len(backend.decodes) < 3:
+        time.sleep(0.01)
+    assert max(backend.decodes) == 3
+    live = engine.submit(work("live", 3), lane=LIVE)
+    assert len(live.result(5).choices[0]["text"].split()) == 3
+    assert not any(f.done() for f in batch)  # the live job did not wait for them
+    assert all(f.result(20).completion_tokens == 60 for f in batch)
+    assert engine.preempted == 0
+    assert max(backend.decodes) == 4  # three batch rows and the live one, never more
 
 
 def test_one_request_that_does_not_fit_alone_fails_instead_of_hanging(make: Any) -> None:
