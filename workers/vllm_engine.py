@@ -203,12 +203,17 @@ class VllmChatEngine:
             jobs.append(job)
             futures.append(job.future)
         if jobs:
-            if self._stopped:
-                for job in jobs:
-                    job.future.set_exception(RuntimeError("the engine has stopped"))
-            else:
+            try:
                 self._loop.call_soon_threadsafe(self._enqueue, jobs)
+            except RuntimeError:  # the loop is closed: the engine has stopped
+                self._enqueue_stopped(jobs)
         return futures
+
+    @staticmethod
+    def _enqueue_stopped(jobs: list[_Job]) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the engine has stopped"))
 
     def _job(self, sub: Submission, lane: Lane) -> _Job:
         sampling = Sampling.from_work(sub.work)
@@ -240,6 +245,9 @@ class VllmChatEngine:
     # -- on the loop: lanes -----------------------------------------------------------------
 
     def _enqueue(self, jobs: list[_Job]) -> None:
+        if self._stopped:  # submitted while the engine stopped: nothing would run them
+            self._enqueue_stopped(jobs)
+            return
         for job in jobs:
             if job.lane == BATCH:
                 self._waiting.extend(job.seqs)
@@ -466,6 +474,8 @@ class VllmChatEngine:
             log.exception("vLLM engine for %s did not shut down cleanly", self.entry.id)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()  # later submissions fail at once (``submit_many``)
 
     def metrics(self) -> dict[str, Any]:
         return {
