@@ -119,12 +119,13 @@ class FakeChat(ChatBackend):
         return f"w{token} "
 
 
-@pytest.fixture
-def make(tmp_path: Path) -> Iterator[Any]:
+def engines_on(tmp_path: Path, fake: type[FakeChat]) -> Iterator[Any]:
+    """A fixture's body: ``build(**defaults)`` makes an engine on a ``fake`` backend;
+    every engine built is released and stopped afterwards."""
     engines: list[ChatEngine] = []
 
-    def build(**defaults: Any) -> tuple[ChatEngine, FakeChat]:
-        backend = FakeChat(tmp_path, **defaults)
+    def build(**defaults: Any) -> tuple[ChatEngine, Any]:
+        backend = fake(tmp_path, **defaults)
         engine = ChatEngine(backend, Settings(redis_url="redis://x", chat_oom_cooldown_s=60))
         engines.append(engine)
         return engine, backend
@@ -133,6 +134,11 @@ def make(tmp_path: Path) -> Iterator[Any]:
     for engine in engines:
         engine.backend.gate.set()  # type: ignore[attr-defined]
         engine.stop()
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Any]:
+    yield from engines_on(tmp_path, FakeChat)
 
 
 def work(text: str, max_tokens: int = 8, **kw: Any) -> dict[str, Any]:

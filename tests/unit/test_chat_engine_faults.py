@@ -17,9 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from configs.settings import Settings
 from tasks.errors import ServiceUnavailable
-from tests.unit.test_chat_engine import FakeChat, work
+from tests.unit.test_chat_engine import FakeChat, engines_on, work
 from workers.backends.chat import Batch, OutOfMemory, TransformersChatBackend, rollback
 from workers.chat_engine import ChatEngine, Submission
 
@@ -101,18 +100,7 @@ class LayeredChat(FakeChat):
 
 @pytest.fixture
 def make(tmp_path: Path) -> Iterator[Callable[..., tuple[ChatEngine, LayeredChat]]]:
-    engines: list[ChatEngine] = []
-
-    def build(**defaults: Any) -> tuple[ChatEngine, LayeredChat]:
-        backend = LayeredChat(tmp_path, **defaults)
-        engine = ChatEngine(backend, Settings(redis_url="redis://x", chat_oom_cooldown_s=60))
-        engines.append(engine)
-        return engine, backend
-
-    yield build
-    for engine in engines:
-        engine.backend.gate.set()  # type: ignore[attr-defined]
-        engine.stop()
+    yield from engines_on(tmp_path, LayeredChat)
 
 
 def text_of(engine: ChatEngine, text: str, max_tokens: int) -> str:
