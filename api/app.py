@@ -19,10 +19,10 @@ from api.routes import batches, files, models, ops
 from api.state import AppState
 from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
+from configs.logs import configure as configure_logging
 from configs.settings import Settings, get_settings
-from laneway.logs import configure as configure_logging
-from tasks.db import get_engine
-from tasks.keys import load_records
+from tasks.access.keys import load_records
+from tasks.store.db import get_engine
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from configs.settings import Settings
+from tasks.access.keys import KeyRecord, hash_key
 from tasks.errors import AuthenticationFailed, ServiceUnavailable
-from tasks.keys import KeyRecord, hash_key
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     key_id: str = field(default="", compare=False)
-    # quota overrides by tasks.quotas field (absent or None: the settings' defaults)
+    # quota overrides by tasks.access.quotas field (absent or None: the settings' defaults)
     quota: Mapping[str, int | None] = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -13,8 +13,8 @@ from starlette.types import Receive
 from api.auth import Principal
 from api.state import AppState
 from configs.settings import Settings
-from tasks.quotas import Quota
-from tasks.tenancy import Owner
+from tasks.access.quotas import Quota
+from tasks.access.tenancy import Owner
 
 
 async def get_state(request: Request) -> AppState:
@@ -36,7 +36,7 @@ async def get_owner(request: Request) -> Owner:
 async def get_quota(
     request: Request, settings: Annotated[Settings, Depends(get_settings_dep)]
 ) -> Quota:
-    """What the request's key may keep and run (tasks/quotas.py): the settings' quotas,
+    """What the request's key may keep and run (tasks/access/quotas.py): the settings' quotas,
     with the key's own overrides."""
     principal: Principal | None = request.scope.get("state", {}).get("principal")
     return Quota.of(settings, principal.quota if principal is not None else None)

@@ -1,6 +1,6 @@
 """Enqueue live work and wait for its result without a thread per request.
 
-Each API process pops its replies from a list of its own (``tasks.names.reply_queue``),
+Each API process pops its replies from a list of its own (``tasks.queue.names.reply_queue``),
 which workers push to: a pop takes each reply exactly once, so nothing is left behind in
 Redis once delivered, and nothing is missed while the listener reconnects (the list
 keeps what arrived meanwhile). The list expires ``REPLY_TTL_S`` after the last push, so
@@ -31,8 +31,8 @@ from redis.exceptions import RedisError
 from api.limits import charge, reserve
 from api.publisher import BoundedPublisher
 from api.registry import WorkerRegistry
+from configs.logs import KEY_NAME, REQUEST_ID
 from configs.settings import Settings
-from laneway.logs import KEY_NAME, REQUEST_ID
 from tasks.errors import (
     ClientGone,
     GatewayTimeout,
@@ -41,9 +41,9 @@ from tasks.errors import (
     QueueFull,
     ServiceUnavailable,
 )
-from tasks.names import LIVE, cancelled_key, queue_name, reply_queue, task_name
-from tasks.publish import celery_message
-from tasks.replies import DONE, ERROR, Reply, decode_reply
+from tasks.queue.names import LIVE, cancelled_key, queue_name, reply_queue, task_name
+from tasks.queue.publish import celery_message
+from tasks.queue.replies import DONE, ERROR, Reply, decode_reply
 
 log = logging.getLogger(__name__)
 

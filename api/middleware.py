@@ -33,7 +33,7 @@ from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, r
 from api.request_ids import HEADER, request_id_of
 from api.responses import dumps
 from api.state import AppState
-from laneway.logs import KEY_NAME, REQUEST_ID
+from configs.logs import KEY_NAME, REQUEST_ID
 from tasks.errors import LanewayError, PayloadTooLarge
 
 ACCESS = logging.getLogger("laneway.access")
@@ -244,7 +244,7 @@ class Gate:
         model = model_label(state.get("model"), self.served_models)
         seconds = time.perf_counter() - started
         REQUEST_LATENCY.labels(route=route, model=model, status=str(status)).observe(seconds)
-        if ACCESS.isEnabledFor(logging.INFO):  # JSON logs only (laneway.logs)
+        if ACCESS.isEnabledFor(logging.INFO):  # JSON logs only (configs.logs)
             fields = {
                 "method": scope.get("method"),
                 "route": route,

@@ -10,7 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from tasks.errors import ServiceUnavailable
-from tasks.names import WORKERS_KEY
+from tasks.queue.names import WORKERS_KEY
 
 REGISTRY_CACHE_S = 0.5
 

@@ -1,6 +1,6 @@
 """Request ids: taken from the caller's ``X-Request-ID`` when it is safe to repeat, else
 made here; returned in the response's ``X-Request-ID``, put in every log record of the
-request (``laneway.logs.REQUEST_ID``) and carried in live tasks to the worker's log.
+request (``configs.logs.REQUEST_ID``) and carried in live tasks to the worker's log.
 
 A caller's id is used only when it is 1 to ``MAX_LENGTH`` characters of letters, digits
 and ``-_.:/+=``: anything else (control characters, a 10 KB value, non-ASCII) is

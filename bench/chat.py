@@ -82,7 +82,7 @@ from _stack import CpuMeter, Goal, print_summary
 
 from laneway.embedded_redis import free_port
 from laneway.stack import Processes, wait_healthy
-from tasks.names import worker_metrics_key
+from tasks.queue.names import worker_metrics_key
 from tests.chat_models import build_llama, chat_entry, write_catalog
 
 MODEL_ID = "bench/chat-llama"

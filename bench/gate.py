@@ -26,7 +26,7 @@ from api.auth import KeyRing, Principal
 from api.limits import RateLimiter
 from configs.settings import Settings
 from laneway.embedded_redis import start_redis
-from tasks.keys import KeyRecord, hash_key
+from tasks.access.keys import KeyRecord, hash_key
 
 
 async def per_call(calls: int, step: Callable[[], Awaitable[object]]) -> float:

@@ -65,7 +65,7 @@ import torch
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.names import BATCH, LIVE, Lane
+from tasks.queue.names import BATCH, LIVE, Lane
 from tests import chat_models
 from tests.chat_models import build_llama, chat_entry
 from workers.chat_engine import ChatResult, Submission

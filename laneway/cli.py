@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from configs.logs import configure as configure_logging
 from laneway.argtypes import whole
 from laneway.batch_cli import add_parser as add_batch_parser
 from laneway.embedded_redis import redact_url
 from laneway.keys_cli import add_parser as add_keys_parser
-from laneway.logs import configure as configure_logging
 from laneway.stack import Processes
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _check_catalog() -> list[str]:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from tasks.db import migrate
+    from tasks.store.db import migrate
 
     migrate()
     log.info("database is at the latest revision")
@@ -84,7 +84,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _stored_keys() -> bool:
-    from tasks.keys import load_records
+    from tasks.access.keys import load_records
 
     return bool(load_records())
 
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    configure_logging()  # LANEWAY_LOG_LEVEL, LANEWAY_LOG_FORMAT (laneway/logs.py)
+    configure_logging()  # LANEWAY_LOG_LEVEL, LANEWAY_LOG_FORMAT (configs/logs.py)
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
 

@@ -27,7 +27,7 @@ def _limit(value: int | None) -> str:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from tasks.keys import create_key
+    from tasks.access.keys import create_key
 
     made = create_key(
         args.name,
@@ -47,7 +47,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tasks.keys import list_keys
+    from tasks.access.keys import list_keys
 
     rows = list_keys()
     if args.json:
@@ -78,7 +78,7 @@ def _row(r: dict[str, Any]) -> tuple[str, ...]:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from tasks.keys import revoke_key
+    from tasks.access.keys import revoke_key
 
     row = revoke_key(args.name)
     print(f"revoked key {row['name']!r} at {_when(row['revoked_at'])}")
@@ -89,8 +89,8 @@ def _run(func: Any) -> Any:
     """Migrate, then run ``func``; a refused input is a message and exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from tasks.db import migrate
         from tasks.errors import LanewayError
+        from tasks.store.db import migrate
 
         logging.getLogger("alembic").setLevel(logging.WARNING)  # not a migration's story
         migrate()
@@ -105,7 +105,7 @@ def _run(func: Any) -> Any:
 
 MAX_LIMIT = 2**31 - 1  # the column is an INTEGER
 MAX_QUOTA = 2**63 - 1  # a BIGINT
-# the quotas `create` overrides (tasks/quotas.py): field, what it bounds
+# the quotas `create` overrides (tasks/access/quotas.py): field, what it bounds
 QUOTA_FLAGS = (
     ("stored_bytes", "bytes of files the key's owner keeps"),
     ("files", "files the key's owner keeps"),

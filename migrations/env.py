@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from tasks.db import make_engine
-from tasks.models import Base
+from tasks.store.db import make_engine
+from tasks.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

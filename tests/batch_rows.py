@@ -1,7 +1,7 @@
 """Batch rows, input files and settings for the tests that run the batch engine
 in-process: tests/unit/test_batch_logic.py (SQLite) and
 tests/integration/test_batch_engine.py (SQLite or Postgres). The caller binds
-``tasks.db`` to its database first; the ``store`` and ``catalog`` fixtures are in
+``tasks.store.db`` to its database first; the ``store`` and ``catalog`` fixtures are in
 tests/conftest.py."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from sqlalchemy import select
 
 from configs.settings import Settings
 from tasks.batches.service import create_batch
-from tasks.db import session_scope
-from tasks.files import create_file
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, ChunkRow
+from tasks.store.db import session_scope
+from tasks.store.files import create_file
+from tasks.store.models import BatchRow, ChunkRow
 
 FAKE = "laneway/fake-embeddings"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -32,7 +32,7 @@ import redis
 
 from laneway.embedded_redis import free_port
 from laneway.stack import Proc, Processes, get_health, stop_order
-from tasks.names import LIVE, WORKERS_KEY, Lane, queue_name
+from tasks.queue.names import LIVE, WORKERS_KEY, Lane, queue_name
 
 # test settings must not leak in from the developer's shell
 _SCRUBBED_PREFIX = "LANEWAY_"
@@ -208,7 +208,7 @@ class Stack:
         return self.db.url
 
     def migrate(self) -> None:
-        from tasks.db import migrate
+        from tasks.store.db import migrate
 
         migrate(self.database_url)
 

@@ -17,16 +17,16 @@ from functools import partial
 from typing import Any
 
 from configs.catalog import CatalogEntry, load_catalog
-from tasks import files
-from tasks.audio import parse_body, served_entry, to_work, too_large
-from tasks.audio_bodies import outcome_body, usage
-from tasks.audio_decode import probe
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
-from tasks.db import session_scope
+from tasks.contracts.audio import parse_body, served_entry, to_work, too_large
+from tasks.contracts.audio_bodies import outcome_body, usage
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, LocalFile, get_file_store
-from tasks.names import BATCH, LIVE
+from tasks.media.audio_decode import probe
+from tasks.queue.names import BATCH, LIVE
+from tasks.store import files
+from tasks.store.db import session_scope
 from workers.audio_engine import SpeechEngine, SpeechResult, Submission
 from workers.backends.audio import Segment, SpeechOptions
 from workers.batching import failed
@@ -55,7 +55,7 @@ def options(work: dict[str, Any]) -> SpeechOptions:
 
 
 def segment_wire(seg: Segment) -> dict[str, Any]:
-    """A segment as ``tasks.audio_bodies`` reads it (JSON-able)."""
+    """A segment as ``tasks.contracts.audio_bodies`` reads it (JSON-able)."""
     return {
         "start": seg.start,
         "end": seg.end,

@@ -1,7 +1,7 @@
 """The speech scheduler: one thread per model that decodes, batches and transcribes.
 
 A job is one request's audio file (a file-store path). It is opened (its first window
-decoded, ``tasks.audio_decode.windows``) when it nears the head of its lane's queue:
+decoded, ``tasks.media.audio_decode.windows``) when it nears the head of its lane's queue:
 
 - a **short clip** (one window, at most the backend's ``max_clip_s``) waits, decoded, for
   a batched forward: every step takes up to ``batch_size`` short clips with equal
@@ -32,9 +32,9 @@ import numpy as np
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.audio_decode import Window, windows
 from tasks.errors import InvalidRequest, LanewayError
-from tasks.names import BATCH, LIVE, Lane
+from tasks.media.audio_decode import Window, windows
+from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.audio import SAMPLE_RATE, Segment, SpeechBackend, SpeechOptions, Transcript
 from workers.batching import FRESH_S, Dropped, ForwardStats, GoneCheck

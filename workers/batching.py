@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from configs.catalog import CatalogEntry
-from tasks.names import BATCH, LIVE, Lane
+from tasks.queue.names import BATCH, LIVE, Lane
 
 log = logging.getLogger(__name__)
 

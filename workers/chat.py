@@ -1,6 +1,6 @@
 """The chat capability on the worker: live requests (streamed or not) and Batch API lines.
 
-Images arrive as file-store references or inline bytes (``tasks.images.to_wire``) in
+Images arrive as file-store references or inline bytes (``tasks.media.images.to_wire``) in
 live messages, and as the caller's ``image_url`` in batch lines, fetched here with the
 same checks as the API's. Stored copies are deleted once their request is done.
 """
@@ -20,13 +20,13 @@ from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry, load_catalog
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
-from tasks.chat import ChatLimits, parse_body, served_entry, to_work
-from tasks.chat_bodies import choice_body, completion_body, fingerprint
+from tasks.contracts.chat import ChatLimits, parse_body, served_entry, to_work
+from tasks.contracts.chat_bodies import choice_body, completion_body, fingerprint
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore, get_file_store
-from tasks.images import PixelBudget, from_wire, release, resolve_image_url_sync
-from tasks.names import BATCH, LIVE, Lane
-from tasks.usage import Usage
+from tasks.media.images import PixelBudget, from_wire, release, resolve_image_url_sync
+from tasks.queue.names import BATCH, LIVE, Lane
+from tasks.store.usage import Usage
 from workers.batching import JobMeta, failed
 from workers.chat_engine import ChatEngine, ChatResult, Submission
 from workers.live import StreamSink

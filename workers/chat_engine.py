@@ -50,10 +50,10 @@ import torch
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.chat import ChatLimits, check_context
-from tasks.chat_bodies import TokenLogprob, logprob_entry
+from tasks.contracts.chat import ChatLimits, check_context
+from tasks.contracts.chat_bodies import TokenLogprob, logprob_entry
 from tasks.errors import LanewayError, ServiceUnavailable
-from tasks.names import BATCH, LIVE, Lane
+from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.chat import (
     Batch,

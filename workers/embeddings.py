@@ -20,10 +20,10 @@ import orjson
 from configs.catalog import CatalogEntry, load_catalog
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
-from tasks.embeddings import embedding_body, normalise_input, parse_body, served_entry
+from tasks.contracts.embeddings import embedding_body, normalise_input, parse_body, served_entry
 from tasks.errors import InvalidRequest, LanewayError
-from tasks.names import BATCH, LIVE
-from tasks.usage import Usage
+from tasks.queue.names import BATCH, LIVE
+from tasks.store.usage import Usage
 from workers.batching import JobMeta
 from workers.embeddings_engine import EmbedCall, EmbeddingEngine, EmbedResult
 from workers.live import StreamSink

@@ -18,9 +18,9 @@ import numpy as np
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.embeddings import check_dimensions
+from tasks.contracts.embeddings import check_dimensions
 from tasks.errors import LanewayError
-from tasks.names import LIVE, Lane
+from tasks.queue.names import LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.embeddings import EmbeddingBackend
 from workers.batching import Batcher, GoneCheck, JobMeta

@@ -18,8 +18,8 @@ from kombu import Exchange, Queue
 from configs.capabilities import CAPABILITIES
 from configs.catalog import CatalogEntry, CatalogError, load_catalog
 from configs.settings import Settings, get_settings
-from tasks.celery_app import get_celery
-from tasks.names import BATCH, LIVE, queue_name
+from tasks.queue.celery_app import get_celery
+from tasks.queue.names import BATCH, LIVE, queue_name
 from workers import placement
 from workers import tasks as task_bodies
 from workers.runtime import WorkerRuntime

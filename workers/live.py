@@ -1,7 +1,7 @@
 """The live lane's consumer: many queued requests per Redis round trip, no thread each.
 
 Live requests stay Celery protocol-2 task messages on ``<capability>.live`` (what the API
-writes with ``tasks.publish.celery_message``), but Celery's own consumer does not take
+writes with ``tasks.queue.publish.celery_message``), but Celery's own consumer does not take
 them: its per-message machinery (kombu message, request object, pool hand-off, trace)
 costs more CPU than a small forward. Instead one ``LiveConsumer`` thread per worker
 
@@ -15,7 +15,7 @@ costs more CPU than a small forward. Instead one ``LiveConsumer`` thread per wor
 
 A ``ReplyWriter`` thread takes finished futures as the scheduler completes them and
 answers every request finished meanwhile with one pipelined write: one ``RPUSH`` of
-reply frames per API process (``tasks.replies``). Acknowledgement is as before: a
+reply frames per API process (``tasks.queue.replies``). Acknowledgement is as before: a
 message counts as delivered once popped (at most once, as Celery's early ack), so a
 worker killed mid-request leaves its callers to their timeout (504); a warm shutdown
 stops popping and answers what it holds first.
@@ -41,9 +41,9 @@ import redis
 from celery import Celery
 
 from tasks.errors import InternalError, LanewayError
-from tasks.names import REPLY_TTL_S, reply_queue
-from tasks.publish import MalformedMessage, TaskMessage, decode_message
-from tasks.replies import DELTA, DONE, ERROR, encode_reply
+from tasks.queue.names import REPLY_TTL_S, reply_queue
+from tasks.queue.publish import MalformedMessage, TaskMessage, decode_message
+from tasks.queue.replies import DELTA, DONE, ERROR, encode_reply
 from workers.batching import Dropped, failed
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class ReplyWriter:
     def _frame(self, request: LiveRequest, future: Future[Any]) -> bytes | None:
         """The reply frame for one finished request (None: nobody to answer)."""
         frame, status = self._encode(request, future)
-        if REQUESTS.isEnabledFor(logging.INFO):  # JSON logs only (laneway.logs)
+        if REQUESTS.isEnabledFor(logging.INFO):  # JSON logs only (configs.logs)
             _log_request(request, status)
         return frame
 

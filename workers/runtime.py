@@ -23,9 +23,9 @@ import redis
 from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.contract import with_article
+from tasks.contracts.base import with_article
 from tasks.errors import InvalidRequest, ModelNotFound
-from tasks.names import (
+from tasks.queue.names import (
     BATCH,
     LIVE,
     WORKERS_KEY,

@@ -1,4 +1,4 @@
-"""Celery task bodies, registered under the names in ``tasks/names.py``, and the worker's
+"""Celery task bodies, registered under the names in ``tasks/queue/names.py``, and the worker's
 live consumer, batch runners and reaper."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tasks.batches.reaper import Sweeper, reap
 from tasks.batches.service import notify
 from tasks.batches.work import BatchWork
 from tasks.filestore import get_file_store
-from tasks.names import BATCH, LIVE, queue_name, task_name
+from tasks.queue.names import BATCH, LIVE, queue_name, task_name
 from workers.batch_runner import BatchRunner
 from workers.live import LiveConsumer, LiveHandler, TaskEvents
 from workers.runtime import WorkerRuntime

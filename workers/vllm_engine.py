@@ -43,10 +43,10 @@ from typing import Any, TypeVar
 
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.chat import ChatLimits, check_context
-from tasks.chat_bodies import TokenLogprob, logprob_entry
+from tasks.contracts.chat import ChatLimits, check_context
+from tasks.contracts.chat_bodies import TokenLogprob, logprob_entry
 from tasks.errors import InvalidRequest, LanewayError
-from tasks.names import BATCH, LIVE, Lane
+from tasks.queue.names import BATCH, LIVE, Lane
 from workers.batching import FRESH_S, Dropped, ForwardStats, GoneCheck, JobMeta, failed
 from workers.chat_engine import ChatResult, Emit, Sampling, Submission
 

@@ -1,6 +1,6 @@
 """OpenAI /v1/audio/transcriptions and /translations: the multipart request and the
 response models, for the OpenAPI document. The rules are the task contract
-(``tasks/audio.py``); the bodies are built by ``tasks/audio_bodies.py``."""
+(``tasks/contracts/audio.py``); the bodies are built by ``tasks/contracts/audio_bodies.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from tasks.audio import Granularity, ResponseFormat
+from tasks.contracts.audio import Granularity, ResponseFormat
 
 
 class TranscriptionUsage(BaseModel):

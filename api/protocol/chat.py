@@ -1,8 +1,8 @@
 """OpenAI /v1/chat/completions response models, for the OpenAPI document.
 
 The request schema is the task contract (Batch API lines are parsed with it in the
-workers), so it lives in ``tasks/chat.py``; the bodies are built by the functions of
-``tasks/chat_bodies.py``.
+workers), so it lives in ``tasks/contracts/chat.py``; the bodies are built by the functions of
+``tasks/contracts/chat_bodies.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tasks.chat import ChatCompletionRequest
+from tasks.contracts.chat import ChatCompletionRequest
 
 
 class ChatMessageOut(BaseModel):

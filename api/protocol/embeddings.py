@@ -1,7 +1,7 @@
 """OpenAI /v1/embeddings request and response models.
 
 The request schema is the task contract too (Batch API lines are parsed with it in the
-workers), so it lives in ``tasks/embeddings.py``; the API re-exports it here.
+workers), so it lives in ``tasks/contracts/embeddings.py``; the API re-exports it here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tasks.embeddings import EmbeddingRequest
+from tasks.contracts.embeddings import EmbeddingRequest
 
 
 class EmbeddingData(BaseModel):

@@ -1,5 +1,5 @@
 """OpenAI /v1/files objects, for the OpenAPI document (the routes pass
-``tasks.files.file_object`` through without re-validating it)."""
+``tasks.store.files.file_object`` through without re-validating it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.files import MAX_EXPIRY_S, MIN_EXPIRY_S, OUTPUT_PURPOSE, UPLOAD_PURPOSES
+from tasks.store.files import MAX_EXPIRY_S, MIN_EXPIRY_S, OUTPUT_PURPOSE, UPLOAD_PURPOSES
 
 Purpose = Literal[
     "batch", "user_data", "fine-tune", "assistants", "vision", "evals", "batch_output"

@@ -13,7 +13,7 @@ from api.protocol.audio import RESPONSE_CONTENT, Transcription, request_body
 from api.protocol.errors import error_responses
 from api.serving.audio import Upload, complete, open_stream, receive, sse
 from configs.settings import Settings
-from tasks.audio import TASKS, TRANSCRIPTIONS, TRANSLATIONS
+from tasks.contracts.audio import TASKS, TRANSCRIPTIONS, TRANSLATIONS
 from tasks.filestore import get_file_store
 
 router = APIRouter()

@@ -9,7 +9,7 @@ from api.deps import StateDep, wait_disconnect
 from api.protocol.chat import REQUEST_BODY, STREAM_CONTENT, ChatCompletionResponse
 from api.protocol.errors import error_responses
 from api.serving.chat import Images, complete, open_stream, parse_request, prepare, sse
-from tasks.chat import ENDPOINT
+from tasks.contracts.chat import ENDPOINT
 from tasks.filestore import get_file_store
 
 router = APIRouter()

@@ -17,7 +17,7 @@ from api.protocol.embeddings import REQUEST_BODY, EmbeddingResponse
 from api.protocol.errors import error_responses
 from api.serving.embeddings import create_embeddings, parse_request
 from api.state import AppState
-from tasks.embeddings import ENDPOINT
+from tasks.contracts.embeddings import ENDPOINT
 
 router = APIRouter()
 PATH = ENDPOINT

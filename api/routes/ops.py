@@ -19,8 +19,8 @@ from api.protocol.errors import error_responses
 from api.protocol.ops import HEALTH_RESPONSES, METRICS_RESPONSES
 from configs.capabilities import CAPABILITIES
 from tasks.batches.service import count_by_status
-from tasks.db import session_scope
-from tasks.names import LANES, queue_name, worker_metrics_key
+from tasks.queue.names import LANES, queue_name, worker_metrics_key
+from tasks.store.db import session_scope
 
 router = APIRouter()
 

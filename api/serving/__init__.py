@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import InvalidRequest, invalid_request
-from tasks.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+from tasks.store.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
 
 
 def load_json(raw: bytes) -> tuple[Any, bool]:
     """A request's JSON body, and whether orjson (strict UTF-8) parsed it (see
-    ``tasks.safety.parse_json``). An empty body, bad JSON or JSON nested too deeply is a
+    ``tasks.store.safety.parse_json``). An empty body, bad JSON or JSON nested too deeply is a
     400."""
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")

@@ -23,12 +23,19 @@ from starlette.requests import Request
 from api.live import LiveClient, LiveStream
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.audio import CAPABILITY, AudioRequest, parse_form, served_entry, to_work, too_large
-from tasks.audio_bodies import delta_event, done_event, render
-from tasks.audio_decode import probe
+from tasks.contracts.audio import (
+    CAPABILITY,
+    AudioRequest,
+    parse_form,
+    served_entry,
+    to_work,
+    too_large,
+)
+from tasks.contracts.audio_bodies import delta_event, done_event, render
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.filestore import FileStore
-from tasks.replies import DONE, ERROR, Reply
+from tasks.media.audio_decode import probe
+from tasks.queue.replies import DONE, ERROR, Reply
 
 log = logging.getLogger(__name__)
 

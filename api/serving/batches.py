@@ -7,11 +7,11 @@ from typing import Any
 
 from api.protocol.batches import CreateBatchRequest
 from configs.settings import Settings
+from tasks.access.quotas import Quota
+from tasks.access.tenancy import Owner
 from tasks.batches import service
-from tasks.db import session_scope
-from tasks.pagination import page_object
-from tasks.quotas import Quota
-from tasks.tenancy import Owner
+from tasks.store.db import session_scope
+from tasks.store.pagination import page_object
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,14 @@ from api.live import LiveClient, LiveStream
 from api.serving import load_json
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.chat import CAPABILITY, ChatCompletionRequest, parse_body, served_entry, to_work
-from tasks.chat_bodies import (
+from tasks.contracts.chat import (
+    CAPABILITY,
+    ChatCompletionRequest,
+    parse_body,
+    served_entry,
+    to_work,
+)
+from tasks.contracts.chat_bodies import (
     choice_body,
     chunk_body,
     chunk_choice,
@@ -32,10 +38,10 @@ from tasks.chat_bodies import (
 )
 from tasks.errors import LanewayError
 from tasks.filestore import FileStore
-from tasks.image_fetch import ImageFetcher
-from tasks.images import PixelBudget, release, resolve_image_url, to_wire
-from tasks.replies import DONE, ERROR, Reply
-from tasks.usage import Usage
+from tasks.media.image_fetch import ImageFetcher
+from tasks.media.images import PixelBudget, release, resolve_image_url, to_wire
+from tasks.queue.replies import DONE, ERROR, Reply
+from tasks.store.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
 
 
 class Images:
-    """The images of one request, on their way to a worker (see ``tasks.images``)."""
+    """The images of one request, on their way to a worker (see ``tasks.media.images``)."""
 
     def __init__(
         self, settings: Settings, store: FileStore, fetcher: ImageFetcher | None = None

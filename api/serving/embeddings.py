@@ -19,7 +19,7 @@ from api.live import LiveClient
 from api.serving import load_json
 from configs.catalog import Catalog
 from configs.settings import Settings
-from tasks.embeddings import (
+from tasks.contracts.embeddings import (
     CAPABILITY,
     EmbeddingRequest,
     check_dimensions,

@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from configs.settings import Settings
-from tasks import files
-from tasks.db import session_scope
+from tasks.access.quotas import Quota
+from tasks.access.tenancy import Owner
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
-from tasks.pagination import page_object
-from tasks.quotas import Quota
-from tasks.tenancy import Owner
+from tasks.store import files
+from tasks.store.db import session_scope
+from tasks.store.pagination import page_object
 
 
 def parse_expiry(anchor: Any, seconds: Any) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+from tasks.store.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
 
 MAX_PROBLEMS = 5
 

@@ -5,7 +5,7 @@ Revises: 0002
 Create Date: 2026-12-03 11:40:00
 
 Batch API usage was prompt tokens only. Chat lines produce completion tokens and speech
-lines seconds of audio, so chunks and batches count both (``tasks/usage.py``).
+lines seconds of audio, so chunks and batches count both (``tasks/store/usage.py``).
 """
 
 from __future__ import annotations

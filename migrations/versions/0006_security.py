@@ -13,7 +13,7 @@ Create Date: 2026-12-05 09:00:00
 - ``Idempotency-Key`` values of the owner with no key (NULL) were stored as the client
   sent them, so such a client could send the stored (digested) form of a named owner's
   key and get that owner's object back. They are now digested like every owner's
-  (``tasks.tenancy.scoped_idempotency_key``); this rewrites the ones already stored.
+  (``tasks.access.tenancy.scoped_idempotency_key``); this rewrites the ones already stored.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ QUOTAS = (
     ("max_open_batches", sa.Integer()),
     ("max_batch_lines", sa.Integer()),
 )
-# the prefix tasks.tenancy gives the NULL owner's keys (the migration keeps its own copy:
+# the prefix tasks.access.tenancy gives the NULL owner's keys (the migration keeps its own copy:
 # a migration must not change when the code does)
 ANONYMOUS = "anon:"
 

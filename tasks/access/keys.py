@@ -19,10 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from configs.settings import KEY_NAME
-from tasks.db import session_scope
+from tasks.access.quotas import FIELDS as QUOTA_FIELDS  # stored as columns max_<name>
 from tasks.errors import InvalidRequest, NotFound, quote
-from tasks.models import ApiKeyRow
-from tasks.quotas import FIELDS as QUOTA_FIELDS  # stored as columns max_<name>
+from tasks.store.db import session_scope
+from tasks.store.models import ApiKeyRow
 
 KEY_PREFIX = "lw-"
 SHOWN_PREFIX = 8  # characters of a key `laneway keys list` shows
@@ -52,7 +52,7 @@ class KeyRecord:
     revoked_at: int | None = None
     rpm: int | None = None
     tpm: int | None = None
-    # quota overrides by tasks.quotas field name (None or absent: the settings' default)
+    # quota overrides by tasks.access.quotas field name (None or absent: the settings' default)
     quota: Mapping[str, int | None] = field(default_factory=dict)
 
 
@@ -72,7 +72,7 @@ def create_key(
     quota: Mapping[str, int | None] | None = None,
 ) -> NewKey:
     """Make a key; the returned ``key`` is the only time it exists in clear. ``quota``
-    overrides the settings' quotas (``tasks.quotas.FIELDS``) for this key."""
+    overrides the settings' quotas (``tasks.access.quotas.FIELDS``) for this key."""
     check_name(name)
     owner = check_name(owner, "owner") if owner is not None else name
     if expires_in_days is not None and expires_in_days <= 0:

@@ -29,9 +29,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from configs.settings import Settings
+from tasks.access.tenancy import Owner, owned_by
 from tasks.errors import InvalidRequest, QueueFull
-from tasks.models import BatchRow, FileRow
-from tasks.tenancy import Owner, owned_by
+from tasks.store.models import BatchRow, FileRow
 
 # where an over-quota batch is told to retry: batches take minutes, not seconds
 RETRY_AFTER_S = 60
@@ -138,7 +138,7 @@ def stored_bytes_exceeded(quota: Quota, used: int | None = None) -> StorageQuota
 
 
 def _open_statuses() -> tuple[str, ...]:
-    from tasks.batches.status import OPEN_STATUSES  # tasks.batches imports tasks.files
+    from tasks.batches.status import OPEN_STATUSES  # tasks.batches imports tasks.store.files
 
     return OPEN_STATUSES
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from tasks.safety import check_idempotency_key
+from tasks.store.safety import check_idempotency_key
 
 Owner = str | None
 ANONYMOUS = "anon:"  # the stored Idempotency-Keys of the owner None

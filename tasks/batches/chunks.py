@@ -24,11 +24,11 @@ from tasks.batches.leases import Heartbeat
 from tasks.batches.leftovers import parts_dir
 from tasks.batches.lines import Outcome, iter_requests, output_line, request_id
 from tasks.batches.status import now
-from tasks.db import session_scope
 from tasks.errors import LanewayError
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, ChunkRow, FileRow
-from tasks.usage import Usage
+from tasks.store.db import session_scope
+from tasks.store.models import BatchRow, ChunkRow, FileRow
+from tasks.store.usage import Usage
 
 log = logging.getLogger(__name__)
 REQUESTS = logging.getLogger("laneway.requests")  # one line per request (JSON logs)
@@ -196,7 +196,7 @@ def compute_chunk(
     result = ChunkResult()
     out: list[bytes] = []
     err: list[bytes] = []
-    log_lines = REQUESTS.isEnabledFor(logging.INFO)  # JSON logs only (laneway/logs.py)
+    log_lines = REQUESTS.isEnabledFor(logging.INFO)  # JSON logs only (configs/logs.py)
     for i, (req, outcome) in enumerate(zip(requests, outcomes, strict=True)):
         line = output_line(claim.batch_id, claim.line_start + i, req["custom_id"], outcome)
         if log_lines:  # under the id the output line carries as response.request_id

@@ -18,9 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tasks.batches import status
-from tasks.db import session_scope
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, FileRow
+from tasks.store.db import session_scope
+from tasks.store.models import BatchRow, FileRow
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from configs.catalog import Catalog
 from configs.settings import Settings
+from tasks.access.quotas import lines_error, lines_in_flight, lock_owner
 from tasks.batches import status
 from tasks.batches.chunks import FINISHED_CHUNK, UNFINISHED
 from tasks.batches.leases import Heartbeat
@@ -37,12 +38,11 @@ from tasks.batches.leftovers import (
 from tasks.batches.lines import expired_line, iter_requests
 from tasks.batches.status import now, transition
 from tasks.batches.validation import ChunkSpec, Validation, validate_input
-from tasks.db import session_scope
-from tasks.files import put_output_file
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, ChunkRow, FileRow
-from tasks.quotas import lines_error, lines_in_flight, lock_owner
-from tasks.usage import Usage
+from tasks.store.db import session_scope
+from tasks.store.files import put_output_file
+from tasks.store.models import BatchRow, ChunkRow, FileRow
+from tasks.store.usage import Usage
 
 log = logging.getLogger(__name__)
 

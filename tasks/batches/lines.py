@@ -14,8 +14,8 @@ from typing import Any
 
 from tasks.errors import InternalError, LanewayError
 from tasks.filestore import FileStore
-from tasks.safety import parse_json
-from tasks.usage import Usage
+from tasks.store.safety import parse_json
+from tasks.store.usage import Usage
 
 
 @dataclass

@@ -18,10 +18,10 @@ from sqlalchemy import select, update
 from tasks.batches.leftovers import remove_owed
 from tasks.batches.lifecycle import advance
 from tasks.batches.status import now
-from tasks.db import session_scope
-from tasks.files import expire_files
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, ChunkRow
+from tasks.store.db import session_scope
+from tasks.store.files import expire_files
+from tasks.store.models import BatchRow, ChunkRow
 
 log = logging.getLogger(__name__)
 

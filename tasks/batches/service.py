@@ -16,17 +16,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from configs.settings import Settings
+from tasks.access.quotas import Quota, check_lines_room, check_open_batches, lock_owner
+from tasks.access.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.batches.status import FINISHED_STATUSES, OPEN_STATUSES, transition
 from tasks.errors import InvalidRequest, NotFound, quote
-from tasks.files import check_expires_after, get_file
-from tasks.models import BatchRow, ChunkRow
-from tasks.names import BATCH, queue_name, task_name
-from tasks.pagination import paginate
-from tasks.quotas import Quota, check_lines_room, check_open_batches, lock_owner
-from tasks.safety import is_id, text_problem
-from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
-from tasks.usage import Usage
+from tasks.queue.names import BATCH, queue_name, task_name
+from tasks.store.files import check_expires_after, get_file
+from tasks.store.models import BatchRow, ChunkRow
+from tasks.store.pagination import paginate
+from tasks.store.safety import is_id, text_problem
+from tasks.store.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def notify(capability: str, batch_id: str) -> bool:
     """Wake a worker of ``capability``: this batch has work (a hint; workers also look in
     the database on their own, so a lost or skipped hint only costs a poll interval).
     Returns whether one was sent (not when enough wait on the lane already)."""
-    from tasks.celery_app import get_celery
+    from tasks.queue.celery_app import get_celery
 
     app = get_celery()
     queue = queue_name(capability, BATCH)

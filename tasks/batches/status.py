@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tasks.models import BatchRow
+from tasks.store.models import BatchRow
 
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 LEGAL: dict[str, set[str]] = {

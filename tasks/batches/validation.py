@@ -15,7 +15,7 @@ from configs.settings import Settings
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.errors import quote
 from tasks.filestore import COPY_CHUNK, FileStore
-from tasks.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+from tasks.store.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from configs.catalog import Catalog, CatalogEntry
-from tasks import contract
-from tasks.audio_languages import LANGUAGES
+from tasks.contracts import base as contract
+from tasks.contracts.audio_languages import LANGUAGES
 from tasks.errors import InvalidRequest, PayloadTooLarge, invalid_request, quote
 
 CAPABILITY = "audio"

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
-from tasks.audio import MEDIA_TYPES
-from tasks.audio_languages import LANGUAGES
-from tasks.usage import Usage
+from tasks.contracts.audio import MEDIA_TYPES
+from tasks.contracts.audio_languages import LANGUAGES
+from tasks.store.usage import Usage
 
 Segments = Sequence[dict[str, Any]]
 

@@ -1,6 +1,6 @@
 """The chat completions contract, shared by the API (live calls, before enqueue) and the
 workers (Batch API lines of ``/v1/chat/completions``): one schema, one set of rules, one
-work payload. The response shapes are built by ``tasks/chat_bodies.py``.
+work payload. The response shapes are built by ``tasks/contracts/chat_bodies.py``.
 
 Pure logic (pydantic and the standard library). ``messages`` is checked by hand, because
 pydantic's errors for a list of unions of objects name neither the message nor the part
@@ -31,7 +31,7 @@ from pydantic import (
 
 from configs.catalog import Catalog, CatalogEntry, CatalogError
 from configs.settings import Settings
-from tasks.contract import served_entry as _served_entry
+from tasks.contracts.base import served_entry as _served_entry
 from tasks.errors import (
     ContextLengthExceeded,
     InvalidRequest,

@@ -2,7 +2,7 @@
 ``chat.completion.chunk``, usage, log-probabilities, ``system_fingerprint``.
 
 Pure logic, shared by the API (live responses and stream chunks) and the workers (Batch API
-results, log-probability entries). The request contract is ``tasks/chat.py``.
+results, log-probability entries). The request contract is ``tasks/contracts/chat.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from configs.catalog import CatalogEntry
-from tasks.usage import Usage
+from tasks.store.usage import Usage
 
 # OpenAI writes a log-probability of -inf as this (JSON has no infinity)
 MIN_LOGPROB = -9999.0

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from configs.catalog import Catalog, CatalogEntry
-from tasks import contract
+from tasks.contracts import base as contract
 from tasks.errors import InvalidRequest, invalid_request, register_field_hint
 
 CAPABILITY = "embeddings"

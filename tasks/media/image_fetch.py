@@ -8,7 +8,7 @@ or otherwise non-public addresses. It resolves each host itself, checks every ad
 then connects to the address it checked (the URL carries the IP; ``Host`` and TLS SNI
 carry the name), so a DNS answer that changes between check and connect cannot bypass
 the check. Redirects are followed by hand, each hop checked again; one from https to
-plain http is refused. It returns the body undecoded: ``tasks.images``
+plain http is refused. It returns the body undecoded: ``tasks.media.images``
 (``resolve_image_url``, ``check_image``) checks it.
 """
 
@@ -96,7 +96,7 @@ _NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+", re.IGNORECASE)
 _dns_pool: ThreadPoolExecutor | None = None
 
 
-# -- refusals (tasks.images raises them too) --------------------------------------------------
+# -- refusals (tasks.media.images raises them too) ---------------------------------------------
 
 
 def _size_text(n: int) -> str:

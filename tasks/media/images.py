@@ -5,10 +5,10 @@ Pure logic, no torch: the API process and the workers both import it.
 * ``resolve_image_url`` (async, for the API) and ``resolve_image_url_sync`` (for workers
   running Batch API lines) turn one ``image_url.url`` into checked bytes and an
   ``ImageInfo``; every refusal is an ``InvalidRequest``. Remote URLs go through
-  ``tasks.image_fetch.ImageFetcher`` (the guarded fetcher and its address rules).
+  ``tasks.media.image_fetch.ImageFetcher`` (the guarded fetcher and its address rules).
 * ``PixelBudget``: the pixels of one request's images together, refused once past
   ``image_max_request_pixels`` (before the image that passes it is decoded). The number
-  of images is capped earlier, before any is decoded or fetched (``tasks.chat``).
+  of images is capped earlier, before any is decoded or fetched (``tasks.contracts.chat``).
 * ``to_wire`` / ``from_wire`` / ``release``: how an image travels to a worker, inline
   base64 when small, else a file-store reference the worker deletes when done.
 """
@@ -29,7 +29,7 @@ from PIL import GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImag
 from configs.settings import Settings
 from tasks.errors import InvalidRequest, quote
 from tasks.filestore import FileStore
-from tasks.image_fetch import DISABLED_TEXT, PARAM, ImageFetcher, refuse, too_large
+from tasks.media.image_fetch import DISABLED_TEXT, PARAM, ImageFetcher, refuse, too_large
 
 # file-store keys of images sent by reference start with this
 WIRE_PREFIX = "images/"

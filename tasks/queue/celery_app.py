@@ -6,13 +6,13 @@ from celery import Celery
 
 from configs.capabilities import CAPABILITIES
 from configs.settings import Settings, get_settings
-from tasks.names import LANES, queue_name, task_name
+from tasks.queue.names import LANES, queue_name, task_name
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     url = settings.effective_redis_url
-    # no result backend: live replies go to the caller's reply list (tasks/replies.py) and
+    # no result backend: live replies go to the caller's reply list (tasks/queue/replies.py) and
     # batch results to the database, and a Redis backend would subscribe per sent task
     app = Celery("laneway", broker=url, set_as_current=True)
     routes: dict[str, dict[str, str]] = {

@@ -10,14 +10,20 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tasks.db import session_scope
+from tasks.access.quotas import (
+    Quota,
+    check_stored,
+    lock_owner,
+    room_to_store,
+    stored_bytes_exceeded,
+)
+from tasks.access.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, quote
 from tasks.filestore import FileStore
-from tasks.models import BatchRow, FileRow
-from tasks.pagination import paginate
-from tasks.quotas import Quota, check_stored, lock_owner, room_to_store, stored_bytes_exceeded
-from tasks.safety import is_id, text_problem
-from tasks.tenancy import Owner, owned_by, scoped_idempotency_key
+from tasks.store.db import session_scope
+from tasks.store.models import BatchRow, FileRow
+from tasks.store.pagination import paginate
+from tasks.store.safety import is_id, text_problem
 
 UPLOAD_PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
 OUTPUT_PURPOSE = "batch_output"

@@ -35,7 +35,7 @@ class FileRow(Base):
     storage_key: Mapped[str] = mapped_column(String(256))
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True, unique=True)
-    # the key owner it belongs to (tasks/tenancy.py); None: made with no keys configured
+    # the key owner it belongs to (tasks/access/tenancy.py); None: made with no keys configured
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
@@ -63,7 +63,7 @@ class BatchRow(Base):
     request_total: Mapped[int] = mapped_column(Integer, default=0)
     request_completed: Mapped[int] = mapped_column(Integer, default=0)
     request_failed: Mapped[int] = mapped_column(Integer, default=0)
-    # usage (tasks/usage.py): one column per field
+    # usage (tasks/store/usage.py): one column per field
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
@@ -83,7 +83,7 @@ class BatchRow(Base):
     # being claimed again (tasks/batches/lifecycle.py)
     job_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # the creating key's quota of batch lines in flight (0: none), checked by validation
-    # once it has counted this batch's lines (tasks/quotas.py)
+    # once it has counted this batch's lines (tasks/access/quotas.py)
     lines_quota: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
@@ -116,7 +116,7 @@ class ChunkRow(Base):
 
 
 class ApiKeyRow(Base):
-    """A key made by `laneway keys create`: only its SHA-256 is kept (tasks/keys.py)."""
+    """A key made by `laneway keys create`: only its SHA-256 is kept (tasks/access/keys.py)."""
 
     __tablename__ = "api_keys"
 
@@ -132,7 +132,7 @@ class ApiKeyRow(Base):
     # per-key limits; None: the settings' defaults
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # per-key quotas (tasks/quotas.py); None: the settings' defaults
+    # per-key quotas (tasks/access/quotas.py); None: the settings' defaults
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_files: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_open_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -8,7 +8,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from tasks.errors import InvalidRequest, quote
-from tasks.safety import is_id
+from tasks.store.safety import is_id
 
 Row = TypeVar("Row")
 

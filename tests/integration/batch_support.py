@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from tasks.db import make_engine
+from tasks.store.db import make_engine
 from tests.conftest import write_catalog
 from tests.harness import Stack
 

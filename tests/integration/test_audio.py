@@ -16,7 +16,7 @@ from unittest.mock import ANY
 import httpx
 import pytest
 
-from tasks.audio_decode import NOT_ALLOWED
+from tasks.media.audio_decode import NOT_ALLOWED
 from tests.audio_files import (
     FORMATS,
     clip_path,

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-import tasks.db
+import tasks.store.db
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches import leftovers, lifecycle, status
@@ -33,11 +33,11 @@ from tasks.batches.lines import Outcome
 from tasks.batches.reaper import reap
 from tasks.batches.service import batch_object, request_cancel
 from tasks.batches.work import BatchWork
-from tasks.db import make_engine, migrate, session_scope
-from tasks.files import delete_file, get_file, list_files
 from tasks.filestore import FileStore, LocalFileStore
-from tasks.models import BatchRow, ChunkRow, FileRow
-from tasks.usage import Usage
+from tasks.store.db import make_engine, migrate, session_scope
+from tasks.store.files import delete_file, get_file, list_files
+from tasks.store.models import BatchRow, ChunkRow, FileRow
+from tasks.store.usage import Usage
 from tests.batch_rows import (
     FAKE,
     MINILM,
@@ -60,12 +60,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 def db(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_server_url: str | None
 ) -> Iterator[TestDatabase]:
-    """``tasks.db.session_scope`` bound to a fresh, migrated database."""
+    """``tasks.store.db.session_scope`` bound to a fresh, migrated database."""
     database = TestDatabase(tmp_path / "db", postgres_server_url)
     migrate(database.url)
     engine = make_engine(database.url)
-    monkeypatch.setattr(tasks.db, "_engine", engine)
-    monkeypatch.setattr(tasks.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
+    monkeypatch.setattr(tasks.store.db, "_engine", engine)
+    monkeypatch.setattr(tasks.store.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
     try:
         yield database
     finally:

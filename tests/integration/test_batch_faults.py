@@ -20,7 +20,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from tasks.models import ChunkRow
+from tasks.store.models import ChunkRow
 from tests.harness import Stack
 from tests.integration.batch_support import (
     FAKE,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tasks.models import ChunkRow
+from tasks.store.models import ChunkRow
 from tests.harness import Stack
 from tests.integration.batch_support import (
     assert_exactly_once,

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from tasks.models import FileRow
+from tasks.store.models import FileRow
 from tests.conftest import MAIN_MAX_REQUEST_BYTES
 from tests.harness import Stack
 from tests.integration.batch_support import db_engine

@@ -17,8 +17,8 @@ from api.auth import KeyRing, Principal
 from api.limits import RateLimiter
 from configs.settings import Settings
 from laneway.embedded_redis import start_redis
+from tasks.access.keys import KeyRecord, hash_key
 from tasks.errors import RateLimited
-from tasks.keys import KeyRecord, hash_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -15,8 +15,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from tasks.db import alembic_config, downgrade, make_engine, migrate
-from tasks.models import Base
+from tasks.store.db import alembic_config, downgrade, make_engine, migrate
+from tasks.store.models import Base
 from tests.harness import TestDatabase
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -59,7 +59,7 @@ def revision(url: str) -> str | None:
 
 
 def test_upgrade_to_head_then_downgrade_to_base(database: TestDatabase) -> None:
-    assert MODEL_TABLES, "tasks.models declares no tables"
+    assert MODEL_TABLES, "tasks.store.models declares no tables"
     migrate(database.url)
     assert revision(database.url) == HEAD
     assert tables(database.url) == MODEL_TABLES | {"alembic_version"}
@@ -86,7 +86,7 @@ def test_every_revision_steps_down_and_up(database: TestDatabase) -> None:
 
 
 def test_migrations_match_the_models(database: TestDatabase) -> None:
-    """Autogenerate finds nothing to add: the migrations build what tasks.models declares."""
+    """Autogenerate finds nothing to add: the migrations build what tasks.store.models declares."""
     migrate(database.url)
     engine = make_engine(database.url)
     try:

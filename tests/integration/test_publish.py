@@ -1,7 +1,7 @@
-"""``tasks.publish.celery_message`` writes the same Redis message as Celery's ``send_task``.
+"""``tasks.queue.publish.celery_message`` writes the same Redis message as Celery's ``send_task``.
 
 The API does not publish live requests through Celery: it LPUSHes a hand-written
-protocol-2 envelope (see ``tasks/publish.py``) so that the event loop never blocks on
+protocol-2 envelope (see ``tasks/queue/publish.py``) so that the event loop never blocks on
 kombu. Nothing but this test ties that envelope to the Celery and kombu actually
 installed, so a release that adds, drops or re-types a field would otherwise only show
 up as workers rejecting or misreading live requests in production.
@@ -50,9 +50,9 @@ from celery.signals import task_revoked
 
 from configs.settings import Settings
 from laneway.embedded_redis import start_redis
-from tasks.celery_app import make_celery
-from tasks.names import LIVE, queue_name, task_name
-from tasks.publish import ORIGIN, MalformedMessage, celery_message, decode_message
+from tasks.queue.celery_app import make_celery
+from tasks.queue.names import LIVE, queue_name, task_name
+from tasks.queue.publish import ORIGIN, MalformedMessage, celery_message, decode_message
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -168,7 +168,7 @@ def check_per_message_fields(ours: dict[str, Any], celery: dict[str, Any]) -> No
 
     # `reply_to` is where a result backend (rpc://) would answer: Celery fills in the
     # producer's per-process oid whether or not one is configured. The project has no
-    # result backend (tasks/celery_app.py, task_ignore_result=True) and live replies
+    # result backend (tasks/queue/celery_app.py, task_ignore_result=True) and live replies
     # travel in the task's own arguments, so ours is empty
     assert isinstance(celery_props["reply_to"], str) and celery_props["reply_to"]
     assert our_props["reply_to"] == ""

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tasks.audio_decode import NOT_ALLOWED
-from tasks.models import FileRow
+from tasks.media.audio_decode import NOT_ALLOWED
+from tasks.store.models import FileRow
 from tests.audio_files import clip_path, transcripts, wer
 from tests.harness import Stack, wait_until
 from tests.integration.batch_support import (

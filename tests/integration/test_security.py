@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks.names import BATCH, queue_name
+from tasks.queue.names import BATCH, queue_name
 from tests.harness import Stack, wait_until
 from tests.integration.batch_support import (
     FAKE,

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import sessionmaker
 
-import tasks.db
+import tasks.store.db
 from configs.settings import Settings
-from tasks.audio import too_large
-from tasks.audio_decode import NOT_ALLOWED
-from tasks.db import make_engine
-from tasks.files import create_file
+from tasks.contracts.audio import too_large
 from tasks.filestore import FileStore, get_file_store
-from tasks.models import Base
+from tasks.media.audio_decode import NOT_ALLOWED
+from tasks.store.db import make_engine
+from tasks.store.files import create_file
+from tasks.store.models import Base
 from tests.audio_files import CLIPS, read_wav, write_wav
 from workers.audio import batch_executor
 from workers.audio_engine import SpeechResult, Submission
@@ -66,8 +66,8 @@ class Runtime:
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
     Base.metadata.create_all(engine)
-    monkeypatch.setattr(tasks.db, "_engine", engine)
-    monkeypatch.setattr(tasks.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
+    monkeypatch.setattr(tasks.store.db, "_engine", engine)
+    monkeypatch.setattr(tasks.store.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
     try:
         yield Settings(
             models=[TINY],

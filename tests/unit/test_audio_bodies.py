@@ -1,4 +1,4 @@
-"""What a transcription answers in each response format (``tasks/audio_bodies.py``)."""
+"""What a transcription answers in each response format (``tasks/contracts/audio_bodies.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tasks import audio_bodies as bodies
+from tasks.contracts import audio_bodies as bodies
 
 SEGMENTS: list[dict[str, Any]] = [
     {

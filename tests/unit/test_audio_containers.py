@@ -1,4 +1,4 @@
-"""tasks/audio_decode.py opens only single-file audio containers, and nothing a file says
+"""tasks/media/audio_decode.py opens only single-file audio containers, and nothing a file says
 can make FFmpeg open another file or a URL.
 
 Every upload lives in ``files/`` of the store (``files/file-<id>``), so a concat list or a
@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from av.audio.stream import AudioStream
 
-from tasks.audio_decode import (
+from tasks.errors import InvalidRequest
+from tasks.media.audio_decode import (
     ALLOWED_DEMUXERS,
     EMPTY_AUDIO,
     NOT_ALLOWED,
@@ -35,7 +36,6 @@ from tasks.audio_decode import (
     probe,
     windows,
 )
-from tasks.errors import InvalidRequest
 from tests.audio_files import CLIPS, read_wav
 
 VICTIM = CLIPS / "clip01.wav"

@@ -1,4 +1,4 @@
-"""The audio contract (``tasks/audio.py``): form and batch-body parsing, the rules beyond
+"""The audio contract (``tasks/contracts/audio.py``): form and batch-body parsing, the rules beyond
 the schema, the work payload; and the catalog's model aliases (``whisper-1``)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from configs.catalog import CatalogEntry, CatalogError, load_catalog
-from tasks import audio, contract
+from tasks.contracts import audio
+from tasks.contracts import base as contract
 from tasks.errors import InvalidRequest, ModelNotFound
 
 TINY_EN = "Systran/faster-whisper-tiny.en"

@@ -1,4 +1,4 @@
-"""tasks/audio_decode.py: formats, resampling, streaming windows, refusals.
+"""tasks/media/audio_decode.py: formats, resampling, streaming windows, refusals.
 
 The other formats are made at test time by re-encoding ``clip01.wav`` with PyAV's own
 encoders (libmp3lame, aac, flac, libopus, the experimental native vorbis), so no fixture
@@ -15,7 +15,8 @@ import av
 import numpy as np
 import pytest
 
-from tasks.audio_decode import (
+from tasks.errors import InvalidRequest
+from tasks.media.audio_decode import (
     DURATION_SLACK_S,
     SAMPLE_RATE,
     AudioInfo,
@@ -25,7 +26,6 @@ from tasks.audio_decode import (
     probe,
     windows,
 )
-from tasks.errors import InvalidRequest
 from tests.audio_files import CLIPS, FORMATS, Floats, encode, read_wav, write_wav
 
 CLIP = CLIPS / "clip01.wav"

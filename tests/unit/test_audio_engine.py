@@ -17,7 +17,7 @@ import pytest
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.errors import InvalidRequest
-from tasks.names import BATCH, LIVE
+from tasks.queue.names import BATCH, LIVE
 from tests.audio_files import SAMPLE_RATE, write_wav
 from workers.audio_engine import SpeechEngine, SpeechResult, Submission
 from workers.backends.audio import Segment, SpeechBackend, SpeechOptions, Transcript

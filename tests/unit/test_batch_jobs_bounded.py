@@ -14,14 +14,14 @@ import pytest
 from sqlalchemy import event, update
 
 import tasks.batches.lifecycle as lifecycle
-import tasks.db
+import tasks.store.db
 from api.routes import ops
 from configs.catalog import Catalog
 from tasks.batches.lifecycle import claim_batch_job
 from tasks.batches.status import FINISHED_STATUSES, OPEN_STATUSES, transition
 from tasks.batches.work import BatchWork
 from tasks.filestore import FileStore
-from tasks.models import BatchRow
+from tasks.store.models import BatchRow
 from tests.batch_rows import batch, jsonl, make_settings, new_batch
 from tests.unit.test_batch_logic import db, make_row  # noqa: F401  (db: a fixture)
 
@@ -46,7 +46,7 @@ def test_a_finalisation_that_breaks_every_time_fails_the_batch(
 ) -> None:
     runner = work(store, catalog, chunk_max_attempts=2, chunk_lease_s=0.05)
     batch_id = new_batch(runner.settings, store, jsonl(2))
-    with tasks.db.session_scope() as s:
+    with tasks.store.db.session_scope() as s:
         assert transition(s, batch_id, "in_progress") and transition(s, batch_id, "finalizing")
 
     def broken(*_: Any) -> None:
@@ -95,7 +95,7 @@ def test_a_job_that_raised_is_retried_after_a_pause_that_doubles(
         with pytest.raises(RuntimeError):
             runner.run(job)
         pauses.append(round(batch(batch_id).lease_until - time.time()))
-        with tasks.db.session_scope() as s:  # let the pause pass at once
+        with tasks.store.db.session_scope() as s:  # let the pause pass at once
             s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(lease_until=0.0))
     assert pauses == [2, 4, 8]
     assert batch(batch_id).status == "validating"
@@ -114,7 +114,7 @@ def test_metrics_count_open_batches_each_scrape_and_finished_ones_seldom(
         if "FROM batches" in statement:
             statements.append(statement)
 
-    engine = tasks.db._engine
+    engine = tasks.store.db._engine
     event.listen(engine, "before_cursor_execute", seen)
     try:
         first = ops._batch_counts()

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-import tasks.db
+import tasks.store.db
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.lifecycle import BatchJob, validate_batch
@@ -32,9 +32,10 @@ from tasks.batches.service import (
 )
 from tasks.batches.status import LEGAL, TIMESTAMP_FIELD, claim, transition
 from tasks.batches.validation import MAX_ERRORS_REPORTED, Validation, validate_input
-from tasks.db import make_engine, session_scope
 from tasks.errors import InvalidRequest, LanewayError, NotFound
-from tasks.files import (
+from tasks.filestore import FileStore, MissingPart
+from tasks.store.db import make_engine, session_scope
+from tasks.store.files import (
     check_expires_after,
     create_file,
     delete_file,
@@ -42,9 +43,8 @@ from tasks.files import (
     get_file,
     list_files,
 )
-from tasks.filestore import FileStore, MissingPart
-from tasks.models import Base, BatchRow, ChunkRow, FileRow
-from tasks.pagination import page_object, paginate
+from tasks.store.models import Base, BatchRow, ChunkRow, FileRow
+from tasks.store.pagination import page_object, paginate
 from tests.batch_rows import (
     ENDPOINT,
     FAKE,
@@ -66,11 +66,11 @@ STATUSES = [*TIMESTAMP_FIELD, "validating"]
 
 @pytest.fixture
 def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``tasks.db.session_scope`` bound to a fresh SQLite file with every table."""
+    """``tasks.store.db.session_scope`` bound to a fresh SQLite file with every table."""
     engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
     Base.metadata.create_all(engine)
-    monkeypatch.setattr(tasks.db, "_engine", engine)
-    monkeypatch.setattr(tasks.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
+    monkeypatch.setattr(tasks.store.db, "_engine", engine)
+    monkeypatch.setattr(tasks.store.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.catalog import load_catalog
-from tasks.names import BATCH, LIVE, Lane
+from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends.fake import FakeEmbeddingBackend
 from workers.batching import Batcher, Dropped
 

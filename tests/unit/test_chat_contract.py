@@ -15,7 +15,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from configs.catalog import Catalog, CatalogEntry, CatalogError, load_catalog
 from configs.settings import Settings
-from tasks.chat import (
+from tasks.contracts.base import served_entry as generic_served_entry
+from tasks.contracts.chat import (
     CAPABILITY,
     ENDPOINT,
     ChatCompletionRequest,
@@ -26,7 +27,7 @@ from tasks.chat import (
     served_entry,
     to_work,
 )
-from tasks.chat_bodies import (
+from tasks.contracts.chat_bodies import (
     TokenLogprob,
     choice_body,
     chunk_body,
@@ -36,9 +37,8 @@ from tasks.chat_bodies import (
     new_completion_id,
     usage_body,
 )
-from tasks.contract import served_entry as generic_served_entry
 from tasks.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
-from tasks.usage import Usage
+from tasks.store.usage import Usage
 
 CHAT = "me/chat"
 VISION = "me/vision"

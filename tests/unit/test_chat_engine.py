@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from configs.catalog import load_catalog
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded
-from tasks.names import BATCH, LIVE
+from tasks.queue.names import BATCH, LIVE
 from tests.chat_models import chat_entry, write_catalog
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt
 from workers.batching import Dropped, JobMeta

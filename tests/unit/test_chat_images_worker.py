@@ -11,8 +11,8 @@ import pytest
 from configs.settings import Settings
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
-from tasks.images import ImageInfo, to_wire
-from tasks.names import LIVE
+from tasks.media.images import ImageInfo, to_wire
+from tasks.queue.names import LIVE
 from tests.chat_models import png_bytes
 from workers.batching import JobMeta
 from workers.chat import Images, Request, submit_all

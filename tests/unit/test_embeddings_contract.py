@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from api.protocol.embeddings import EmbeddingRequest
 from api.serving.embeddings import normalise_input
 from configs.catalog import load_catalog
-from tasks.embeddings import check_dimensions
+from tasks.contracts.embeddings import check_dimensions
 from tasks.errors import InvalidRequest
 from workers.embeddings import data_fragment, encode_vector
 

@@ -107,7 +107,7 @@ def test_quote_bounds_what_a_message_echoes() -> None:
 def _pydantic_errors(body: object) -> list[dict[str, object]]:
     from pydantic import ValidationError
 
-    from tasks.embeddings import EmbeddingRequest
+    from tasks.contracts.embeddings import EmbeddingRequest
 
     try:
         EmbeddingRequest.model_validate(body)

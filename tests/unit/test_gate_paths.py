@@ -24,7 +24,7 @@ from api.auth import KeyRing
 from api.limits import RateLimiter
 from api.middleware import Gate
 from configs.settings import Settings
-from tasks.keys import KeyRecord, hash_key
+from tasks.access.keys import KeyRecord, hash_key
 
 STATIC, STORED = "sk-static", "lw-stored"
 MAX_BYTES, UPLOAD_BYTES = 1024, 4096

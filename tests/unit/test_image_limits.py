@@ -18,11 +18,11 @@ from PIL import Image
 from api.serving import chat as serving
 from configs.catalog import load_catalog
 from configs.settings import Settings
-from tasks import images as image_module
-from tasks.chat import count_images, parse_body, to_work
+from tasks.contracts.chat import count_images, parse_body, to_work
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
-from tasks.images import PixelBudget, check_image, resolve_image_url, resolve_image_url_sync
+from tasks.media import images as image_module
+from tasks.media.images import PixelBudget, check_image, resolve_image_url, resolve_image_url_sync
 from tests.chat_models import chat_entry, write_catalog
 from workers import chat as worker_chat
 
@@ -93,7 +93,7 @@ def test_limits_must_be_positive(name: str) -> None:
         Settings(**{name: 0})
 
 
-# -- the number of images (tasks.chat, before anything is decoded or fetched) ----------------
+# -- the number of images (tasks.contracts.chat, before anything is decoded or fetched) -------
 
 
 def test_count_images_counts_image_parts_of_every_message() -> None:
@@ -131,7 +131,7 @@ def test_a_text_model_still_says_it_takes_no_images(settings: Settings) -> None:
     assert info.value.message == f"model '{TEXT}' does not accept images"
 
 
-# -- the pixels of all the images together (tasks.images) ------------------------------------
+# -- the pixels of all the images together (tasks.media.images) ------------------------------------
 
 
 def test_pixel_budget_sums_and_names_the_limit(settings: Settings) -> None:

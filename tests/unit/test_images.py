@@ -1,5 +1,5 @@
-"""tasks/images.py and tasks/image_fetch.py: data: URIs, image checks, the guarded fetcher,
-the wire form.
+"""tasks/media/images.py and tasks/media/image_fetch.py: data: URIs, image checks, the guarded
+fetcher, the wire form.
 
 The fetcher tests run a local ``http.server`` on 127.0.0.1 and map made-up ``.test``
 names to it through an injected resolver; the loopback switch lets 127.0.0.1 through and
@@ -31,11 +31,11 @@ import pytest
 from PIL import Image
 
 from configs.settings import Settings
-from tasks import images
 from tasks.errors import InvalidRequest
 from tasks.filestore import get_file_store
-from tasks.image_fetch import ImageFetcher, address_problem, host_allowed
-from tasks.images import (
+from tasks.media import images
+from tasks.media.image_fetch import ImageFetcher, address_problem, host_allowed
+from tasks.media.images import (
     ImageInfo,
     check_image,
     decode_data_uri,

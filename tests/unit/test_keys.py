@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from api.auth import KeyRing, Principal, bearer_token
 from api.limits import METER, RateLimiter, TokenMeter, charge
 from configs.settings import Settings
+from tasks.access.keys import KeyRecord, check_name, hash_key
+from tasks.access.tenancy import scoped_idempotency_key
 from tasks.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
-from tasks.keys import KeyRecord, check_name, hash_key
-from tasks.tenancy import scoped_idempotency_key
 
 
 class Loader:

@@ -15,7 +15,7 @@ import pytest
 from api.auth import KeyRing, Principal
 from api.limits import RateLimiter
 from configs.settings import Settings
-from tasks.keys import KeyRecord, hash_key
+from tasks.access.keys import KeyRecord, hash_key
 
 
 @pytest.fixture(autouse=True)

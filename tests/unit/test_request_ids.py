@@ -1,4 +1,4 @@
-"""Request ids (api/request_ids.py) and the JSON log lines that carry them (laneway/logs.py)."""
+"""Request ids (api/request_ids.py) and the JSON log lines that carry them (configs/logs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from api.request_ids import MAX_LENGTH, request_id_of
-from laneway import logs
+from configs import logs
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ from typing import Any
 from api.limits import estimate_tokens
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
-from tasks.chat import parse_body as parse_chat
-from tasks.chat import to_work
-from tasks.embeddings import normalise_input
-from tasks.embeddings import parse_body as parse_embeddings
+from tasks.contracts.chat import parse_body as parse_chat
+from tasks.contracts.chat import to_work
+from tasks.contracts.embeddings import normalise_input
+from tasks.contracts.embeddings import parse_body as parse_embeddings
 
 CHAT = CatalogEntry(
     id="me/chat",

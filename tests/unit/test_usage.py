@@ -1,11 +1,11 @@
-"""tasks.usage.Usage: one usage object for every capability, summed per chunk and batch."""
+"""tasks.store.usage.Usage: one usage object for every capability, summed per chunk and batch."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tasks.models import BatchRow, ChunkRow
-from tasks.usage import USAGE_COLUMNS, Usage
+from tasks.store.models import BatchRow, ChunkRow
+from tasks.store.usage import USAGE_COLUMNS, Usage
 
 
 def test_usage_adds_field_by_field() -> None:

@@ -20,7 +20,7 @@ import pytest
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest
-from tasks.names import BATCH, LIVE
+from tasks.queue.names import BATCH, LIVE
 from workers.batching import Dropped, JobMeta
 from workers.vllm_engine import VllmApi, VllmChatEngine
 

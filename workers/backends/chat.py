@@ -33,7 +33,7 @@ from transformers import (
     DynamicCache,
 )
 
-from tasks.chat import ChatLimits
+from tasks.contracts.chat import ChatLimits
 from tasks.errors import InvalidRequest
 from workers.backends.base import ModelBackend
 from workers.backends.torch_dtype import torch_dtype
@@ -365,10 +365,10 @@ def _flat_text(content: Any) -> str:
 
 
 def _picture(data: bytes) -> Any:
-    """Image bytes (checked by ``tasks.images`` before they got here) as an RGB image."""
+    """Image bytes (checked by ``tasks.media.images`` before they got here) as an RGB image."""
     from PIL import Image
 
-    from tasks.images import OPEN_FORMATS
+    from tasks.media.images import OPEN_FORMATS
 
     try:  # the same decoders the check allowed, never Pillow's whole plugin list
         with Image.open(io.BytesIO(data), formats=OPEN_FORMATS) as image:
