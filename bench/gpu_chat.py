@@ -243,7 +243,7 @@ def load_engine(kind: str, entry: CatalogEntry, device: str) -> Engine:
 
         engine = ChatEngine.load(entry, Settings(), device=device, gone=None)
     else:
-        from workers.vllm_engine import VllmChatEngine
+        from workers.chat_vllm import VllmChatEngine
 
         path = entry.resolve_path(auto_download=False)
         engine = VllmChatEngine(entry, Settings(), model_path=path, device=device, gone=None)
@@ -517,7 +517,7 @@ def summary_line(r: Report) -> str:
 def skipped_vllm() -> str | None:
     """Why vLLM cannot run here, or None."""
     try:
-        from workers.vllm_engine import available
+        from workers.chat_vllm import available
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return available()

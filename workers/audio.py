@@ -29,7 +29,7 @@ from tasks.store import files
 from tasks.store.db import session_scope
 from workers.audio_engine import SpeechEngine, SpeechResult, Submission
 from workers.backends.audio import Segment, SpeechOptions
-from workers.batching import failed
+from workers.jobs import failed
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
 

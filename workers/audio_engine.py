@@ -37,11 +37,10 @@ from tasks.media.audio_decode import Window, windows
 from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.audio import SAMPLE_RATE, Segment, SpeechBackend, SpeechOptions, Transcript
-from workers.batching import FRESH_S, Dropped, ForwardStats, GoneCheck
+from workers.jobs import Dropped, ForwardStats, GoneCheck, JobMeta, Throttle, departed
 
 log = logging.getLogger(__name__)
 
-GONE_EVERY_S = 0.05  # how often queued and running live jobs are checked for a gone caller
 PROMPT_TAIL_CHARS = 200  # the previous window's text that prompts the next window
 
 Emit = Callable[[list[Segment]], None]
@@ -78,10 +77,20 @@ class SpeechJob:
     language: str = ""
     segments: list[Segment] = field(default_factory=list)
     arrived: float = field(default_factory=time.monotonic)
+    meta: JobMeta = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meta = JobMeta(self.sub.request_id, self.sub.deadline, self.sub.sent_at)
 
     @property
     def opened(self) -> bool:
         return self.windows is not None
+
+    @property
+    def answering(self) -> bool:
+        """Opened: its deadline, the latest start, no longer applies
+        (``workers.jobs.departed``)."""
+        return self.opened
 
     def close(self) -> None:
         close = getattr(self.windows, "close", None)
@@ -107,7 +116,7 @@ class SpeechEngine:
         self.audio_seconds = 0.0
         self._cond = threading.Condition()
         self._stopped = False
-        self._gone_at = 0.0
+        self._gone_due = Throttle()  # live callers are looked up every GONE_EVERY_S
         self._thread = threading.Thread(target=self._loop, name=f"speech-{entry.id}", daemon=True)
         self._thread.start()
 
@@ -194,9 +203,6 @@ class SpeechEngine:
 
     def _open(self, job: SpeechJob) -> None:
         """Decode the job's first window: a short clip, or the start of a long file."""
-        if job.lane == LIVE and job.sub.deadline is not None and job.sub.deadline < time.time():
-            self._fail(job, Dropped("deadline passed before the audio was started"))
-            return
         self.stats.waited(job.lane, job.sub.sent_at, job.arrived)
         job.windows = windows(
             job.sub.path,
@@ -285,25 +291,13 @@ class SpeechEngine:
                 queue.remove(job)
 
     def _drop_gone(self) -> None:
-        """Live jobs whose caller hung up (looked up at most every ``GONE_EVERY_S``)."""
-        now = time.monotonic()
-        if self.gone is None or now - self._gone_at < GONE_EVERY_S:
-            return
-        self._gone_at = now
-        wall = time.time()
+        """Before a live step, fail the live jobs ``departed`` names: a deadline that
+        passed before the job was opened, a future done outside, or a caller that hung up
+        (looked up at most every ``GONE_EVERY_S``). Batch jobs have no caller waiting."""
         with self._cond:
-            jobs = [
-                j
-                for j in self.queues[LIVE]
-                if j.sub.request_id and (j.sub.sent_at is None or wall - j.sub.sent_at > FRESH_S)
-            ]
+            jobs = list(self.queues[LIVE])
         if not jobs:
             return
-        try:
-            gone = self.gone([str(j.sub.request_id) for j in jobs])
-        except Exception as exc:  # Redis unreachable: nobody is known to have gone
-            log.warning("could not look up gone callers: %s", exc)
-            return
-        for job in jobs:
-            if job.sub.request_id in gone:
-                self._fail(job, Dropped("the caller has gone"))
+        gone = self.gone if self.gone is not None and self._gone_due.due() else None
+        for job, error in departed(jobs, gone).items():
+            self._fail(job, error)

@@ -21,13 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from configs.catalog import CatalogEntry
 from tasks.queue.names import BATCH, LIVE, Lane
+from workers.jobs import ForwardStats, GoneCheck, JobMeta, departed
 
 log = logging.getLogger(__name__)
 
@@ -43,38 +44,22 @@ class Forwarder(Protocol):
     def forward(self, batch: Sequence[Sequence[int]]) -> Iterable[Any]: ...
 
 
-def failed(exc: BaseException) -> Future[Any]:
-    """A future that already failed with ``exc`` (a request refused before compute)."""
-    future: Future[Any] = Future()
-    future.set_exception(exc)
-    return future
-
-
-class Dropped(Exception):
-    """The job was dropped before compute (caller gone or deadline passed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class JobMeta:
-    """Who is waiting for a job: the request id (its "gone" flag) and its deadline."""
-
-    request_id: str | None = None
-    deadline: float | None = None
-    sent_at: float | None = None
-
-
 @dataclass(eq=False)
 class Job:
     seqs: list[list[int]]
     lane: Lane
-    request_id: str | None = None
-    deadline: float | None = None
-    sent_at: float | None = None
+    meta: JobMeta = field(default_factory=JobMeta)
     future: Future[list[Any]] = field(default_factory=Future)
     out: list[Any] = field(default_factory=list)
     remaining: int = 0
     arrived: float = field(default_factory=time.monotonic)
     started: bool = False  # its first input reached a forward (queue wait recorded)
+
+    @property
+    def answering(self) -> bool:
+        """Never before it completes: a job answers all at once, when its last item is
+        computed, so its deadline holds until then (``workers.jobs.departed``)."""
+        return False
 
 
 @dataclass(eq=False)
@@ -82,85 +67,6 @@ class _Item:
     job: Job
     index: int
     seq: list[int]
-
-
-# upper bounds of the histograms the worker reports: forward batch sizes, seconds a
-# forward took, and seconds a request waited (from the API's send, or from its submission
-# to the engine for batch work) until its compute started
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-@dataclass
-class Histogram:
-    """Cumulative bucket counts and a sum: constant memory however long the worker lives."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or [0] * len(self.bounds)
-
-    def observe(self, value: float) -> None:
-        self.n += 1
-        self.total += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        buckets = dict(zip(map(str, self.bounds), self.counts, strict=True))
-        return {"buckets": buckets, "sum": self.total, "count": self.n}
-
-
-@dataclass
-class ForwardStats:
-    """Per-forward numbers the worker reports to the API's /metrics (through Redis, with
-    its heartbeat): batch sizes, forward seconds and queue wait per lane."""
-
-    sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
-    seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
-    waits: dict[str, Histogram] = field(default_factory=dict)
-
-    @property
-    def forwards(self) -> int:
-        return self.sizes.n
-
-    @property
-    def items(self) -> int:
-        return int(self.sizes.total)
-
-    def snapshot(self) -> dict[str, Any]:
-        """What /metrics reads of every engine."""
-        sizes = self.sizes.snapshot()
-        return {
-            "forwards": sizes["count"],
-            "items": int(sizes["sum"]),
-            "batch_size_buckets": sizes["buckets"],
-            "forward_seconds": self.seconds.snapshot(),
-            "queue_wait_seconds": {lane: h.snapshot() for lane, h in self.waits.items()},
-        }
-
-    def record(self, size: int, seconds: float | None = None) -> None:
-        """One forward of ``size`` inputs that took ``seconds``."""
-        self.sizes.observe(size)
-        if seconds is not None:
-            self.seconds.observe(seconds)
-
-    def waited(self, lane: str, sent_at: float | None, arrived: float) -> None:
-        """A request of ``lane`` starts compute: its wait since the API sent it
-        (``sent_at``, wall clock: live requests), else since it reached the engine
-        (``arrived``, ``time.monotonic``)."""
-        wait = time.time() - sent_at if sent_at is not None else time.monotonic() - arrived
-        self.waits.setdefault(lane, Histogram(SECONDS_BUCKETS)).observe(max(0.0, wait))
-
-
-# requests younger than this skip the "has the caller gone?" look-up in Redis
-FRESH_S = 0.05
-
-GoneCheck = Callable[[list[str]], set[str]]
 
 
 class Batcher:
@@ -219,7 +125,7 @@ class Batcher:
         items: list[_Item] = []
         metas = meta if meta is not None else [JobMeta()] * len(jobs)
         for seqs, m in zip(jobs, metas, strict=True):
-            job = Job([list(s) for s in seqs], lane, m.request_id, m.deadline, m.sent_at)
+            job = Job([list(s) for s in seqs], lane, m)
             job.remaining = len(job.seqs)
             job.out = [None] * len(job.seqs)
             futures.append(job.future)
@@ -279,30 +185,14 @@ class Batcher:
         return picked
 
     def _drop_gone(self, items: list[_Item]) -> list[_Item]:
-        now = time.time()
-        jobs = {it.job for it in items}
-        dead = {j for j in jobs if j.deadline is not None and j.deadline < now}
-        if self.gone is not None:
-            # a caller cannot have hung up on a request sent moments ago: skip the round trip
-            ids = [
-                j.request_id
-                for j in jobs
-                if j.request_id
-                and j not in dead
-                and (j.sent_at is None or now - j.sent_at > FRESH_S)
-            ]
-            if ids:
-                try:
-                    gone_ids = self.gone(ids)
-                except Exception:  # a Redis hiccup must not stop compute
-                    log.exception("could not check for departed callers")
-                    gone_ids = set()
-                dead |= {j for j in jobs if j.request_id in gone_ids}
+        """``items`` less those of jobs to drop (``departed``): each such job fails with
+        ``Dropped`` and its other items leave the queues."""
+        dead = departed((it.job for it in items), self.gone)
         if not dead:
             return items
-        for job in dead:
+        for job, error in dead.items():
             if not job.future.done():
-                job.future.set_exception(Dropped(job.request_id or "job"))
+                job.future.set_exception(error)
         with self._cond:  # purge the rest of a dropped job's items
             self._live = deque(it for it in self._live if it.job not in dead)
             self._batch = [it for it in self._batch if it.job not in dead]
@@ -335,7 +225,7 @@ class Batcher:
             if items is None:
                 return
             # a job that already failed (or was dropped) needs none of its other items
-            items = [it for it in self._drop_gone(items) if not it.job.future.done()]
+            items = self._drop_gone(items)
             if items:
                 self._forward(items)
             with self._cond:
@@ -348,14 +238,14 @@ class Batcher:
         vectors (a bad request costs about 2·log2(batch) extra forwards)."""
         for job in {it.job: None for it in items if not it.job.started}:
             job.started = True
-            self.stats.waited(job.lane, job.sent_at, job.arrived)
+            self.stats.waited(job.lane, job.meta.sent_at, job.arrived)
         began = time.perf_counter()
         try:
             vectors = self.backend.forward([it.seq for it in items])
         except Exception as exc:
             if len(items) == 1:
                 job = items[0].job
-                log.exception("forward failed for request %s", job.request_id or "(batch)")
+                log.exception("forward failed for request %s", job.meta.request_id or "(batch)")
                 if not job.future.done():
                     job.future.set_exception(exc)
                 return

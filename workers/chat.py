@@ -27,12 +27,12 @@ from tasks.filestore import FileStore, get_file_store
 from tasks.media.images import PixelBudget, from_wire, release, resolve_image_url_sync
 from tasks.queue.names import BATCH, LIVE, Lane
 from tasks.store.usage import Usage
-from workers.batching import JobMeta, failed
 from workers.chat_engine import ChatEngine, ChatResult, Submission
+from workers.chat_vllm import VllmChatEngine
+from workers.chat_vllm import available as vllm_available
+from workers.jobs import JobMeta, failed
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
-from workers.vllm_engine import VllmChatEngine
-from workers.vllm_engine import available as vllm_available
 
 log = logging.getLogger(__name__)
 

@@ -64,19 +64,11 @@ from workers.backends.chat import (
     rollback,
     select,
 )
-from workers.batching import (
-    FRESH_S,
-    Dropped,
-    ForwardStats,
-    GoneCheck,
-    JobMeta,
-    failed,
-)
 from workers.chat_sampling import Sampling, pick, row_index, to_host
+from workers.jobs import ForwardStats, GoneCheck, JobMeta, Throttle, departed, failed
 
 log = logging.getLogger(__name__)
 
-GONE_EVERY_S = 0.05  # how often running live requests are checked for a hung-up caller
 Emit = Callable[[list[dict[str, Any]]], None]  # a streaming job's new choice deltas
 
 
@@ -130,6 +122,12 @@ class ChatJob:
     arrived: float = field(default_factory=time.monotonic)
 
     @property
+    def answering(self) -> bool:
+        """Whether a token of it has come (``workers.jobs.departed``: its deadline no
+        longer applies)."""
+        return any(c.generated for c in self.choices)
+
+    @property
     def width(self) -> int:
         """The cache columns each of its rows may grow to (prompt and completion)."""
         return len(self.prompt.ids) + self.sampling.max_tokens
@@ -158,7 +156,7 @@ class ChatEngine:
         self._generators: dict[torch.device, torch.Generator] = {}  # unseeded draws'
         self._cap = self.limits.max_running
         self._cap_until = 0.0
-        self._gone_at = 0.0
+        self._gone_due = Throttle()  # running jobs' callers: every GONE_EVERY_S
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(
@@ -573,43 +571,18 @@ class ChatEngine:
     # -- callers that went away -----------------------------------------------------------
 
     def _drop_gone(self, jobs: list[ChatJob], *, force: bool = False) -> list[ChatJob]:
-        """``jobs`` less those whose caller hung up or whose deadline passed (failed with
-        ``Dropped``; their sequences finish now, so the next step frees their rows)."""
-        now = time.monotonic()
-        if not force and now - self._gone_at < GONE_EVERY_S:
+        """``jobs`` less those to drop (``departed``: caller hung up, deadline passed
+        before their first token, future done outside), failed with ``Dropped``; their
+        sequences finish now, so the next step frees their rows. Running jobs are looked
+        at every ``GONE_EVERY_S``; admitted ones (``force``) before their prefill."""
+        if not self._gone_due.due(force=force):
             return jobs
-        self._gone_at = now
-        unique = list({j: None for j in jobs})
-        wall = time.time()
-        # a deadline is the latest start: a running stream is ended by its caller instead
-        dead = {j for j in unique if j.future.cancelled()}  # its caller gave up on it
-        dead |= {
-            j
-            for j in unique
-            if j.meta.deadline is not None
-            and j.meta.deadline < wall
-            and not any(c.generated for c in j.choices)
-        }
-        # a caller cannot have hung up on a request sent moments ago: no round trip for it
-        ids = [
-            j.meta.request_id
-            for j in unique
-            if j.meta.request_id
-            and j.lane == LIVE
-            and (j.meta.sent_at is None or wall - j.meta.sent_at > FRESH_S)
-        ]
-        if ids and self.gone is not None:
-            try:
-                gone = self.gone([i for i in ids if i])
-            except Exception:
-                log.exception("could not check for departed callers")
-                gone = set()
-            dead |= {j for j in unique if j.meta.request_id in gone}
-        for job in dead:
+        dead = departed(jobs, self.gone)
+        for job, error in dead.items():
             for c in job.choices:
                 c.finish_reason = c.finish_reason or "stop"
-            _settle(job.future, Dropped(job.meta.request_id or "job"))
-        return [j for j in jobs if j not in dead]
+            _settle(job.future, error)
+        return [j for j in jobs if j not in dead] if dead else jobs
 
     def _fail_running(self, exc: BaseException) -> None:
         """Fail every running job and empty the batch (its cache may be half updated)."""

@@ -24,8 +24,8 @@ from tasks.contracts.embeddings import embedding_body, normalise_input, parse_bo
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.queue.names import BATCH, LIVE
 from tasks.store.usage import Usage
-from workers.batching import JobMeta
 from workers.embeddings_engine import EmbedCall, EmbeddingEngine, EmbedResult
+from workers.jobs import JobMeta
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
 

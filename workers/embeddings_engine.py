@@ -23,8 +23,9 @@ from tasks.errors import LanewayError
 from tasks.queue.names import LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.embeddings import EmbeddingBackend
-from workers.batching import Batcher, GoneCheck, JobMeta
+from workers.batching import Batcher
 from workers.cache import EmbeddingCache, cache_key
+from workers.jobs import GoneCheck, JobMeta
 
 log = logging.getLogger(__name__)
 

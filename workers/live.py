@@ -44,7 +44,7 @@ from tasks.errors import InternalError, LanewayError
 from tasks.queue.names import REPLY_TTL_S, reply_queue
 from tasks.queue.publish import MalformedMessage, TaskMessage, decode_message
 from tasks.queue.replies import DELTA, DONE, ERROR, encode_reply
-from workers.batching import Dropped, failed
+from workers.jobs import Dropped, failed
 
 log = logging.getLogger(__name__)
 REQUESTS = logging.getLogger("laneway.requests")

@@ -28,7 +28,7 @@ from tests.integration.batch_support import jsonl, read_lines, wait_finished
 from tests.integration.test_chat import BAD, CHAT, error_of
 
 try:
-    from workers.vllm_engine import available
+    from workers.chat_vllm import available
 
     MISSING = available()
 except Exception as exc:  # pragma: no cover - the import itself failed

@@ -21,7 +21,7 @@ from tasks.queue.names import BATCH, LIVE
 from tests.audio_files import SAMPLE_RATE, write_wav
 from workers.audio_engine import SpeechEngine, SpeechResult, Submission
 from workers.backends.audio import Segment, SpeechBackend, SpeechOptions, Transcript
-from workers.batching import Dropped
+from workers.jobs import Dropped
 
 pytestmark = pytest.mark.timeout(60)
 

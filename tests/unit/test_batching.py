@@ -14,7 +14,8 @@ import pytest
 from configs.catalog import load_catalog
 from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends.fake import FakeEmbeddingBackend
-from workers.batching import Batcher, Dropped
+from workers.batching import Batcher
+from workers.jobs import Dropped
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,7 +24,6 @@ from tasks.errors import ContextLengthExceeded
 from tasks.queue.names import BATCH, LIVE
 from tests.chat_models import chat_entry, write_catalog
 from workers.backends.chat import Batch, ChatBackend, OutOfMemory, Prompt
-from workers.batching import Dropped, JobMeta
 from workers.chat_engine import (
     ChatEngine,
     ChatJob,
@@ -35,6 +34,7 @@ from workers.chat_engine import (
 )
 from workers.chat_sampling import _top_p
 from workers.chat_sampling import pick as _pick
+from workers.jobs import Dropped, JobMeta
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -215,6 +215,35 @@ def test_a_departed_caller_is_dropped_and_frees_its_rows(make: Any) -> None:
     assert len(backend.decodes) - steps < 40, backend.decodes
     with pytest.raises(Dropped):
         long.result(5)
+
+
+def test_a_failing_gone_look_up_does_not_stop_the_engine(make: Any) -> None:
+    engine, _ = make(max_running=2)
+
+    def broken(ids: list[str]) -> set[str]:
+        raise ConnectionError("redis is away")
+
+    engine.gone = broken
+    meta = JobMeta("r-1", None, time.time() - 1)
+    assert len(engine.submit(work("one", 6), meta=meta).result(5).choices[0]["text"].split()) == 6
+    late = engine.submit(work("late", 6), meta=JobMeta("r-2", time.time() - 1, time.time() - 1))
+    with pytest.raises(Dropped):  # the deadline still counts without Redis
+        late.result(5)
+    assert engine._thread.is_alive()
+
+
+def test_a_future_failed_outside_frees_its_rows(make: Any) -> None:
+    """A chunk's timeout fails a batch job's future: its sequences stop being decoded."""
+    engine, backend = make(max_running=1)
+    backend.delay_s = 0.01  # the long job would hold the one slot for 4 s
+    long = engine.submit(work("long one", 400), lane=BATCH)
+    while not backend.decodes:
+        threading.Event().wait(0.01)
+    long.set_exception(TimeoutError("the chunk timed out"))
+    steps = len(backend.decodes)
+    short = engine.submit(work("short", 3), lane=BATCH)
+    assert len(short.result(5).choices[0]["text"].split()) == 3
+    assert len(backend.decodes) - steps < 40, backend.decodes
 
 
 def test_streamed_text_holds_back_a_possible_stop_string(make: Any) -> None:

@@ -14,8 +14,8 @@ from tasks.filestore import get_file_store
 from tasks.media.images import ImageInfo, to_wire
 from tasks.queue.names import LIVE
 from tests.chat_models import png_bytes
-from workers.batching import JobMeta
 from workers.chat import Images, Request, submit_all
+from workers.jobs import JobMeta
 
 
 class _Runtime:

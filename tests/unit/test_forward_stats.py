@@ -1,4 +1,4 @@
-"""The numbers every engine reports to /metrics (workers.batching.ForwardStats), and how
+"""The numbers every engine reports to /metrics (workers.jobs.ForwardStats), and how
 the API renders them (api.metrics.WorkerStatsCollector)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, generate_latest
 
 from api.metrics import WorkerStatsCollector
-from workers.batching import BATCH_SIZE_BUCKETS, ForwardStats, Histogram
+from workers.jobs import BATCH_SIZE_BUCKETS, ForwardStats, Histogram
 
 
 def test_histogram_is_cumulative_with_a_sum() -> None:

@@ -1,4 +1,4 @@
-"""laneway's lanes on vLLM's engine (``workers/vllm_engine.py``), with a fake ``AsyncLLM``:
+"""laneway's lanes on vLLM's engine (``workers/chat_vllm.py``), with a fake ``AsyncLLM``:
 the slot accounting, preemption and resumption, aborts and failures, without vLLM.
 
 The fake generates deterministically from everything before (the prompt and the tokens
@@ -21,8 +21,8 @@ from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.errors import ContextLengthExceeded, InvalidRequest
 from tasks.queue.names import BATCH, LIVE
-from workers.batching import Dropped, JobMeta
-from workers.vllm_engine import VllmApi, VllmChatEngine
+from workers.chat_vllm import VllmApi, VllmChatEngine
+from workers.jobs import Dropped, JobMeta
 
 STEP_S = 0.004
 VOCAB = 50
@@ -229,6 +229,25 @@ def test_a_caller_that_went_away_is_aborted(engine: tuple[VllmChatEngine, FakeLL
     while fake.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not fake.running and fake.aborted
+
+
+def test_a_failing_gone_look_up_keeps_the_engine_and_the_deadline(
+    engine: tuple[VllmChatEngine, FakeLLM],
+) -> None:
+    eng, _ = engine
+
+    def broken(ids: list[str]) -> set[str]:
+        raise ConnectionError("redis is away")
+
+    eng.gone = broken
+    ok = eng.submit(work("still runs", 8), meta=JobMeta("req_ok", None, time.time() - 1))
+    assert ok.result(5).completion_tokens == 8
+    busy = [eng.submit(work(f"busy {i}", 200), lane=BATCH) for i in range(3)]  # every slot
+    late = eng.submit(work("late", 8), lane=BATCH, meta=JobMeta("b", time.time() - 1, None))
+    with pytest.raises(Dropped):  # waiting for a slot, no token yet: the deadline counts
+        late.result(5)
+    assert all(f.result(10).completion_tokens == 200 for f in busy)
+    assert eng._gone_task.done() is False
 
 
 def test_a_chunk_timeout_failing_the_future_aborts_the_sequences(

@@ -47,13 +47,12 @@ from tasks.contracts.chat import ChatLimits, check_context
 from tasks.contracts.chat_bodies import TokenLogprob, logprob_entry
 from tasks.errors import InvalidRequest, LanewayError
 from tasks.queue.names import BATCH, LIVE, Lane
-from workers.batching import FRESH_S, Dropped, ForwardStats, GoneCheck, JobMeta, failed
 from workers.chat_engine import ChatResult, Emit, Sampling, Submission
+from workers.jobs import GONE_EVERY_S, ForwardStats, GoneCheck, JobMeta, departed, failed
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-GONE_EVERY_S = 0.05  # how often live requests are checked for a hung-up caller
 START_TIMEOUT_S = 900  # loading weights and profiling memory may take minutes on a GPU
 LIVE_PRIORITY, BATCH_PRIORITY = 0, 1  # vLLM runs the lower number first
 
@@ -103,6 +102,12 @@ class _Job:
     started: bool = False  # its first token came
 
     images: bool = False
+
+    @property
+    def answering(self) -> bool:
+        """Whether a token of it has come (``workers.jobs.departed``: its deadline no
+        longer applies)."""
+        return any(s.generated for s in self.seqs)
 
     @property
     def resumable(self) -> bool:
@@ -424,36 +429,15 @@ class VllmChatEngine:
                 log.exception("could not check for departed callers")
 
     async def _drop_gone(self) -> None:
-        """Fail and abort the jobs whose caller hung up, whose deadline passed before
-        their first token, or whose future was failed from outside (a chunk's timeout)."""
+        """Fail and abort the jobs to drop (``departed``): caller hung up, deadline passed
+        before their first token, or future failed from outside (a chunk's timeout). The
+        check runs on a thread of the executor: the look-up waits on Redis."""
         jobs = list({s.job: None for s in (*self._live, *self._batch, *self._waiting)})
         if not jobs:
             return
-        wall = time.time()
-        dead = {
-            j
-            for j in jobs
-            if j.future.done()
-            or (
-                j.meta.deadline is not None
-                and j.meta.deadline < wall
-                and not any(s.generated for s in j.seqs)
-            )
-        }
-        ids = [
-            j.meta.request_id
-            for j in jobs
-            if j.meta.request_id
-            and j.lane == LIVE
-            and (j.meta.sent_at is None or wall - j.meta.sent_at > FRESH_S)
-        ]
-        if ids and self.gone is not None:
-            gone = await asyncio.get_running_loop().run_in_executor(
-                None, self.gone, [i for i in ids if i]
-            )
-            dead |= {j for j in jobs if j.meta.request_id in gone}
-        for job in dead:
-            self._fail(job, Dropped(job.meta.request_id or "job"))
+        dead = await asyncio.get_running_loop().run_in_executor(None, departed, jobs, self.gone)
+        for job, error in dead.items():
+            self._fail(job, error)
 
     # -- life cycle ---------------------------------------------------------------------------
 
