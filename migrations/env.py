@@ -25,11 +25,22 @@ def run_migrations_online() -> None:
     assert url is not None
     engine = make_engine(url)
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # a batch migration recreates a table (copy, DROP, rename): with foreign keys
+            # on, the DROP of ``batches`` would delete every row that references it
+            # (ON DELETE CASCADE). The pragma is a no-op inside a transaction: set before.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True
         )
         with context.begin_transaction():
             context.run_migrations()
+            if sqlite:  # what the keys would have refused fails the migration instead
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                if broken is not None:
+                    raise RuntimeError(f"a migration broke a foreign key: {tuple(broken)}")
     engine.dispose()
 
 

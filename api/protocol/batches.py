@@ -2,7 +2,7 @@
 
 The request model is what the route parses (wrong JSON types are a 400 here); the
 response models describe the batch object for the OpenAPI document only: the route
-passes ``tasks.batches.service.batch_object`` through without re-validating it.
+passes ``tasks.batches.service.describe``'s batch object through without re-validating it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class RequestCounts(BaseModel):
 
 
 class BatchUsage(BaseModel):
+    """OpenAI's token fields (0 when the batch's lines use no tokens), then every other
+    unit its lines used, by name: e.g. ``"audio_seconds": 12.5`` for speech batches."""
+
+    model_config = ConfigDict(extra="allow")
+
     input_tokens: int
     input_tokens_details: dict[str, int]
     output_tokens: int

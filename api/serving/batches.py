@@ -46,7 +46,7 @@ def create(
             owner=owner,
             quota=quota,
         )
-        obj = service.batch_object(row)
+        obj = service.describe(s, row)
         capability = row.capability or ""
     if created:
         _hint(capability, obj["id"])
@@ -55,19 +55,19 @@ def create(
 
 def retrieve(batch_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
-        return service.batch_object(service.get_batch(s, batch_id, owner=owner))
+        return service.describe(s, service.get_batch(s, batch_id, owner=owner))
 
 
 def listing(*, limit: int, after: str | None, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
         rows, has_more = service.list_batches(s, limit=limit, after=after, owner=owner)
-        return page_object([service.batch_object(r) for r in rows], has_more)
+        return page_object(service.describe_all(s, rows), has_more)
 
 
 def cancel(batch_id: str, owner: Owner) -> dict[str, Any]:
     with session_scope() as s:
         row = service.request_cancel(s, batch_id, owner=owner)
-        obj = service.batch_object(row)
+        obj = service.describe(s, row)
         capability, status = row.capability or "", row.status
     if status == "cancelling":
         _hint(capability, batch_id)

@@ -24,6 +24,7 @@ from tasks.batches.leases import Heartbeat
 from tasks.batches.leftovers import parts_dir
 from tasks.batches.lines import Outcome, iter_requests, output_line, request_id
 from tasks.batches.status import now
+from tasks.batches.usage import record_chunk_usage
 from tasks.errors import LanewayError
 from tasks.filestore import FileStore
 from tasks.store.db import session_scope
@@ -235,22 +236,18 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
                 lease_until=None,
                 completed=result.completed,
                 failed=result.failed,
-                **result.usage.columns(),
             )
         ).rowcount  # type: ignore[attr-defined]
-        if committed == 1:  # the batch's counts move in the same transaction
+        if committed == 1:  # the batch's counts and usage move in the same transaction
             s.execute(
                 update(BatchRow)
                 .where(BatchRow.id == claim.batch_id)
                 .values(
                     request_completed=BatchRow.request_completed + result.completed,
                     request_failed=BatchRow.request_failed + result.failed,
-                    **{
-                        name: getattr(BatchRow, name) + value
-                        for name, value in result.usage.columns().items()
-                    },
                 )
             )
+            record_chunk_usage(s, claim.batch_id, claim.index, result.usage)
     return bool(committed == 1)
 
 

@@ -42,7 +42,6 @@ from tasks.filestore import FileStore
 from tasks.store.db import session_scope
 from tasks.store.files import put_output_file
 from tasks.store.models import BatchRow, ChunkRow, FileRow
-from tasks.store.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +251,6 @@ def _chunk_row(batch_id: str, index: int, spec: ChunkSpec) -> ChunkRow:
         attempts=0,
         completed=0,
         failed=0,
-        **Usage().columns(),
     )
 
 
@@ -276,10 +274,6 @@ class _Plan:
     @property
     def failed(self) -> int:
         return sum(c.failed for c in self.done)
-
-    @property
-    def usage(self) -> Usage:
-        return Usage.total(Usage.of_row(c) for c in self.done)
 
 
 def result_file_id(batch_id: str, kind: str) -> str:
@@ -391,7 +385,6 @@ def _commit_finalisation(
             error_file_id=written.files.get("error", (None,))[0],
             request_completed=plan.completed,
             request_failed=plan.failed + written.expired,
-            **plan.usage.columns(),
             # held on: the removal of the parts is owed (tasks/batches/leftovers.py)
             lease_token=job.token,
             lease_until=now() + CLEANUP_LEASE_S,

@@ -20,6 +20,7 @@ from tasks.access.quotas import Quota, check_lines_room, check_open_batches, loc
 from tasks.access.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.batches.status import FINISHED_STATUSES, OPEN_STATUSES, transition
+from tasks.batches.usage import batch_usage, batch_usages
 from tasks.errors import InvalidRequest, NotFound, quote
 from tasks.queue.names import BATCH, queue_name, task_name
 from tasks.store.files import check_expires_after, get_file
@@ -38,8 +39,27 @@ class BatchNotCancellable(InvalidRequest):
     default_code = "batch_not_cancellable"
 
 
-def batch_object(row: BatchRow) -> dict[str, Any]:
-    usage = Usage.of_row(row)
+# the units OpenAI's batch usage reports (as input and output tokens)
+TOKEN_UNITS = ("prompt_tokens", "completion_tokens")
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    """OpenAI's batch ``usage`` (tokens, 0 when none), then every other unit the batch's
+    lines used, under its own name (e.g. a speech batch's seconds of audio): a client
+    that knows only OpenAI's fields reads those and ignores the rest."""
+    others = {unit: amount for unit, amount in usage.items() if unit not in TOKEN_UNITS}
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+        **others,  # never one of the keys above: tasks.store.usage.RESERVED
+    }
+
+
+def batch_object(row: BatchRow, usage: Usage) -> dict[str, Any]:
+    """The batch object of ``row``, whose usage is ``usage`` (``describe`` reads both)."""
     return {
         "id": row.id,
         "object": "batch",
@@ -66,14 +86,19 @@ def batch_object(row: BatchRow) -> dict[str, Any]:
             "failed": row.request_failed,
         },
         "metadata": row.metadata_,
-        "usage": {
-            "input_tokens": usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage.total_tokens,
-        },
+        "usage": usage_object(usage),
     }
+
+
+def describe(session: Session, row: BatchRow) -> dict[str, Any]:
+    """The batch object of ``row``, its usage read from the database."""
+    return batch_object(row, batch_usage(session, row.id))
+
+
+def describe_all(session: Session, rows: list[BatchRow]) -> list[dict[str, Any]]:
+    """The batch objects of ``rows`` (a page of a listing), their usage read in one query."""
+    usages = batch_usages(session, [row.id for row in rows])
+    return [batch_object(row, usages[row.id]) for row in rows]
 
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:
@@ -201,7 +226,6 @@ def create_batch(
         request_total=0,
         request_completed=0,
         request_failed=0,
-        **Usage().columns(),
     )
     lock_owner(session, owner)
     session.add(row)

@@ -63,10 +63,7 @@ class BatchRow(Base):
     request_total: Mapped[int] = mapped_column(Integer, default=0)
     request_completed: Mapped[int] = mapped_column(Integer, default=0)
     request_failed: Mapped[int] = mapped_column(Integer, default=0)
-    # usage (tasks/store/usage.py): one column per field
-    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # its usage: the sum of its chunks' rows in batch_usage (UsageRow)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -110,9 +107,25 @@ class ChunkRow(Base):
     result_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
-    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    audio_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # its usage: its rows in batch_usage (UsageRow), written by its commit
+
+
+class UsageRow(Base):
+    """What one committed chunk used of one unit (tasks/store/usage.py); a batch's usage is
+    the sum of its rows by unit (tasks/batches/usage.py). Rows, not a column per unit: a
+    new unit needs no migration, and a chunk's commit only inserts its own rows, so
+    concurrent commits never update a shared row."""
+
+    __tablename__ = "batch_usage"
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # the amount: a count (int) or a measure (float), the other NULL
+    count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    measure: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ApiKeyRow(Base):

@@ -347,6 +347,12 @@ def test_batch_line_errors_are_per_line(client: Any) -> None:
     for cid, param in (("c1", "file"), ("c2", "file"), ("c3", "response_format"), ("c4", "file")):
         assert by_id[cid]["status_code"] == 400, by_id[cid]
         assert by_id[cid]["body"]["error"]["param"] == param, by_id[cid]
+    # the batch's usage: OpenAI's token fields (none used), then the seconds of audio of the
+    # line that succeeded (the official client keeps the extra unit)
+    assert done.usage is not None
+    assert (done.usage.input_tokens, done.usage.total_tokens) == (0, 0)
+    seconds = (done.usage.model_extra or {})["audio_seconds"]
+    assert seconds == pytest.approx(by_id["c0"]["body"]["duration"], abs=0.001)
 
 
 # -- bad input --------------------------------------------------------------------------

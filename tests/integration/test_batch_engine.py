@@ -26,12 +26,20 @@ import tasks.store.db
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches import leftovers, lifecycle, status
-from tasks.batches.chunks import claim_chunk, run_chunk
+from tasks.batches.chunks import (
+    ChunkClaim,
+    ChunkResult,
+    claim_chunk,
+    commit_chunk,
+    compute_chunk,
+    run_chunk,
+)
 from tasks.batches.leases import Heartbeat
 from tasks.batches.lifecycle import BatchJob, claim_batch_job, finalize
 from tasks.batches.lines import Outcome
 from tasks.batches.reaper import reap
-from tasks.batches.service import batch_object, request_cancel
+from tasks.batches.service import describe, describe_all, request_cancel
+from tasks.batches.usage import batch_usage
 from tasks.batches.work import BatchWork
 from tasks.filestore import FileStore, LocalFileStore
 from tasks.store.db import make_engine, migrate, session_scope
@@ -171,9 +179,15 @@ def test_a_batch_runs_chunk_by_chunk_and_keeps_input_order(
         assert entry["response"]["body"]["data"] == [f"text {entry['custom_id'][4:]}"]
     assert all(e["response"]["status_code"] == 400 for e in err)
     assert len({e["id"] for e in out + err}) == 10
-    assert row.prompt_tokens == 16  # two words for each of the 8 that succeeded
-    usage = batch_object(row)["usage"]
-    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (16, 0, 16)
+    with session_scope() as s:
+        usage = describe(s, row)["usage"]
+    assert usage == {  # two words for each of the 8 that succeeded; OpenAI's shape exactly
+        "input_tokens": 16,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 0,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 16,
+    }
     assert not store.path(f"batches/{batch_id}").exists()  # chunk parts cleaned up
     assert (row.lease_token, row.lease_until) == (None, None)  # and nothing more is owed
     assert all(c.attempts == 1 for c in chunks(batch_id))
@@ -213,7 +227,8 @@ def test_a_bad_file_fails_the_batch_with_every_error_listed(
     w.drain()
     row = batch(batch_id)
     assert row.status == "failed" and row.failed_at is not None
-    obj = batch_object(row)
+    with session_scope() as s:
+        obj = describe(s, row)
     assert obj["errors"]["object"] == "list"
     assert [(e["code"], e["line"]) for e in obj["errors"]["data"]] == [
         ("invalid_json_line", 2),
@@ -285,6 +300,8 @@ def test_a_stale_run_never_commits(db: TestDatabase, store: FileStore, catalog: 
     assert row.status == "completed" and row.request_completed == 3
     assert ids_of(file_lines(store, row.output_file_id)) == ["req-0", "req-1", "req-2"]
     assert chunks(batch_id)[0].attempts == 3
+    with session_scope() as s:  # and its usage once: two words a line
+        assert batch_usage(s, batch_id) == Usage(prompt_tokens=6)
 
 
 def test_a_chunk_delivered_too_often_fails_its_requests(
@@ -744,6 +761,89 @@ def test_concurrent_finishers_write_the_output_once(
     assert row.status == "cancelled"
     assert ids_of(file_lines(store, row.output_file_id)) == ["req-0", "req-1", "req-2", "req-3"]
     assert_counts_match_files(store, row)
+
+
+# -- usage ---------------------------------------------------------------------------------------
+
+
+def usage_execute(
+    model: str, bodies: list[dict[str, Any]], ids: list[str], owner: str | None = None
+) -> list[Outcome]:
+    """fake_execute, its lines also using seconds of audio and a unit nobody declared."""
+    return [
+        Outcome(o.status_code, o.body, o.usage + Usage(audio_seconds=0.25, widgets=3))
+        if o.status_code == 200
+        else o
+        for o in fake_execute(model, bodies, ids)
+    ]
+
+
+def test_a_batch_reports_every_unit_its_lines_used(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    """Usage is summed unit by unit across chunks, whatever the unit: one made up here
+    needs no column, and reaches the batch object beside OpenAI's token fields."""
+    settings = make_settings(chunk_lines=3)
+    batch_id = new_batch(settings, store, jsonl(10, fail={4}))
+    work(settings, store, catalog, usage_execute).drain()
+    with session_scope() as s:
+        assert batch_usage(s, batch_id) == Usage(prompt_tokens=18, audio_seconds=2.25, widgets=27)
+        [obj] = describe_all(s, [s.get(BatchRow, batch_id)])
+    assert obj["status"] == "completed" and obj["request_counts"]["completed"] == 9
+    assert obj["usage"] == {
+        "input_tokens": 18,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 0,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 18,
+        "audio_seconds": 2.25,
+        "widgets": 27,
+    }
+    assert isinstance(obj["usage"]["widgets"], int)  # counts stay ints, measures floats
+
+
+def test_concurrent_chunk_commits_lose_no_usage(
+    db: TestDatabase, store: FileStore, catalog: Catalog
+) -> None:
+    """Workers committing different chunks of one batch at the same moment: every
+    commit's counts and usage count (the rows are per chunk; no update is lost)."""
+    settings = make_settings(chunk_lines=2)
+    w = work(settings, store, catalog, usage_execute)
+    batch_id = new_batch(settings, store, jsonl(16))
+    w.drain(limit=1)  # validation: 8 chunks
+    claims = [
+        claim_chunk(settings=settings, capability="embeddings", models=[FAKE]) for _ in range(8)
+    ]
+    assert all(claims) and len({c.index for c in claims if c}) == 8
+    results = [
+        compute_chunk(c, settings=settings, store=store, execute=usage_execute) for c in claims if c
+    ]
+    start = threading.Barrier(len(results))
+    committed: list[bool] = []
+
+    def commit(claim: ChunkClaim, result: ChunkResult) -> None:
+        start.wait()
+        committed.append(commit_chunk(claim, result, settings=settings))
+
+    threads = [
+        threading.Thread(target=commit, args=(c, r))
+        for c, r in zip(claims, results, strict=True)
+        if c
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert committed == [True] * 8
+    row = batch(batch_id)
+    assert row.request_completed == 16
+    with session_scope() as s:
+        assert batch_usage(s, batch_id) == Usage(prompt_tokens=32, audio_seconds=4.0, widgets=48)
+    lifecycle.advance(batch_id)  # what a worker does after its chunk's commit
+    w.drain()  # the finaliser leaves the usage as the chunks recorded it
+    with session_scope() as s:
+        assert batch(batch_id).status == "completed"
+        assert batch_usage(s, batch_id) == Usage(prompt_tokens=32, audio_seconds=4.0, widgets=48)
 
 
 # -- files and batches ---------------------------------------------------------------------------

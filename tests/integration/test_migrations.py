@@ -13,16 +13,20 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.orm import Session
 
+from tasks.batches.usage import batch_usages
 from tasks.store.db import alembic_config, downgrade, make_engine, migrate
-from tasks.store.models import Base
+from tasks.store.models import Base, ChunkRow, UsageRow
+from tasks.store.usage import Usage
 from tests.harness import TestDatabase
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 MODEL_TABLES = set(Base.metadata.tables)
+TABLES = ("batches", "batch_chunks")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -131,3 +135,107 @@ def test_laneway_migrate_cli_defaults_to_sqlite_in_the_data_dir(tmp_path: Path) 
 def test_laneway_migrate_cli_reports_a_bad_url(tmp_path: Path) -> None:
     done = run_cli({"LANEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, tmp_path)
     assert done.returncode != 0
+
+
+def _insert_at_0006(url: str) -> None:
+    """Two batches of 0006's schema: usage in a column per unit, on chunks and batches."""
+    engine = make_engine(url)
+    batch = {
+        "endpoint": "/v1/x",
+        "input_file_id": "file-in",
+        "completion_window": "24h",
+        "status": "completed",
+        "created_at": 1,
+        "request_total": 3,
+        "request_completed": 3,
+        "request_failed": 0,
+    }
+    chunk = {"line_start": 0, "byte_start": 0, "byte_end": 1, "state": "done", "attempts": 1}
+    chunk.update(completed=1, failed=0)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status,"
+                    " created_at, request_total, request_completed, request_failed,"
+                    " prompt_tokens, completion_tokens, audio_seconds) VALUES (:id, :endpoint,"
+                    " :input_file_id, :completion_window, :status, :created_at, :request_total,"
+                    " :request_completed, :request_failed, :p, :c, :a)"
+                ),
+                [
+                    {**batch, "id": "batch_tokens", "p": 12, "c": 5, "a": 0.0},
+                    {**batch, "id": "batch_seconds", "p": 0, "c": 0, "a": 4.75},
+                ],
+            )
+            conn.execute(
+                text(
+                    'INSERT INTO batch_chunks (batch_id, "index", line_start, byte_start,'
+                    " byte_end, state, attempts, completed, failed, prompt_tokens,"
+                    " completion_tokens, audio_seconds) VALUES (:b, :i, :line_start,"
+                    " :byte_start, :byte_end, :state, :attempts, :completed, :failed, :p, :c, :a)"
+                ),
+                [
+                    {**chunk, "b": "batch_tokens", "i": 0, "p": 7, "c": 5, "a": 0.0},
+                    {**chunk, "b": "batch_tokens", "i": 1, "p": 5, "c": 0, "a": 0.0},
+                    {**chunk, "b": "batch_seconds", "i": 0, "p": 0, "c": 0, "a": 1.5},
+                    {**chunk, "b": "batch_seconds", "i": 1, "p": 0, "c": 0, "a": 3.25},
+                ],
+            )
+    finally:
+        engine.dispose()
+
+
+def test_0007_moves_the_usage_columns_into_rows_and_back(database: TestDatabase) -> None:
+    migrate(database.url, "0006")
+    _insert_at_0006(database.url)
+    migrate(database.url, "0007")
+    engine = make_engine(database.url)
+    try:
+        columns = {t: {c["name"] for c in inspect(engine).get_columns(t)} for t in TABLES}
+        assert not any({"prompt_tokens", "audio_seconds"} & names for names in columns.values())
+        with Session(engine) as s:
+            assert s.scalar(select(func.count()).select_from(ChunkRow)) == 4  # all kept
+            usages = batch_usages(s, ["batch_tokens", "batch_seconds"])
+            rows = s.execute(
+                select(UsageRow.batch_id, UsageRow.chunk_index, UsageRow.unit).order_by(
+                    UsageRow.batch_id, UsageRow.chunk_index, UsageRow.unit
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert usages["batch_tokens"] == Usage(prompt_tokens=12, completion_tokens=5)
+    assert usages["batch_seconds"] == Usage(audio_seconds=4.75)
+    assert isinstance(usages["batch_tokens"]["prompt_tokens"], int)
+    assert [tuple(r) for r in rows] == [  # one row per chunk and unit used (no zeros)
+        ("batch_seconds", 0, "audio_seconds"),
+        ("batch_seconds", 1, "audio_seconds"),
+        ("batch_tokens", 0, "completion_tokens"),
+        ("batch_tokens", 0, "prompt_tokens"),
+        ("batch_tokens", 1, "prompt_tokens"),
+    ]
+
+    downgrade(database.url, "0006")
+    engine = make_engine(database.url)
+    try:
+        with engine.connect() as conn:
+            batches = conn.execute(
+                text("SELECT id, prompt_tokens, completion_tokens, audio_seconds FROM batches")
+            ).all()
+            chunks = conn.execute(
+                text(
+                    'SELECT batch_id, "index", prompt_tokens, completion_tokens, audio_seconds'
+                    " FROM batch_chunks"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert sorted(tuple(r) for r in batches) == [
+        ("batch_seconds", 0, 0, 4.75),
+        ("batch_tokens", 12, 5, 0.0),
+    ]
+    assert sorted(tuple(r) for r in chunks) == [
+        ("batch_seconds", 0, 0, 0, 1.5),
+        ("batch_seconds", 1, 0, 0, 3.25),
+        ("batch_tokens", 0, 7, 5, 0.0),
+        ("batch_tokens", 1, 5, 0, 0.0),
+    ]

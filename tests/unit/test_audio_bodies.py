@@ -111,7 +111,7 @@ def test_json_body() -> None:
 
 def test_usage() -> None:
     assert bodies.usage_body(0.01) == {"type": "duration", "seconds": 1}
-    assert bodies.usage(3.6).audio_seconds == pytest.approx(3.6)
+    assert bodies.usage(3.6)["audio_seconds"] == pytest.approx(3.6)
 
 
 def test_verbose_json() -> None:

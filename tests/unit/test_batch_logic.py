@@ -91,7 +91,6 @@ def make_row(status: str, **kw: Any) -> str:
                 request_total=0,
                 request_completed=0,
                 request_failed=0,
-                prompt_tokens=0,
                 **kw,
             )
         )
