@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="laneway",
         version="0.1.0",
-        description="OpenAI-compatible embeddings and Batch API on Celery, Redis and SQL.",
+        description="OpenAI-compatible live calls and Batch API on Celery, Redis and SQL.",
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
         # served by api/docs.py with local assets (FastAPI's load them from a CDN)

@@ -14,10 +14,11 @@ A request is admitted while its key's estimate is under ``rpm`` requests and und
 estimate falls under the limit again. That much is decided from the headers alone.
 
 Tokens are known only once a request is answered, so a live request first holds what it
-may use (``estimate_tokens``: its text at four characters a token, the token ids it
-sends, and ``max_tokens`` for each choice), once its body is parsed and before it is
-enqueued (``reserve``). The hold counts like used tokens, so requests in flight cannot
-together go past ``tpm``; one that would not fit is answered 429 before any work is done.
+may use (``estimate_tokens``: its capability's contract says how much, e.g. its text at
+four characters a token, the token ids it sends, and ``max_tokens`` for each choice),
+once its body is parsed and before it is enqueued (``reserve``). The hold counts like
+used tokens, so requests in flight cannot together go past ``tpm``; one that would not
+fit is answered 429 before any work is done.
 When the answer is in, the hold is settled against the usage the worker reported
 (``TokenMeter``): more is charged, the rest given back to the window it was held in. A
 request that fails or is abandoned gives its whole hold back.
@@ -41,7 +42,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from api.auth import Principal
+from configs.capabilities import REGISTRY
 from configs.settings import Settings
+from tasks.contracts.base import CHARS_PER_TOKEN
 from tasks.errors import RateLimited
 
 log = logging.getLogger(__name__)
@@ -101,30 +104,12 @@ add(KEYS[1], 1)
 return {0, 0}
 """
 
-CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
 
-
-def estimate_tokens(payload: Mapping[str, Any]) -> int:
-    """The tokens a live request may use, known before it runs: embedding inputs and
-    message text at ``CHARS_PER_TOKEN`` characters a token, token ids one each, and
-    ``max_tokens`` for each of ``n`` choices. Images and audio count nothing here; their
-    usage is charged when the answer is in."""
-    chars = ids = 0
-    for item in payload.get("input") or ():  # embeddings: strings or token-id lists
-        if isinstance(item, str):
-            chars += len(item)
-        else:
-            ids += len(item)
-    for message in payload.get("messages") or ():
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if p.get("type") == "text")
-    completion = payload.get("max_tokens")
-    if isinstance(completion, int):
-        ids += completion * int(payload.get("n") or 1)
-    return ids + -(-chars // CHARS_PER_TOKEN)
+def estimate_tokens(capability: str, payload: Mapping[str, Any]) -> int:
+    """The tokens a live request of ``capability`` may use, known before it runs: its
+    contract's ``estimate_tokens`` hook (every contract declares one; what it cannot know
+    yet is charged when the answer is in)."""
+    return int(REGISTRY[capability].contract_module().estimate_tokens(payload))
 
 
 @dataclass
@@ -142,13 +127,13 @@ class TokenMeter:
 METER: ContextVar[TokenMeter | None] = ContextVar("laneway_token_meter", default=None)
 
 
-async def reserve(payload: Mapping[str, Any]) -> None:
-    """Hold the tokens the live request ``payload`` may use against the current request's
-    key, or raise ``RateLimited``; nothing outside a metered request or without a
-    ``tpm``."""
+async def reserve(capability: str, payload: Mapping[str, Any]) -> None:
+    """Hold the tokens the live request ``payload`` (of ``capability``) may use against the
+    current request's key, or raise ``RateLimited``; nothing outside a metered request or
+    without a ``tpm``."""
     meter = METER.get()
     if meter is not None and meter.hold is not None:
-        await meter.hold(meter, estimate_tokens(payload))
+        await meter.hold(meter, estimate_tokens(capability, payload))
 
 
 def charge(usage: object) -> None:

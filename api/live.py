@@ -152,7 +152,7 @@ class LiveClient:
         ``timeout`` (default ``LANEWAY_REQUEST_TIMEOUT_S``) bounds the wait for the reply,
         for work whose compute grows with its input (long audio)."""
         await self._check_capacity(capability, str(payload.get("model")))
-        await reserve(payload)  # against the caller's tokens per minute
+        await reserve(capability, payload)  # against the caller's tokens per minute
         request_id = uuid.uuid4().hex
         timeout = timeout or self.settings.request_timeout_s
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -178,7 +178,7 @@ class LiveClient:
         raises (the caller answers it with its HTTP status, nothing streamed yet); else
         the stream, holding that first event. Close it when done with it."""
         await self._check_capacity(capability, str(payload.get("model")))
-        await reserve(payload)  # against the caller's tokens per minute
+        await reserve(capability, payload)  # against the caller's tokens per minute
         request_id = uuid.uuid4().hex
         events: asyncio.Queue[Reply] = asyncio.Queue()
         self._streams[request_id] = events

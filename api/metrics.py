@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Iterator, Mapping
+from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from configs import capabilities
+from tasks.contracts.base import EngineCounter
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -100,10 +104,11 @@ class WorkerStatsCollector(Collector):
         sizes = HistogramMetricFamily(
             "laneway_forward_batch_size", "Requests per forward pass", labels=labels
         )
+        # a forward pass is what the capability's engine runs at once: a batch of inputs,
+        # one decode step of the running sequences, a segment or a batch of clips
         seconds = HistogramMetricFamily(
             "laneway_forward_seconds",
-            "Seconds per forward pass (a decode step for chat, a segment or a batch of clips "
-            "for audio)",
+            "Seconds per forward pass (a batch, a decode step, a segment: the engine's)",
             labels=labels,
         )
         waits = HistogramMetricFamily(
@@ -112,7 +117,8 @@ class WorkerStatsCollector(Collector):
             labels=[*labels, "lane"],
         )
         counters = {
-            key: CounterMetricFamily(name, doc, labels=labels) for key, name, doc in ENGINE_COUNTERS
+            key: CounterMetricFamily(name, doc, labels=labels)
+            for key, name, doc in engine_counters()
         }
         for snap in self.snapshots:
             worker = snap.get("worker", "?")
@@ -131,14 +137,15 @@ class WorkerStatsCollector(Collector):
         yield from (sizes, seconds, waits, *counters.values())
 
 
-# counters engines may report: (snapshot key, metric name, help)
-ENGINE_COUNTERS = (
-    ("cache_hits", "laneway_embedding_cache_hits", "Embedding cache hits"),
-    ("cache_misses", "laneway_embedding_cache_misses", "Embedding cache misses"),
-    ("completion_tokens", "laneway_completion_tokens", "Tokens generated"),
-    ("preempted", "laneway_chat_preempted", "Batch sequences preempted by live requests"),
-    ("audio_seconds", "laneway_audio_seconds", "Seconds of audio transcribed"),
-)
+@cache
+def engine_counters() -> tuple[EngineCounter, ...]:
+    """The counters engines may report: every registry capability's contract's
+    ``ENGINE_COUNTERS``, once per snapshot key (the first capability's wins)."""
+    counters: dict[str, EngineCounter] = {}
+    for capability in capabilities.REGISTRY.values():
+        for counter in capability.contract_module().ENGINE_COUNTERS:
+            counters.setdefault(counter.key, counter)
+    return tuple(counters.values())
 
 
 def _histogram(

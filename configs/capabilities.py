@@ -24,7 +24,9 @@ class Capability:
     # the backend of a catalog entry that names none ("module:Class")
     default_backend: str
     # the wire contract (tasks/): request schema, batch body parsing, usage; importing it
-    # registers what it adds to generic modules (error hints)
+    # registers what it adds to generic modules (error hints). Its hooks, which generic code
+    # reads through this registry: ``estimate_tokens(payload)`` (api/limits.py),
+    # ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, /v1/models)
     contract: str
     # the API's router module: ``router`` (FastAPI), optionally ``DIRECT`` (api/direct.py)
     api_routes: str

@@ -10,20 +10,101 @@ the user catalog takes the name from a packaged entry.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, cast
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from configs.capabilities import CAPABILITIES, REGISTRY
 
 PACKAGED_CATALOG = Path(__file__).with_name("models.yaml")
-__all__ = ["CAPABILITIES", "Catalog", "CatalogEntry", "CatalogError", "load_catalog"]
+__all__ = [
+    "CAPABILITIES",
+    "COMMON_DEFAULTS",
+    "Catalog",
+    "CatalogEntry",
+    "CatalogError",
+    "CatalogOptions",
+    "load_catalog",
+]
+# the keys of an entry's ``defaults:`` every capability has (CatalogEntry's own fields);
+# the others are the capability's options (its contract's ``OPTIONS``)
+COMMON_DEFAULTS: tuple[str, ...] = ("max_input_tokens", "batch_token_budget", "dtype")
 
 
 class CatalogError(ValueError):
     """The catalog or the served-model list is wrong; the message says how."""
+
+
+class CatalogOptions(BaseModel):
+    """A capability's catalog options: the keys of an entry's ``defaults:`` beyond
+    ``COMMON_DEFAULTS``, backend knobs included. Each capability's contract module declares
+    a subclass as ``OPTIONS``; the catalog validates every entry with it when it loads
+    (an unknown key is an error) and keeps the instance as ``CatalogEntry.options``. A key
+    set to null takes its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):  # an unknown key stays, to be refused
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+    @classmethod
+    def of(cls, entry: CatalogEntry) -> Self:
+        """``entry``'s options, typed: raises TypeError when they are another class's
+        (an entry of another capability)."""
+        options = entry.options
+        if not isinstance(options, cls):
+            raise TypeError(
+                f"model {entry.id!r} ({entry.capability}) has {type(options).__name__}, "
+                f"not {cls.__name__}"
+            )
+        return options
+
+    def public(self) -> dict[str, Any]:
+        """The fields ``/v1/models`` shows for the model, beside the common ones."""
+        return {}
+
+
+def options_class(capability: str) -> type[CatalogOptions]:
+    """The capability's ``OPTIONS`` (its contract module, imported here on first use: the
+    contract imports this module, never the other way round at import time)."""
+    if capability not in REGISTRY:
+        raise CatalogError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    return cast(type[CatalogOptions], REGISTRY[capability].contract_module().OPTIONS)
+
+
+def _options_error(model_id: str, kind: type[CatalogOptions], error: ErrorDetails) -> str:
+    """One pydantic error as a sentence naming the entry and the key."""
+    key = ".".join(str(part) for part in error["loc"])
+    where = f"model {model_id!r}: defaults.{key}" if key else f"model {model_id!r}: defaults:"
+    if error["type"] == "extra_forbidden":
+        known = ", ".join([*COMMON_DEFAULTS, *kind.model_fields])
+        return f"{where} is not a known option; known: {known}"
+    if error["type"] == "value_error":  # a validator's own sentence
+        reason = str((error.get("ctx") or {}).get("error", error["msg"]))
+        return f"{where} {reason}; got {error['input']!r}" if key else f"{where} {reason}"
+    return f"{where}: {error['msg']}; got {error['input']!r}"
+
+
+def validate_options(model_id: str, capability: str, defaults: Mapping[str, Any]) -> CatalogOptions:
+    """An entry's ``defaults:`` (``COMMON_DEFAULTS`` left out) as its capability's options;
+    CatalogError naming the entry and the key when one is wrong or unknown."""
+    kind = options_class(capability)
+    given = {k: v for k, v in defaults.items() if k not in COMMON_DEFAULTS}
+    try:
+        return kind.model_validate(given)
+    except ValidationError as exc:
+        raise CatalogError(
+            "; ".join(_options_error(model_id, kind, e) for e in exc.errors())
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -36,16 +117,24 @@ class CatalogEntry:
     batch_token_budget: int
     dtype: str = "float32"
     memory_mb: int = 0
-    dimensions: int | None = None
-    matryoshka_dims: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
-    # the whole ``defaults`` mapping as given (capability-specific keys, e.g. chat's)
-    options: dict[str, Any] = field(default_factory=dict)
+    # the capability's options (``CatalogOptions``), read typed with ``<Options>.of(entry)``;
+    # a mapping given here (code and tests that build entries) is validated into them
+    options: CatalogOptions = field(default_factory=CatalogOptions)
     aliases: tuple[str, ...] = ()
 
-    @property
-    def supports_dimensions(self) -> bool:
-        return bool(self.matryoshka_dims)
+    def __post_init__(self) -> None:
+        kind = options_class(self.capability)
+        given: object = self.options
+        if isinstance(given, kind):
+            return
+        if type(given) is CatalogOptions:  # the default: none given
+            given = {}
+        if not isinstance(given, Mapping):
+            raise CatalogError(
+                f"model {self.id!r}: options are {type(given).__name__}, not {kind.__name__}"
+            )
+        object.__setattr__(self, "options", validate_options(self.id, self.capability, given))
 
     def resolve_path(self, *, auto_download: bool) -> str:
         """Where the weights are: a local directory, a packaged directory or a hub id."""
@@ -143,10 +232,16 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
     if "path" in source and not Path(source["path"]).is_absolute():
         source = {**source, "path": str((origin.parent / source["path"]).resolve())}
     defaults = raw.get("defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        raise CatalogError(f"{origin}: model {model_id!r}: defaults must be a mapping")
     known = {"id", "capability", "backend", "source", "defaults", "memory_mb", "aliases"}
     aliases = raw.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise CatalogError(f"{origin}: model {model_id!r}: aliases must be a list of names")
+    try:
+        options = validate_options(model_id, capability, defaults)
+    except CatalogError as exc:
+        raise CatalogError(f"{origin}: {exc}") from None
     return CatalogEntry(
         id=model_id,
         capability=capability,
@@ -156,10 +251,8 @@ def _entry(raw: dict[str, Any], origin: Path) -> CatalogEntry:
         batch_token_budget=int(defaults.get("batch_token_budget", 16384)),
         dtype=str(defaults.get("dtype", "float32")),
         memory_mb=int(raw.get("memory_mb", 0)),
-        dimensions=int(defaults["dimensions"]) if defaults.get("dimensions") else None,
-        matryoshka_dims=tuple(int(d) for d in defaults.get("matryoshka_dims", []) or []),
         extra={k: v for k, v in raw.items() if k not in known},
-        options=dict(defaults),
+        options=options,
         aliases=tuple(aliases),
     )
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from configs.capabilities import CAPABILITIES
 from configs.logs import configure as configure_logging
 from laneway.argtypes import whole
 from laneway.batch_cli import add_parser as add_batch_parser
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     workers = sub.add_parser("workers", help="one worker per GPU")
-    workers.add_argument("--capability", default="embeddings")
+    workers.add_argument("--capability", default=CAPABILITIES[0])  # the registry's first
     workers.add_argument(
         "--gpus", default="all", help="all or a comma list of indices (nvidia-smi's)"
     )

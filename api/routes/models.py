@@ -18,7 +18,7 @@ def _card(state: AppState, name: str) -> ModelCard:
         created=state.started_at,
         capability=entry.capability,
         max_input_tokens=entry.max_input_tokens,
-        dimensions=entry.dimensions,
+        **entry.options.public(),  # the capability's own fields
     )
 
 

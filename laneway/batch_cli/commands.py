@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from configs.capabilities import REGISTRY
 from laneway.argtypes import above, whole
 from laneway.batch_cli.client import DEFAULT_BASE_URL, Api, ApiError, Batch, base_url
 from laneway.batch_cli.input_file import check_jsonl, output_paths
@@ -276,7 +277,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
     submit = commands.add_parser("submit", help="check, upload and create a batch")
     submit.add_argument("file", help="the JSONL input file")
-    submit.add_argument("--endpoint", required=True, help="e.g. /v1/embeddings")
+    submit.add_argument(
+        "--endpoint",
+        required=True,
+        help="one of " + ", ".join(e for c in REGISTRY.values() for e in c.batch_endpoints),
+    )
     submit.add_argument("--completion-window", default="24h")
     submit.add_argument(
         "--metadata", type=_metadata, action="append", default=[], help="key=value, repeatable"

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from configs.catalog import Catalog, CatalogEntry
+from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
 from tasks.contracts.audio_languages import LANGUAGES
+from tasks.contracts.base import EngineCounter
 from tasks.errors import InvalidRequest, PayloadTooLarge, invalid_request, quote
 
 CAPABILITY = "audio"
@@ -36,6 +37,35 @@ MEDIA_TYPES: dict[str, str] = {
 }
 STREAM_FORMATS = ("json", "text")
 BATCH_FORMATS = ("json", "verbose_json")  # a batch output line's body is JSON
+
+# what the speech engine reports in its metrics() snapshot (workers/audio_engine.py)
+ENGINE_COUNTERS = (
+    EngineCounter("audio_seconds", "laneway_audio_seconds", "Seconds of audio transcribed"),
+)
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+class AudioOptions(CatalogOptions):
+    """A speech model's catalog options (``defaults:`` of its entry), its backends' knobs."""
+
+    english_only: StrictBool = False  # a language other than en is refused
+    # short clips of several requests in one forward at most (1: no batching)
+    batch_size: PositiveInt = 8
+    # beams at temperature 0 (none given: the backend's, faster-whisper 5, transformers 1)
+    beam_size: PositiveInt | None = None
+    compute_type: StrictStr | None = None  # CTranslate2's (none: float16 on CUDA, else int8)
+    max_new_tokens: PositiveInt | None = None  # tokens per 30 s window (transformers)
+
+
+OPTIONS = AudioOptions
+
+
+def estimate_tokens(payload: Mapping[str, Any]) -> int:
+    """Nothing: what audio costs (its tokens or seconds) is known only once it is decoded
+    and transcribed, and is charged when the answer is in; the prompt is a hint to the
+    decoder, not text to be charged for, and the audio is a reference to a stored file."""
+    return 0
 
 
 class AudioRequest(BaseModel):
@@ -143,7 +173,7 @@ def check(request: AudioRequest, entry: CatalogEntry, task: str) -> None:
 
 
 def english_only(entry: CatalogEntry) -> bool:
-    return bool(entry.options.get("english_only", False))
+    return AudioOptions.of(entry).english_only
 
 
 def to_work(

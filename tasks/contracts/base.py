@@ -1,9 +1,29 @@
-"""Rules every capability's wire contract shares: which served model a request names."""
+"""Rules every capability's wire contract shares: which served model a request names, how
+text counts in tokens before it is tokenized, and the shape of the hooks a contract module
+declares (``estimate_tokens``, ``ENGINE_COUNTERS``, ``OPTIONS``: see configs/capabilities.py)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from configs.catalog import Catalog, CatalogEntry
 from tasks.errors import InvalidRequest, ModelNotFound, quote
+
+CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text
+
+
+def text_tokens(chars: int) -> int:
+    """The tokens ``chars`` characters of text count for before tokenizing (rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+class EngineCounter(NamedTuple):
+    """A counter a capability's worker engine reports in its ``metrics()`` snapshot, which
+    the API's ``/metrics`` renders as a Prometheus counter by model and worker."""
+
+    key: str  # the snapshot key
+    name: str  # the Prometheus counter's name, without ``_total``
+    help: str
 
 
 def with_article(word: str) -> str:

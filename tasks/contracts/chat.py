@@ -12,6 +12,7 @@ errors of scalar fields go through :func:`tasks.errors.invalid_request`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Self, cast
 
@@ -29,8 +30,9 @@ from pydantic import (
     model_validator,
 )
 
-from configs.catalog import Catalog, CatalogEntry, CatalogError
+from configs.catalog import Catalog, CatalogEntry, CatalogError, CatalogOptions
 from configs.settings import Settings
+from tasks.contracts.base import EngineCounter, text_tokens
 from tasks.contracts.base import served_entry as _served_entry
 from tasks.errors import (
     ContextLengthExceeded,
@@ -42,6 +44,14 @@ from tasks.errors import (
 
 CAPABILITY = "chat"
 ENDPOINT = "/v1/chat/completions"
+
+# what the chat engines report in their metrics() snapshots (workers/chat_engine.py, vLLM's)
+ENGINE_COUNTERS = (
+    EngineCounter("completion_tokens", "laneway_completion_tokens", "Tokens generated"),
+    EngineCounter(
+        "preempted", "laneway_chat_preempted", "Batch sequences preempted by live requests"
+    ),
+)
 
 ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
 IMAGE_DETAILS: tuple[str, ...] = ("auto", "low", "high")
@@ -386,44 +396,40 @@ def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntr
 # -- per-model limits ------------------------------------------------------------------------
 
 
-def _option_int(entry: CatalogEntry, key: str, fallback: int) -> int:
-    value = entry.options.get(key)
-    if value is None:
-        return fallback
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CatalogError(
-            f"model {entry.id!r}: defaults.{key} must be a positive integer; got {value!r}"
-        )
-    return value
+# the chat engines a catalog entry may ask for
+Engine = Literal["auto", "vllm", "transformers"]
+ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
 
 
-def _option_bool(entry: CatalogEntry, key: str, fallback: bool) -> bool:
-    value = entry.options.get(key)
-    if value is None:
-        return fallback
-    if not isinstance(value, bool):
-        raise CatalogError(f"model {entry.id!r}: defaults.{key} must be true or false")
-    return value
+class ChatOptions(CatalogOptions):
+    """A chat model's catalog options (``defaults:`` of its entry, where ``max_input_tokens``
+    is the context: prompt and completion tokens together). Checked when the catalog loads."""
+
+    max_tokens: PositiveInt = DEFAULT_MAX_TOKENS  # new tokens when a request names none
+    max_running: PositiveInt = DEFAULT_MAX_RUNNING  # sequences decoded at once
+    supports_images: StrictBool = False  # a Qwen-VL-style model
+    # auto: vLLM where it is installed, else laneway's own engine (workers/chat.py)
+    engine: Engine = "auto"
+    # sequence slots batch work never takes (none given: a quarter of max_running, at least 1)
+    live_reserve: Annotated[StrictInt, Field(ge=0)] | None = None
+    vllm_args: dict[StrictStr, Any] = Field(default_factory=dict)  # vLLM's AsyncEngineArgs
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _known_engine(cls, value: Any) -> Any:
+        if value not in ENGINES:
+            raise ValueError(f"must be one of {', '.join(ENGINES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _reserve_below_running(self) -> Self:
+        reserve, running = self.live_reserve, self.max_running
+        if reserve is not None and reserve >= running > 1:
+            raise ValueError(f"live_reserve ({reserve}) must be below max_running ({running})")
+        return self
 
 
-ENGINES = ("auto", "vllm", "transformers")  # the chat engines a catalog entry may ask for
-
-
-def _option_engine(entry: CatalogEntry) -> str:
-    value = entry.options.get("engine", "auto") or "auto"
-    if value not in ENGINES:
-        raise CatalogError(
-            f"model {entry.id!r}: defaults.engine must be one of {', '.join(ENGINES)}; "
-            f"got {value!r}"
-        )
-    return str(value)
-
-
-def _option_mapping(entry: CatalogEntry, key: str) -> dict[str, Any]:
-    value = entry.options.get(key) or {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise CatalogError(f"model {entry.id!r}: defaults.{key} must be a mapping")
-    return dict(value)
+OPTIONS = ChatOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,26 +455,19 @@ class ChatLimits:
             raise CatalogError(
                 f"model {entry.id!r}: max_input_tokens (the context length) must be at least 2"
             )
-        default = _option_int(entry, "max_tokens", DEFAULT_MAX_TOKENS)
-        running = _option_int(entry, "max_running", DEFAULT_MAX_RUNNING)
-        reserve = entry.options.get("live_reserve", max(1, running // 4))
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-            raise CatalogError(
-                f"model {entry.id!r}: defaults.live_reserve must be 0 or more; got {reserve!r}"
-            )
-        if reserve >= running and running > 1:
-            raise CatalogError(
-                f"model {entry.id!r}: defaults.live_reserve ({reserve}) must be below "
-                f"max_running ({running})"
-            )
+        options = ChatOptions.of(entry)  # checked when the entry was made
+        running = options.max_running
+        reserve = options.live_reserve
+        if reserve is None:
+            reserve = max(1, running // 4)
         return cls(
             context_length=context,
-            default_max_tokens=min(default, context - 1),
+            default_max_tokens=min(options.max_tokens, context - 1),
             max_running=running,
-            supports_images=_option_bool(entry, "supports_images", False),
-            engine=_option_engine(entry),
+            supports_images=options.supports_images,
+            engine=options.engine,
             live_reserve=min(reserve, max(running - 1, 0)),
-            vllm_args=_option_mapping(entry, "vllm_args"),
+            vllm_args=dict(options.vllm_args),
         )
 
 
@@ -639,6 +638,22 @@ def to_work(
         "stream": request.stream,
         "include_usage": bool(request.stream and options is not None and options.include_usage),
     }
+
+
+def estimate_tokens(payload: Mapping[str, Any]) -> int:
+    """The tokens a live request (its work payload, ``to_work``) may use: its messages'
+    text at ``CHARS_PER_TOKEN`` characters a token and ``max_tokens`` for each of ``n``
+    choices. Images count nothing here; their tokens are charged when the answer is in."""
+    chars = 0
+    for message in payload.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if p.get("type") == "text")
+    completion = payload.get("max_tokens")
+    held = completion * int(payload.get("n") or 1) if isinstance(completion, int) else 0
+    return held + text_tokens(chars)
 
 
 def check_context(

@@ -3,17 +3,73 @@ workers (Batch API lines): one schema, one set of rules, one response shape."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
-from configs.catalog import Catalog, CatalogEntry
+from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
+from tasks.contracts.base import EngineCounter, text_tokens
 from tasks.errors import InvalidRequest, invalid_request, register_field_hint
 
 CAPABILITY = "embeddings"
 ENDPOINT = "/v1/embeddings"
+
+# what the embeddings engine reports in its metrics() snapshot (workers/embeddings_engine.py)
+ENGINE_COUNTERS = (
+    EngineCounter("cache_hits", "laneway_embedding_cache_hits", "Embedding cache hits"),
+    EngineCounter("cache_misses", "laneway_embedding_cache_misses", "Embedding cache misses"),
+)
+
+Dimension = Annotated[StrictInt, Field(ge=1)]
+
+
+class EmbeddingsOptions(CatalogOptions):
+    """An embeddings model's catalog options (``defaults:`` of its entry)."""
+
+    dimensions: Dimension | None = None  # the output size
+    # the sizes a request's ``dimensions`` may ask for (a Matryoshka model's)
+    matryoshka_dims: tuple[Dimension, ...] = ()
+    # the ONNX backend's weights: int8-quantized ones
+    quantize: Literal["int8"] | None = None
+
+    @model_validator(mode="after")
+    def _own_size_is_allowed(self) -> Self:
+        dims = self.matryoshka_dims
+        if dims and self.dimensions is not None and self.dimensions not in dims:
+            raise ValueError(
+                f"dimensions ({self.dimensions}) must be one of matryoshka_dims "
+                f"({', '.join(str(d) for d in dims)})"
+            )
+        return self
+
+    def public(self) -> dict[str, Any]:
+        return {"dimensions": self.dimensions} if self.dimensions is not None else {}
+
+
+OPTIONS = EmbeddingsOptions
+
+
+def estimate_tokens(payload: Mapping[str, Any]) -> int:
+    """The tokens a live request may use: its texts at ``CHARS_PER_TOKEN`` characters a
+    token (rounded up once, over all of them), token ids one each."""
+    chars = ids = 0
+    for item in payload.get("input") or ():  # strings or token-id lists
+        if isinstance(item, str):
+            chars += len(item)
+        else:
+            ids += len(item)
+    return ids + text_tokens(chars)
+
 
 TokenList = list[StrictInt]
 EmbeddingInput = StrictStr | list[StrictStr] | TokenList | list[TokenList]
@@ -73,15 +129,16 @@ def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntr
 
 def check_dimensions(entry: CatalogEntry, dimensions: int | None) -> None:
     """The one rule for `dimensions`: only the sizes a Matryoshka model was trained for."""
-    if dimensions is None or dimensions == entry.dimensions:
+    options = EmbeddingsOptions.of(entry)
+    if dimensions is None or dimensions == options.dimensions:
         return
-    if not entry.supports_dimensions:
+    if not options.matryoshka_dims:
         raise InvalidRequest(
             f"model {entry.id!r} does not support the 'dimensions' parameter",
             param="dimensions",
         )
-    if dimensions not in entry.matryoshka_dims:
-        allowed = ", ".join(str(d) for d in entry.matryoshka_dims)
+    if dimensions not in options.matryoshka_dims:
+        allowed = ", ".join(str(d) for d in options.matryoshka_dims)
         raise InvalidRequest(
             f"model {entry.id!r} supports dimensions {allowed}; got {dimensions}",
             param="dimensions",

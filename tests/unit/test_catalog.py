@@ -10,6 +10,7 @@ import yaml
 
 from configs.capabilities import REGISTRY
 from configs.catalog import CatalogError, load_catalog
+from tasks.contracts.embeddings import EmbeddingsOptions
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -41,9 +42,9 @@ def test_packaged_catalog_has_the_production_entries() -> None:
         assert catalog.get(model_id).capability == "embeddings"
     minilm = catalog.get(MINILM)
     assert minilm.max_input_tokens == 256
-    assert minilm.dimensions == 384
-    assert not minilm.supports_dimensions
-    assert catalog.get("google/embeddinggemma-300m").supports_dimensions
+    assert EmbeddingsOptions.of(minilm).dimensions == 384
+    assert not EmbeddingsOptions.of(minilm).matryoshka_dims
+    assert EmbeddingsOptions.of(catalog.get("google/embeddinggemma-300m")).matryoshka_dims
 
 
 def test_packaged_minilm_resolves_to_the_installed_weights() -> None:
@@ -62,7 +63,7 @@ def test_user_catalog_adds_and_replaces_entries(tmp_path: Path) -> None:
     )
     catalog = load_catalog(user)
     assert catalog.get("me/new").max_input_tokens == 64
-    assert catalog.get("me/new").matryoshka_dims == (32, 16)
+    assert EmbeddingsOptions.of(catalog.get("me/new")).matryoshka_dims == (32, 16)
     assert catalog.get(MINILM).max_input_tokens == 128  # replaced by id
     assert catalog.get("BAAI/bge-m3").capability == "embeddings"  # packaged ones stay
 

@@ -21,6 +21,7 @@ from tasks.contracts.chat import (
     ENDPOINT,
     ChatCompletionRequest,
     ChatLimits,
+    ChatOptions,
     check_context,
     check_supported,
     parse_body,
@@ -720,16 +721,16 @@ def test_limits_from_options() -> None:
     [
         ({"engine": "sglang"}, "defaults.engine must be one of auto, vllm, transformers"),
         ({"max_running": 4, "live_reserve": 4}, "live_reserve (4) must be below max_running"),
-        ({"live_reserve": -1}, "defaults.live_reserve must be 0 or more"),
-        ({"vllm_args": ["x"]}, "defaults.vllm_args must be a mapping"),
+        ({"live_reserve": -1}, "defaults.live_reserve: Input should be greater than or equal"),
+        ({"vllm_args": ["x"]}, "defaults.vllm_args: Input should be a valid dictionary"),
     ],
 )
 def test_engine_options_are_checked_with_the_entry_named(
     options: dict[str, Any], message: str
 ) -> None:
-    entry = replace(ENTRY, options={**ENTRY.options, **options})
+    # when the entry is made (the catalog loads), not when it is first used
     with pytest.raises(CatalogError, match=re.escape(message)) as info:
-        ChatLimits.from_entry(entry)
+        chat_entry(**options)
     assert repr(ENTRY.id) in str(info.value)
 
 
@@ -758,28 +759,23 @@ def test_context_must_hold_a_token_of_each() -> None:
         ChatLimits.from_entry(chat_entry(context=1))
 
 
-def test_catalog_keeps_the_whole_defaults_mapping(tmp_path: Path) -> None:
-    defaults = {"max_input_tokens": 64, "max_tokens": 16, "supports_images": True, "x": [1]}
+def test_catalog_types_the_chat_defaults(tmp_path: Path) -> None:
+    defaults = {"max_input_tokens": 64, "max_tokens": 16, "supports_images": True}
     user = tmp_path / "models.yaml"
-    user.write_text(
-        yaml.safe_dump(
-            {
-                "models": [
-                    {
-                        "id": "me/e",
-                        "capability": "embeddings",
-                        "source": {"path": "/"},
-                        "defaults": defaults,
-                    },
-                    {"id": "me/bare", "capability": "embeddings", "source": {"path": "/"}},
-                ]
-            }
-        )
-    )
+    models = [
+        {"id": "me/c", "capability": "chat", "source": {"path": "/"}, "defaults": defaults},
+        {"id": "me/bare", "capability": "chat", "source": {"path": "/"}},
+    ]
+    user.write_text(yaml.safe_dump({"models": models}))
     catalog = load_catalog(user)
-    assert catalog.get("me/e").options == defaults
-    assert catalog.get("me/e").max_input_tokens == 64
-    assert catalog.get("me/bare").options == {}
+    assert ChatOptions.of(catalog.get("me/c")) == ChatOptions(max_tokens=16, supports_images=True)
+    assert catalog.get("me/c").max_input_tokens == 64
+    assert ChatOptions.of(catalog.get("me/bare")) == ChatOptions()
+    # an embeddings entry has no chat options: an unknown key names the entry and the key
+    models[1] = {**models[0], "id": "me/e", "capability": "embeddings"}
+    user.write_text(yaml.safe_dump({"models": models}))
+    with pytest.raises(CatalogError, match=r"'me/e': defaults\.max_tokens is not a known"):
+        load_catalog(user)
 
 
 # -- to_work ---------------------------------------------------------------------------------
@@ -958,7 +954,7 @@ def test_chunk_bodies_parse_with_the_official_client() -> None:
             ],
         ),
         chunk_body(**common, choices=[chunk_choice(0, finish_reason="stop")]),
-        chunk_body(**common, choices=[], usage=Usage(4, 2)),
+        chunk_body(**common, choices=[], usage=Usage(prompt_tokens=4, completion_tokens=2)),
     ]
     parsed = [ChatCompletionChunk.model_validate(json.loads(json.dumps(c))) for c in chunks]
     assert all(p.object == "chat.completion.chunk" for p in parsed)

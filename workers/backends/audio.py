@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.contracts.audio import AudioOptions
 from workers.backends.base import ModelBackend
 
 SAMPLE_RATE = 16000
@@ -100,7 +101,7 @@ class SpeechBackend(ModelBackend):
     @property
     def batch_size(self) -> int:
         """Short clips in one ``transcribe_many`` call at most (1: no batching)."""
-        return int(self.entry.options.get("batch_size", 8))
+        return AudioOptions.of(self.entry).batch_size
 
     @property
     def english_only(self) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.transcribe import Segment as FwSegment
 
+from tasks.contracts.audio import AudioOptions
 from workers.backends.audio import (
     SAMPLE_RATE,
     Segment,
@@ -43,7 +44,7 @@ class FasterWhisperBackend(SpeechBackend):
 
     def load(self) -> None:
         cuda = self.device.startswith("cuda")
-        compute = str(self.entry.options.get("compute_type") or ("float16" if cuda else "int8"))
+        compute = AudioOptions.of(self.entry).compute_type or ("float16" if cuda else "int8")
         device, _, index = self.device.partition(":")
         self.model = WhisperModel(
             self.model_path,
@@ -62,7 +63,7 @@ class FasterWhisperBackend(SpeechBackend):
 
     @property
     def beam_size(self) -> int:
-        return int(self.entry.options.get("beam_size", 5))
+        return AudioOptions.of(self.entry).beam_size or 5
 
     def _kwargs(self, options: SpeechOptions) -> dict[str, Any]:
         return {

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+from tasks.contracts.audio import AudioOptions
 from workers.backends.audio import (
     SAMPLE_RATE,
     Segment,
@@ -175,9 +176,10 @@ class TransformersSpeechBackend(SpeechBackend):
             kwargs["prompt_ids"] = prompt.to(self.device)
         if options.words:
             kwargs["return_token_timestamps"] = True
-        if self.entry.options.get("max_new_tokens"):
-            kwargs["max_new_tokens"] = int(self.entry.options["max_new_tokens"])
-        beams = int(self.entry.options.get("beam_size", 1))
+        catalog = AudioOptions.of(self.entry)
+        if catalog.max_new_tokens:
+            kwargs["max_new_tokens"] = catalog.max_new_tokens
+        beams = catalog.beam_size or 1
         if beams > 1 and options.temperature == 0:
             kwargs["num_beams"] = beams
         return kwargs

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
+from tasks.contracts.embeddings import EmbeddingsOptions
 from tasks.errors import InvalidRequest
 from workers.backends.embeddings import EmbeddingBackend
 
@@ -27,7 +28,7 @@ VOCAB = 1000
 class FakeEmbeddingBackend(EmbeddingBackend):
     def load(self) -> None:
         rng = np.random.default_rng(0)
-        self._dim = self.entry.dimensions or 32
+        self._dim = EmbeddingsOptions.of(self.entry).dimensions or 32
         self.table = rng.standard_normal((VOCAB, self._dim)).astype(np.float32)
         self.delay_s = float(self.entry.extra.get("forward_delay_s", 0.0))
         self.tokenize_delay_s = float(self.entry.extra.get("tokenize_delay_s", 0.0))
