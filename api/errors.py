@@ -20,6 +20,7 @@ from tasks.errors import (
     QueueFull,
     error_body,
     invalid_request,
+    unsourced,
 )
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(invalid_request(exc.errors()), request)
+        return error_response(invalid_request(unsourced(exc.errors())), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

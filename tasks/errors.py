@@ -147,12 +147,23 @@ _REGISTRY: dict[str, type[LanewayError]] = {c.__name__: c for c in _subclasses(L
 # union-typed fields give one pydantic error per member; a capability says what is allowed
 # instead (``register_field_hint("input", ...)`` in its contract module)
 FIELD_HINTS: dict[str, str] = {}
-# where FastAPI says a value came from; not part of the parameter's name
+# where FastAPI says a value came from: the first element of its errors' locations, not
+# part of the parameter's name (``unsourced`` drops it)
 _SOURCES = ("body", "query", "path", "header", "cookie")
 
 
 def register_field_hint(param: str, message: str) -> None:
     FIELD_HINTS[param] = message
+
+
+def unsourced(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors with the source (``body``, ...) cut from each location,
+    as pydantic gives them for a model: a field may itself be called ``query``."""
+    out = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        out.append({**error, "loc": loc[1:] if loc and loc[0] in _SOURCES else loc})
+    return out
 
 
 def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
@@ -168,7 +179,7 @@ def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
         return InvalidRequest(
             "We could not parse the JSON body of your request: it is not valid JSON."
         )
-    loc = [str(p) for p in first.get("loc", ()) if p not in _SOURCES]
+    loc = [str(p) for p in first.get("loc", ())]
     # the request must be an object: pydantic says so at the top level
     if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
         return InvalidRequest("The request body must be a JSON object.")

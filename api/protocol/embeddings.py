@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from api.protocol import PromptUsage
 from tasks.contracts.embeddings import EmbeddingRequest
 
 
@@ -19,16 +20,11 @@ class EmbeddingData(BaseModel):
     embedding: list[float] | str
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
-    usage: Usage
+    usage: PromptUsage
 
 
 # the route reads its body itself (no pydantic model on the hot path): this documents it
@@ -39,4 +35,4 @@ REQUEST_BODY: dict[str, Any] = {
     }
 }
 
-__all__ = ["REQUEST_BODY", "EmbeddingData", "EmbeddingRequest", "EmbeddingResponse", "Usage"]
+__all__ = ["REQUEST_BODY", "EmbeddingData", "EmbeddingRequest", "EmbeddingResponse"]

@@ -1,11 +1,18 @@
-"""Serving logic of the API routes; shared here: reading a JSON request body."""
+"""Serving logic of the API routes; shared here: reading a JSON request body, and the rows
+a live request of many inputs gets back (one per input)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.errors import InvalidRequest, invalid_request
+import orjson
+
+from tasks.errors import InternalError, InvalidRequest, invalid_request
 from tasks.store.safety import NESTED_TOO_DEEPLY, JSONTooDeep, parse_json
+
+if TYPE_CHECKING:
+    from api.direct import Disconnected
+    from api.state import AppState
 
 
 def load_json(raw: bytes) -> tuple[Any, bool]:
@@ -22,3 +29,18 @@ def load_json(raw: bytes) -> tuple[Any, bool]:
         ) from None
     except ValueError:  # UnicodeDecodeError is one
         raise invalid_request([{"type": "json_invalid"}]) from None
+
+
+async def live_rows(
+    state: AppState,
+    capability: str,
+    payload: dict[str, Any],
+    count: int,
+    disconnected: Disconnected | None,
+) -> tuple[list[Any], int]:
+    """The worker's rows for a live request of ``count`` inputs, and the tokens it used."""
+    reply = await state.live.call(capability, payload, disconnected=disconnected)
+    rows = orjson.loads(reply.body)
+    if not isinstance(rows, list) or len(rows) != count:
+        raise InternalError.for_request(None)
+    return rows, int((reply.header.get("usage") or {}).get("prompt_tokens", 0))

@@ -48,3 +48,24 @@ def served_entry(catalog: Catalog, served: list[str], model: str, capability: st
             param="model",
         )
     return entry
+
+
+def check_text(text: str, where: str, param: str) -> None:
+    """A lone surrogate (JSON ``"\\ud800"``) breaks tokenizers: a 400 naming ``where``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{where} is not valid Unicode text (it holds a lone surrogate)", param=param
+        ) from None
+
+
+def check_count(count: int, most: int, param: str) -> None:
+    """A request's list of texts: not empty, and at most ``most`` of them."""
+    if count == 0:
+        raise InvalidRequest(f"'{param}' must not be empty", param=param)
+    if count > most:
+        raise InvalidRequest(
+            f"'{param}' has {count} items; at most {most} are allowed for this model",
+            param=param,
+        )

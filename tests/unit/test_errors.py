@@ -130,11 +130,22 @@ def test_one_translation_for_live_routes_and_batch_lines(
     body: object, param: str | None, contains: str
 ) -> None:
     """FastAPI prefixes locations with where the value came from ('body'); a batch line's
-    pydantic error does not. Both must give the same message."""
+    pydantic error does not. Both must give the same message (the API handler drops the
+    source with ``unsourced``)."""
     batch = errors.invalid_request(_pydantic_errors(body))
     live = errors.invalid_request(
-        [{**e, "loc": ("body", *e["loc"])} for e in _pydantic_errors(body)]  # type: ignore[misc]
+        errors.unsourced([{**e, "loc": ("body", *e["loc"])} for e in _pydantic_errors(body)])  # type: ignore[misc]
     )
     assert (batch.message, batch.param) == (live.message, live.param)
     assert batch.param == param
     assert contains in batch.message, batch.message
+
+
+def test_a_field_named_like_a_source_keeps_its_name() -> None:
+    """Only FastAPI's leading source is cut: a body field called ``query`` (rerank's) is
+    named in the message, live or in a batch line."""
+    line = [{"type": "string_type", "loc": ("query",), "msg": "Input should be a valid string"}]
+    live = [{**line[0], "loc": ("body", "query")}]
+    for found in (errors.invalid_request(line), errors.invalid_request(errors.unsourced(live))):
+        assert found.param == "query"
+        assert "'query'" in found.message
