@@ -72,6 +72,15 @@ REGISTRY: dict[str, Capability] = {
             api_routes="api.routes.audio",
             worker="workers.audio",
         ),
+        Capability(
+            name="rerank",
+            # vLLM's and Jina's; OpenAI has none
+            batch_endpoints=("/v1/rerank",),
+            default_backend="workers.backends.rerank:CrossEncoderBackend",
+            contract="tasks.contracts.rerank",
+            api_routes="api.routes.rerank",
+            worker="workers.rerank",
+        ),
     )
 }
 CAPABILITIES: tuple[str, ...] = tuple(REGISTRY)
