@@ -81,6 +81,15 @@ REGISTRY: dict[str, Capability] = {
             api_routes="api.routes.rerank",
             worker="workers.rerank",
         ),
+        Capability(
+            name="classify",
+            # vLLM's; OpenAI has none
+            batch_endpoints=("/v1/classify",),
+            default_backend="workers.backends.classify:ClassifierBackend",
+            contract="tasks.contracts.classify",
+            api_routes="api.routes.classify",
+            worker="workers.classify",
+        ),
     )
 }
 CAPABILITIES: tuple[str, ...] = tuple(REGISTRY)
