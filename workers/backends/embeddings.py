@@ -83,18 +83,23 @@ class TransformersEmbeddingBackend(EmbeddingBackend):
     model: Any
 
     def load(self) -> None:
-        self.pooling, self.normalize = read_pooling(self.model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         dtype = torch_dtype(self.entry.dtype, self.device)
         self.model = AutoModel.from_pretrained(self.model_path, dtype=dtype)
         self.model.to(self.device).eval()
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.vocab_size = int(self.model.config.vocab_size)
-        self._dim = int(self.model.config.hidden_size)
-        self.prefix, self.suffix = self._special_tokens()
+        self._load_text_side(self.model.config)
         log.info(
             "loaded %s on %s (%s, pooling=%s)", self.entry.id, self.device, dtype, self.pooling
         )
+
+    def _load_text_side(self, config: Any) -> None:
+        """Pooling, tokenizer and the sizes ``tokenize`` checks against, from the model's
+        config: all but the model itself (other runtimes' backends reuse it)."""
+        self.pooling, self.normalize = read_pooling(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.vocab_size = int(config.vocab_size)
+        self._dim = int(config.hidden_size)
+        self.prefix, self.suffix = self._special_tokens()
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """What the tokenizer adds around a text, so token inputs get the same framing."""
