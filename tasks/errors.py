@@ -144,16 +144,9 @@ _REGISTRY: dict[str, type[LanewayError]] = {c.__name__: c for c in _subclasses(L
 
 # -- validation errors -----------------------------------------------------------------------
 
-# union-typed fields give one pydantic error per member; a capability says what is allowed
-# instead (``register_field_hint("input", ...)`` in its contract module)
-FIELD_HINTS: dict[str, str] = {}
 # where FastAPI says a value came from: the first element of its errors' locations, not
 # part of the parameter's name (``unsourced`` drops it)
 _SOURCES = ("body", "query", "path", "header", "cookie")
-
-
-def register_field_hint(param: str, message: str) -> None:
-    FIELD_HINTS[param] = message
 
 
 def unsourced(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -166,7 +159,9 @@ def unsourced(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
+def invalid_request(
+    errors: Sequence[Mapping[str, Any]], hints: Mapping[str, str] | None = None
+) -> InvalidRequest:
     """The one translation of pydantic (or FastAPI) validation errors into a message.
 
     Live routes (``RequestValidationError``) and Batch API lines (``ValidationError``)
@@ -188,7 +183,8 @@ def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
         if param is None:
             return InvalidRequest("The request body is empty; send a JSON object.")
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    if param in FIELD_HINTS:
-        return InvalidRequest(FIELD_HINTS[param], param=param)
+    # a contract's own words for a field (a union's members would each give one error)
+    if hints and param is not None and param in hints:
+        return InvalidRequest(hints[param], param=param)
     where = f"'{'.'.join(loc)}'" if loc else "the body"
     return InvalidRequest(f"Invalid value for {where}: {first.get('msg', 'invalid')}", param=param)

@@ -39,7 +39,6 @@ from tasks.errors import (
     InvalidRequest,
     invalid_request,
     quote,
-    register_field_hint,
 )
 
 CAPABILITY = "chat"
@@ -65,11 +64,10 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
 
 # one pydantic error per member of the union says less than this
-register_field_hint(
-    "stop",
-    f"Invalid value for 'stop': expected a string, an array of at most {MAX_STOP} strings, "
-    "or null.",
-)
+FIELD_HINTS = {
+    "stop": f"Invalid value for 'stop': expected a string, an array of at most {MAX_STOP} "
+    "strings, or null.",
+}
 
 
 # -- messages, checked by hand ---------------------------------------------------------------
@@ -385,7 +383,7 @@ def parse_body(body: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
+        raise invalid_request(exc.errors(), FIELD_HINTS) from None
 
 
 def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:

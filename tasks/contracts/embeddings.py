@@ -19,7 +19,7 @@ from pydantic import (
 from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
 from tasks.contracts.base import EngineCounter, text_tokens
-from tasks.errors import InvalidRequest, invalid_request, register_field_hint
+from tasks.errors import InvalidRequest, invalid_request
 
 CAPABILITY = "embeddings"
 ENDPOINT = "/v1/embeddings"
@@ -76,11 +76,10 @@ EmbeddingInput = StrictStr | list[StrictStr] | TokenList | list[TokenList]
 
 
 # one pydantic error per member of the union says less than this
-register_field_hint(
-    "input",
-    "Invalid value for 'input': expected a string, a list of strings, a list of token ids "
-    "(integers) or a list of such lists.",
-)
+FIELD_HINTS = {
+    "input": "Invalid value for 'input': expected a string, a list of strings, a list of "
+    "token ids (integers) or a list of such lists.",
+}
 
 
 class EmbeddingRequest(BaseModel):
@@ -150,7 +149,7 @@ def parse_body(body: Any) -> EmbeddingRequest:
     try:
         return EmbeddingRequest.model_validate(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
+        raise invalid_request(exc.errors(), FIELD_HINTS) from None
 
 
 def embedding_body(

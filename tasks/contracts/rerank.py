@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
 from tasks.contracts.base import EngineCounter, check_count, check_text, text_tokens
-from tasks.errors import InvalidRequest, invalid_request, register_field_hint
+from tasks.errors import InvalidRequest, invalid_request
 
 CAPABILITY = "rerank"
 ENDPOINT = "/v1/rerank"
@@ -48,10 +48,11 @@ def estimate_tokens(payload: Mapping[str, Any]) -> int:
     return text_tokens(sum(query_chars + len(d) for d in docs))
 
 
-register_field_hint(
-    "documents",
-    "Invalid value for 'documents': expected a list of strings or of objects with a 'text' string.",
-)
+# one pydantic error per member of the union says less than this
+FIELD_HINTS = {
+    "documents": "Invalid value for 'documents': expected a list of strings or of objects "
+    "with a 'text' string.",
+}
 
 
 class TextDocument(BaseModel):
@@ -77,7 +78,7 @@ def parse_body(body: Any) -> RerankRequest:
     try:
         return RerankRequest.model_validate(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
+        raise invalid_request(exc.errors(), FIELD_HINTS) from None
 
 
 def served_entry(catalog: Catalog, served: list[str], model: str) -> CatalogEntry:

@@ -132,9 +132,12 @@ def test_one_translation_for_live_routes_and_batch_lines(
     """FastAPI prefixes locations with where the value came from ('body'); a batch line's
     pydantic error does not. Both must give the same message (the API handler drops the
     source with ``unsourced``)."""
-    batch = errors.invalid_request(_pydantic_errors(body))
+    from tasks.contracts.embeddings import FIELD_HINTS
+
+    batch = errors.invalid_request(_pydantic_errors(body), FIELD_HINTS)
     live = errors.invalid_request(
-        errors.unsourced([{**e, "loc": ("body", *e["loc"])} for e in _pydantic_errors(body)])  # type: ignore[misc]
+        errors.unsourced([{**e, "loc": ("body", *e["loc"])} for e in _pydantic_errors(body)]),  # type: ignore[misc]
+        FIELD_HINTS,
     )
     assert (batch.message, batch.param) == (live.message, live.param)
     assert batch.param == param
@@ -149,3 +152,19 @@ def test_a_field_named_like_a_source_keeps_its_name() -> None:
     for found in (errors.invalid_request(line), errors.invalid_request(errors.unsourced(live))):
         assert found.param == "query"
         assert "'query'" in found.message
+
+
+def test_a_field_hint_is_its_contracts_own() -> None:
+    """Two capabilities may both call a field ``input``: each error says what its own
+    contract allows (embeddings takes token ids, classify does not)."""
+    from tasks.contracts import classify, embeddings
+
+    bad = [
+        {"type": "string_type", "loc": ("input", "str"), "msg": "Input should be a valid string"}
+    ]
+    said = {
+        m.CAPABILITY: errors.invalid_request(bad, m.FIELD_HINTS).message
+        for m in (embeddings, classify)
+    }
+    assert "token ids" in said["embeddings"]
+    assert "token ids" not in said["classify"] and "list of strings" in said["classify"]
