@@ -5,6 +5,7 @@ response shape, and the cross-encoder backend's scores against sentence-transfor
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from tasks.contracts.rerank import (
 )
 from tasks.errors import ContextLengthExceeded, InvalidRequest
 from tests.sequence_models import build_cross_encoder, catalog_entry, loaded
-from workers.backends.rerank import CrossEncoderBackend
+from workers.backends.rerank import CrossEncoderBackend, activation_of
 
 QUERY = "what is the capital of france"
 DOCS = [
@@ -218,3 +219,17 @@ def test_live_requests_go_before_batch_work(models: Path) -> None:
         assert engine.metrics()["forwards"] >= len(DOCS) * 10
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize(
+    "path", ["torch.load", "torch.nn.functional.relu", "torch.nn.NoSuchThing", "os.system"]
+)
+def test_a_config_names_only_an_activation_module(path: str) -> None:
+    """The activation comes from the model's config: anything but a ``torch.nn`` module
+    class (a function, a loader, another package) is not called; the sigmoid is used."""
+    import torch
+
+    config = SimpleNamespace(sentence_transformers={"activation_fn": path})
+    assert activation_of(config) is torch.sigmoid
+    tanh = activation_of(SimpleNamespace(sentence_transformers={"activation_fn": "torch.nn.Tanh"}))
+    assert isinstance(tanh, torch.nn.Tanh)

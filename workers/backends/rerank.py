@@ -3,14 +3,15 @@ sentence-transformers' ``CrossEncoder.predict`` gives on the same model.
 
 ``CrossEncoder.predict`` applies an activation to the model's one logit: the one the
 model's config names (``sentence_transformers.activation_fn``, or the older
-``sbert_ce_default_activation_function``) when it is a ``torch.`` class, else a sigmoid
-(its default for ``num_labels == 1``). A path outside ``torch.`` would need
+``sbert_ce_default_activation_function``) when it is a ``torch.nn`` module class, else a
+sigmoid (its default for ``num_labels == 1``). A path outside ``torch.nn`` would need
 ``trust_remote_code``, which laneway never sets, so, as ``CrossEncoder`` does then, the
-sigmoid.
+sigmoid; a config naming anything but an ``nn.Module`` class gets the sigmoid too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -30,9 +31,13 @@ def activation_of(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     settings = getattr(config, "sentence_transformers", None) or {}
     path = settings.get("activation_fn") if isinstance(settings, dict) else None
     path = path or getattr(config, "sbert_ce_default_activation_function", None)
-    if isinstance(path, str) and path.startswith("torch."):
+    if isinstance(path, str) and path.startswith("torch.nn."):
         module, _, name = path.rpartition(".")
-        return getattr(importlib.import_module(module), name)()  # type: ignore[no-any-return]
+        with contextlib.suppress(ImportError):
+            found = getattr(importlib.import_module(module), name, None)
+            # a model's config names it: only an activation module, never any callable
+            if isinstance(found, type) and issubclass(found, torch.nn.Module):
+                return found()  # type: ignore[no-any-return]
     if path:
         log.warning("activation %r is not a torch class: using the sigmoid", path)
     return torch.sigmoid
