@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.dashboards import DASHBOARD, DASHBOARDS, PROMETHEUS_CONFIG, PROVISIONING
 from tests.deploy_checks import (
     _NAME,
     AUTH_ENV,
@@ -44,16 +45,21 @@ from tests.deploy_checks import (
     dockerfile_problems,
     dockerignore_rules,
     env_problems,
+    environment,
     exec_form,
     healthcheck_problems,
     host_ip_and_target,
     ignored,
+    is_route,
     laneway_commands,
     laneway_problems,
+    listening,
+    parsed_commands,
     port_problems,
     service_command,
     service_dockerfile,
     setting_variables,
+    shell_words,
     simple_commands,
     worker_problems,
 )
@@ -64,6 +70,11 @@ REQUIRED = {"api": "LANEWAY_API_KEY", "flower": "FLOWER_BASIC_AUTH"}
 DATA_PORTS = {"5432", "6379"}  # Postgres, Redis (container side)
 # the API and Flower: published on the host's loopback unless LANEWAY_PUBLISH_ADDR widens it
 HOST_PORTS = {"api": "8000", "flower": "5555"}
+# `docker compose --profile monitoring up`: Prometheus scraping the API, Grafana showing it
+MONITORING = ("prometheus", "grafana")
+GRAFANA_PORT = "3000"
+PROMETHEUS_PORT = 9090  # the image's default --web.listen-address
+PINNED = re.compile(r"[a-z0-9./-]+:v?\d+\.\d+\.\d+")
 
 _TOKEN = re.compile(
     rf"\$(?:(?P<escaped>\$)"
@@ -281,6 +292,116 @@ def test_dockerfile(path: Path) -> None:
     assert not problems, report(problems)
 
 
+# --- the monitoring profile ----------------------------------------------------------------
+
+
+def mounts(service: Mapping[str, Any]) -> dict[Path, str]:
+    """Host path (resolved) -> container path of a service's bind mounts (short syntax)."""
+    out = {}
+    for volume in service.get("volumes") or []:
+        source, target = str(volume).split(":")[:2]
+        if source.startswith((".", "/")):
+            out[(ROOT / source).resolve()] = target
+    return out
+
+
+def option(words: list[str], flag: str) -> str | None:
+    """The value of `--flag=value` or `--flag value` among `words`."""
+    for i, word in enumerate(words):
+        if word.startswith(f"{flag}="):
+            return word.split("=", 1)[1]
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+def prometheus_words(service: Mapping[str, Any]) -> list[str]:
+    """The words of the Prometheus service's `sh -c` entrypoint."""
+    entrypoint = service["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"], entrypoint
+    return shell_words(entrypoint[2])
+
+
+def test_monitoring_services_are_in_their_profile(services: dict[str, Any]) -> None:
+    for name in MONITORING:
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert PINNED.fullmatch(service["image"]), f"{name}: pin a version, not {service['image']}"
+        assert "build" not in service, name
+    # the default `docker compose up` starts neither
+    assert not [
+        n
+        for n, s in services.items()
+        if n not in MONITORING and s.get("profiles") == ["monitoring"]
+    ]
+
+
+def test_prometheus_scrapes_the_api_service(services: dict[str, Any]) -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    [job] = config["scrape_configs"]
+    [target] = [t for static in job["static_configs"] for t in static["targets"]]
+    host, port = target.rsplit(":", 1)
+    api = services[host]
+    [parsed] = [p for p in parsed_commands(service_command(api)) if p.command == "api"]
+    served = listening(parsed, environment(api))
+    assert served is not None and int(port) == served[1], (target, served)
+    assert is_route(("laneway/fake-embeddings",), job["metrics_path"])
+    prometheus = services["prometheus"]
+    words = prometheus_words(prometheus)
+    config_file = option(words, "--config.file")
+    assert mounts(prometheus)[PROMETHEUS_CONFIG] == config_file
+    # the bearer key: the API's key, written to the file the scrape reads before it starts
+    assert prometheus["environment"]["LANEWAY_API_KEY"] == api["environment"]["LANEWAY_API_KEY"]
+    credentials = job["authorization"]["credentials_file"]
+    script = prometheus["entrypoint"][2]
+    assert f'"$LANEWAY_API_KEY" > {credentials}' in script, script
+    assert words[words.index("exec") + 1] == "/bin/prometheus"
+    assert option(words, "--web.listen-address") is None  # the default port, 9090
+    assert not prometheus.get("ports")  # Grafana reaches it on the compose network
+
+
+def test_prometheus_key_is_the_required_api_key() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert (
+        raw["prometheus"]["environment"]["LANEWAY_API_KEY"]
+        == (raw["api"]["environment"]["LANEWAY_API_KEY"])
+    )
+    # `$$`: the container's shell, not Compose, expands it
+    assert '"$$LANEWAY_API_KEY"' in raw["prometheus"]["entrypoint"][2]
+
+
+def test_grafana_is_provisioned_with_the_dashboard(services: dict[str, Any]) -> None:
+    grafana = services["grafana"]
+    bound = mounts(grafana)
+    assert bound[PROVISIONING] == "/etc/grafana/provisioning"
+    [provider] = yaml.safe_load(next((PROVISIONING / "dashboards").glob("*.yml")).read_text())[
+        "providers"
+    ]
+    assert bound[DASHBOARDS] == provider["options"]["path"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{bound[DASHBOARDS]}/{DASHBOARD.name}"
+    [source] = yaml.safe_load(next((PROVISIONING / "datasources").glob("*.yml")).read_text())[
+        "datasources"
+    ]
+    assert source["url"] == f"http://prometheus:{PROMETHEUS_PORT}"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_started"
+    # read-only for whoever reaches it: anonymous viewers, nobody logs in
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert env["GF_AUTH_BASIC_ENABLED"] == "false"
+
+
+def test_grafana_is_on_loopback_unless_widened_on_purpose() -> None:
+    assert published(render(AUTH_ENV)["services"])["grafana"] == [("127.0.0.1", GRAFANA_PORT)]
+    widened = render(AUTH_ENV | {"GRAFANA_PUBLISH_ADDR": "0.0.0.0"})["services"]
+    assert published(widened)["grafana"] == [("0.0.0.0", GRAFANA_PORT)]
+    # the API's own knob leaves it alone
+    api_wide = render(AUTH_ENV | {"LANEWAY_PUBLISH_ADDR": "0.0.0.0"})["services"]
+    assert published(api_wide)["grafana"] == [("127.0.0.1", GRAFANA_PORT)]
+
+
 def compose_command() -> list[str]:
     """`docker compose`, or a standalone `docker-compose` 1.28 or later; skips the test
     when neither is here."""
@@ -310,7 +431,8 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     compose = compose_command()
     no_env = tmp_path / "empty.env"  # not the project's .env; Compose 1.x wants a file
     no_env.write_text("")
-    base = [*compose, "--env-file", str(no_env), "-f", str(COMPOSE_FILE), "--profile", "gpu"]
+    profiles = ["--profile", "gpu", "--profile", "monitoring"]
+    base = [*compose, "--env-file", str(no_env), "-f", str(COMPOSE_FILE), *profiles]
     # the defaults, whatever this shell sets
     clean = {
         k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "LANEWAY_PUBLISH_ADDR"
@@ -328,6 +450,8 @@ def test_docker_compose_config(tmp_path: Path) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     ports = published(yaml.safe_load(shown.stdout)["services"])
+    assert set(MONITORING) <= set(ports)
+    assert ports["grafana"] == [("127.0.0.1", GRAFANA_PORT)], ports["grafana"]
     for name, target in HOST_PORTS.items():
         assert [t for _, t in ports[name]] == [target], ports[name]
         assert all(ip in LOOPBACK for ip, _ in ports[name]), ports[name]
