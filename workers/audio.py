@@ -263,9 +263,6 @@ def _submissions(
 def _outcome(work: dict[str, Any], request_id: str, future: Future[SpeechResult]) -> Outcome:
     try:
         result = future.result()
-    except LanewayError as exc:
-        return Outcome.error(exc)
-    except Exception:
-        log.exception("batch request %s failed", request_id)
-        return Outcome.internal(request_id)
+    except Exception as exc:
+        return Outcome.failed(exc, request_id)
     return Outcome(200, outcome_body(work, result_wire(result)), usage(result.duration))

@@ -233,11 +233,8 @@ def live_handler(runtime: WorkerRuntime) -> ChatLive:
 
 
 def _outcome(entry: CatalogEntry, request_id: str, result: ChatResult | BaseException) -> Outcome:
-    if isinstance(result, LanewayError):
-        return Outcome.error(result)
     if isinstance(result, BaseException):
-        log.error("batch request %s failed", request_id, exc_info=result)
-        return Outcome.internal(request_id)
+        return Outcome.failed(result, request_id)
     usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
     body = completion_body(
         id=f"chatcmpl-{request_id.removeprefix('req_')}",

@@ -9,7 +9,6 @@ without decoding anything.
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -28,8 +27,6 @@ from workers.embeddings_engine import EmbedCall, EmbeddingEngine, EmbedResult
 from workers.jobs import JobMeta
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
-
-log = logging.getLogger(__name__)
 
 
 def encode_vector(vec: np.ndarray) -> str:
@@ -105,11 +102,8 @@ class EmbeddingsLive:
 def _embedding_outcome(
     model: str, encoding: str, result: EmbedResult | BaseException, request_id: str
 ) -> Outcome:
-    if isinstance(result, LanewayError):
-        return Outcome.error(result)
     if isinstance(result, BaseException):
-        log.error("batch request %s failed", request_id, exc_info=result)
-        return Outcome.internal(request_id)
+        return Outcome.failed(result, request_id)
     vectors: list[Any] = (
         [encode_vector(v) for v in result.vectors]
         if encoding == "base64"

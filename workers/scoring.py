@@ -11,7 +11,6 @@ points (``make_engine``, ``live_handler``, ``batch_executor``).
 
 from __future__ import annotations
 
-import logging
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -35,8 +34,6 @@ from workers.batching import Batcher
 from workers.jobs import GoneCheck, JobMeta, failed
 from workers.live import StreamSink
 from workers.runtime import WorkerRuntime
-
-log = logging.getLogger(__name__)
 
 R = TypeVar("R")  # a request as a capability checked it
 
@@ -263,11 +260,8 @@ class ScoringCapability(Generic[R]):
         result: Scored | BaseException,
         request_id: str,
     ) -> Outcome:
-        if isinstance(result, LanewayError):
-            return Outcome.error(result)
         if isinstance(result, BaseException):
-            log.error("batch request %s failed", request_id, exc_info=result)
-            return Outcome.internal(request_id)
+            return Outcome.failed(result, request_id)
         if isinstance(line, LanewayError):  # never: its result is that error
             return Outcome.error(line)
         body = self.respond(backend, line, result, request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ from tasks.errors import InternalError, LanewayError
 from tasks.filestore import FileStore
 from tasks.store.safety import parse_json
 from tasks.store.usage import Usage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +37,15 @@ class Outcome:
     def internal(cls, request_id: str) -> Outcome:
         """An unexpected failure: the line says only which request; the log has the rest."""
         return cls.error(InternalError.for_request(request_id))
+
+    @classmethod
+    def failed(cls, exc: BaseException, request_id: str) -> Outcome:
+        """A request whose computation raised: its own error, or for anything unexpected
+        (logged here with its traceback) the line that names only the request."""
+        if isinstance(exc, LanewayError):
+            return cls.error(exc)
+        log.error("batch request %s failed", request_id, exc_info=exc)
+        return cls.internal(request_id)
 
 
 def _ident(prefix: str, batch_id: str, index: int) -> str:
