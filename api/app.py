@@ -15,7 +15,7 @@ from api.limits import RateLimiter
 from api.live import LiveClient
 from api.middleware import Gate
 from api.responses import SafeJSONResponse
-from api.routes import batches, files, models, ops
+from api.routes import batches, benchmarks, files, models, ops
 from api.state import AppState
 from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
@@ -83,6 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         direct=[d for m in capability_routes if (d := getattr(m, "DIRECT", None)) is not None],
         state=lambda: app.state.laneway,
     )
-    for module in (*capability_routes, models, files, batches, ops):
+    for module in (*capability_routes, models, files, batches, benchmarks, ops):
         app.include_router(module.router)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from tasks.errors import ServiceUnavailable
 from tasks.queue.names import WORKERS_KEY
@@ -45,6 +46,15 @@ class WorkerRegistry:
         """(warm worker ids, all live worker ids) serving ``model``."""
         await self.workers()
         return self._by_model.get(model, ([], []))
+
+    async def warm_counts(self) -> dict[str, int] | None:
+        """The warm workers serving each model (None when Redis cannot tell: estimates
+        then go by the records alone)."""
+        try:
+            await self.workers()
+        except RedisError:
+            return None
+        return {model: len(warm) for model, (warm, _) in self._by_model.items()}
 
     async def engines(self, model: str) -> list[str]:
         """The engines (``vllm``, ``transformers``, ...) ``model``'s live workers run it on."""

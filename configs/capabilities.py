@@ -26,7 +26,8 @@ class Capability:
     # the wire contract (tasks/): request schema, batch body parsing, usage; importing it
     # registers what it adds to generic modules (error hints). Its hooks, which generic code
     # reads through this registry: ``estimate_tokens(payload)`` (api/limits.py),
-    # ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, /v1/models)
+    # ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, /v1/models),
+    # ``ROLLING`` (workers/rolling.py): what the engine's metrics give rolling records
     contract: str
     # the API's router module: ``router`` (FastAPI), optionally ``DIRECT`` (api/direct.py)
     api_routes: str

@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     task_events: bool = Field(default=False, description="Celery task events (for Flower)")
     heartbeat_s: float = Field(default=2.0, gt=0)
     worker_ttl_s: float = Field(default=10.0, gt=0)
+    rolling_every_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how often a worker folds its measured rates into its models' rolling "
+        "benchmark records, which batch estimates use when no benchmark has run (0: never)",
+    )
 
     # streaming live replies (chat, audio)
     stream_first_event_timeout_s: float = Field(

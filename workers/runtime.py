@@ -33,6 +33,7 @@ from tasks.queue.names import (
     queue_name,
     worker_metrics_key,
 )
+from workers.rolling import RollingRates, fold
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ class WorkerRuntime:
         engine = self.engines.get(model)
         state: dict[str, Any] = {"warm": engine is not None and engine.warm}
         if engine is not None:
-            state["engine"] = (
-                getattr(engine, "kind", None) or engine.entry.backend.rpartition(":")[2]
-            )
+            state["engine"] = engine_name(engine)
         return state
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -136,11 +135,29 @@ class WorkerRuntime:
         pipe.execute()
 
     def _beat_loop(self) -> None:
+        rolling = RollingRates(capability=self.capability, device=self.device)
+        folded = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
                 self.publish_readiness()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            if self.settings.rolling_every_s and (
+                time.monotonic() - folded >= self.settings.rolling_every_s
+            ):
+                folded = time.monotonic()
+                self.fold_rates(rolling)
+
+    def fold_rates(self, rolling: RollingRates) -> None:
+        """Fold what the warm engines measured since the last fold into the rolling records
+        (workers/rolling.py)."""
+        warm = {m: e for m, e in self.engines.items() if e.warm}
+        fold(
+            rolling.samples(
+                {m: e.metrics() for m, e in warm.items()},
+                {m: engine_name(e) for m, e in warm.items()},
+            )
+        )
 
     def gone(self, request_ids: list[str]) -> set[str]:
         """The requests among ``request_ids`` whose caller hung up or timed out."""
@@ -164,6 +181,11 @@ class WorkerRuntime:
                 f"model {model!r} is not {with_article(self.capability)} model", param="model"
             )
         return found
+
+
+def engine_name(engine: Engine) -> str:
+    """What runs a model: an external engine's kind (``vllm``), else its backend's class."""
+    return str(getattr(engine, "kind", None) or engine.entry.backend.rpartition(":")[2])
 
 
 def off_main_thread(fn: Callable[[], T], *, name: str) -> T:

@@ -102,6 +102,11 @@ class Batch(BaseModel):
     request_counts: RequestCounts
     metadata: dict[str, str] | None
     usage: BatchUsage
+    estimated_completion_at: int | None = Field(
+        description="laneway's extension: when a validating or running batch should be "
+        "done (unix seconds), from the model's benchmark records and the batch's own pace; "
+        "null when it is finished or nothing is known of the model's speed",
+    )
 
 
 class BatchList(BaseModel):

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, QuotaDep, SettingsDep
+from api.deps import OwnerDep, QuotaDep, SettingsDep, StateDep
 from api.protocol.batches import Batch, BatchList, CreateBatchRequest
 from api.protocol.errors import error_responses
 from api.serving import batches as serving
@@ -35,10 +35,14 @@ async def create_batch(
 )
 async def list_batches(
     owner: OwnerDep,
+    state: StateDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> Any:
-    return await run_in_threadpool(serving.listing, limit=limit, after=after, owner=owner)
+    workers = await state.live.registry.warm_counts()
+    return await run_in_threadpool(
+        serving.listing, limit=limit, after=after, owner=owner, workers=workers
+    )
 
 
 @router.get(
@@ -46,8 +50,9 @@ async def list_batches(
     response_model=None,
     responses={200: {"model": Batch}, **error_responses(401, 404, 429)},
 )
-async def retrieve_batch(batch_id: str, owner: OwnerDep) -> Any:
-    return await run_in_threadpool(serving.retrieve, batch_id, owner)
+async def retrieve_batch(batch_id: str, owner: OwnerDep, state: StateDep) -> Any:
+    workers = await state.live.registry.warm_counts()
+    return await run_in_threadpool(serving.retrieve, batch_id, owner, workers)
 
 
 @router.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from api.protocol.batches import CreateBatchRequest
@@ -53,15 +54,22 @@ def create(
     return obj
 
 
-def retrieve(batch_id: str, owner: Owner) -> dict[str, Any]:
+# the warm workers of each model, which estimated completion times scale by
+Workers = Mapping[str, int] | None
+
+
+def retrieve(batch_id: str, owner: Owner, workers: Workers = None) -> dict[str, Any]:
     with session_scope() as s:
-        return service.describe(s, service.get_batch(s, batch_id, owner=owner))
+        row = service.get_batch(s, batch_id, owner=owner)
+        return service.describe(s, row, workers=workers)
 
 
-def listing(*, limit: int, after: str | None, owner: Owner) -> dict[str, Any]:
+def listing(
+    *, limit: int, after: str | None, owner: Owner, workers: Workers = None
+) -> dict[str, Any]:
     with session_scope() as s:
         rows, has_more = service.list_batches(s, limit=limit, after=after, owner=owner)
-        return page_object(service.describe_all(s, rows), has_more)
+        return page_object(service.describe_all(s, rows, workers=workers), has_more)
 
 
 def cancel(batch_id: str, owner: Owner) -> dict[str, Any]:

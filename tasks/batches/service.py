@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -21,6 +22,7 @@ from tasks.access.tenancy import Owner, owned_by, scoped_idempotency_key
 from tasks.batches.endpoints import BATCH_ENDPOINTS
 from tasks.batches.status import FINISHED_STATUSES, OPEN_STATUSES, transition
 from tasks.batches.usage import batch_usage, batch_usages
+from tasks.benchmarks.service import completions
 from tasks.errors import InvalidRequest, NotFound, quote
 from tasks.queue.names import BATCH, queue_name, task_name
 from tasks.store.files import check_expires_after, get_file
@@ -58,8 +60,9 @@ def usage_object(usage: Usage) -> dict[str, Any]:
     }
 
 
-def batch_object(row: BatchRow, usage: Usage) -> dict[str, Any]:
-    """The batch object of ``row``, whose usage is ``usage`` (``describe`` reads both)."""
+def batch_object(row: BatchRow, usage: Usage, eta: int | None = None) -> dict[str, Any]:
+    """The batch object of ``row``, whose usage is ``usage`` and estimated completion time
+    ``eta`` (``describe`` reads them)."""
     return {
         "id": row.id,
         "object": "batch",
@@ -87,18 +90,28 @@ def batch_object(row: BatchRow, usage: Usage) -> dict[str, Any]:
         },
         "metadata": row.metadata_,
         "usage": usage_object(usage),
+        # our extension: when a validating or running batch should be done (unix seconds),
+        # from the model's measured rate and the batch's own pace (tasks/benchmarks/)
+        "estimated_completion_at": eta,
     }
 
 
-def describe(session: Session, row: BatchRow) -> dict[str, Any]:
-    """The batch object of ``row``, its usage read from the database."""
-    return batch_object(row, batch_usage(session, row.id))
+def describe(
+    session: Session, row: BatchRow, *, workers: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """The batch object of ``row``, its usage and estimate read from the database
+    (``workers``: the warm workers of each model, which its estimate scales by)."""
+    etas = completions(session, [row], workers=workers)
+    return batch_object(row, batch_usage(session, row.id), etas.get(row.id))
 
 
-def describe_all(session: Session, rows: list[BatchRow]) -> list[dict[str, Any]]:
+def describe_all(
+    session: Session, rows: list[BatchRow], *, workers: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
     """The batch objects of ``rows`` (a page of a listing), their usage read in one query."""
     usages = batch_usages(session, [row.id for row in rows])
-    return [batch_object(row, usages[row.id]) for row in rows]
+    etas = completions(session, rows, workers=workers)
+    return [batch_object(row, usages[row.id], etas.get(row.id)) for row in rows]
 
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:

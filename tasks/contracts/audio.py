@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
 from tasks.contracts.audio_languages import LANGUAGES
-from tasks.contracts.base import EngineCounter
+from tasks.contracts.base import EngineCounter, Rolling
 from tasks.errors import InvalidRequest, PayloadTooLarge, invalid_request, quote
 
 CAPABILITY = "audio"
@@ -42,6 +42,8 @@ BATCH_FORMATS = ("json", "verbose_json")  # a batch output line's body is JSON
 ENGINE_COUNTERS = (
     EngineCounter("audio_seconds", "laneway_audio_seconds", "Seconds of audio transcribed"),
 )
+# a forward is a segment or a batch of clips: seconds of audio measure it
+ROLLING = Rolling(requests=False, unit_key="audio_seconds", unit="audio_seconds")
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 

@@ -26,6 +26,17 @@ class EngineCounter(NamedTuple):
     help: str
 
 
+class Rolling(NamedTuple):
+    """A contract's ``ROLLING`` hook: what its engine's ``metrics()`` snapshot gives the
+    rolling benchmark records (workers/rolling.py)."""
+
+    # each forward item is a request (one input): items per second are requests per second
+    requests: bool
+    # the snapshot counter of the capability's unit, and the unit records call it
+    unit_key: str | None = None
+    unit: str | None = None
+
+
 def with_article(word: str) -> str:
     """``word`` with its indefinite article ("an embeddings", "a chat")."""
     return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

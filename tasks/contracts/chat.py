@@ -32,7 +32,7 @@ from pydantic import (
 
 from configs.catalog import Catalog, CatalogEntry, CatalogError, CatalogOptions
 from configs.settings import Settings
-from tasks.contracts.base import EngineCounter, text_tokens
+from tasks.contracts.base import EngineCounter, Rolling, text_tokens
 from tasks.contracts.base import served_entry as _served_entry
 from tasks.errors import (
     ContextLengthExceeded,
@@ -51,6 +51,8 @@ ENGINE_COUNTERS = (
         "preempted", "laneway_chat_preempted", "Batch sequences preempted by live requests"
     ),
 )
+# a forward is a decode step of the running sequences: requests are not its items
+ROLLING = Rolling(requests=False, unit_key="completion_tokens", unit="completion_tokens")
 
 ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
 IMAGE_DETAILS: tuple[str, ...] = ("auto", "low", "high")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
-from tasks.contracts.base import EngineCounter, check_count, check_text, text_tokens
+from tasks.contracts.base import EngineCounter, Rolling, check_count, check_text, text_tokens
 from tasks.errors import InvalidRequest, invalid_request
 
 CAPABILITY = "classify"
@@ -27,6 +27,7 @@ ENDPOINT = "/v1/classify"
 
 # the scoring engine reports only what every engine does (forwards, waits)
 ENGINE_COUNTERS: tuple[EngineCounter, ...] = ()
+ROLLING = Rolling(requests=True)  # an item is one input
 
 
 class ClassifyOptions(CatalogOptions):

@@ -18,7 +18,7 @@ from pydantic import (
 
 from configs.catalog import Catalog, CatalogEntry, CatalogOptions
 from tasks.contracts import base as contract
-from tasks.contracts.base import EngineCounter, text_tokens
+from tasks.contracts.base import EngineCounter, Rolling, text_tokens
 from tasks.errors import InvalidRequest, invalid_request
 
 CAPABILITY = "embeddings"
@@ -29,6 +29,7 @@ ENGINE_COUNTERS = (
     EngineCounter("cache_hits", "laneway_embedding_cache_hits", "Embedding cache hits"),
     EngineCounter("cache_misses", "laneway_embedding_cache_misses", "Embedding cache misses"),
 )
+ROLLING = Rolling(requests=True)  # an item is one input
 
 Dimension = Annotated[StrictInt, Field(ge=1)]
 

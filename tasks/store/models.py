@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -83,6 +84,9 @@ class BatchRow(Base):
     # once it has counted this batch's lines (tasks/access/quotas.py)
     lines_quota: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # the W3C trace context of the request that made it (configs/tracing.py), so that its
+    # validation, chunks and lines join that trace; None when tracing was off
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
 
 class ChunkRow(Base):
@@ -150,3 +154,49 @@ class ApiKeyRow(Base):
     max_files: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_open_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_batch_lines: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class BenchmarkRow(Base):
+    """A measured speed of one model (tasks/benchmarks/records.py): a row of a
+    ``laneway benchmark`` run (one per concurrency of its sweep), or a worker's rolling
+    record, which its heartbeat folds its forwards' rates into (one row per model, engine
+    and device: ``rolling_key``)."""
+
+    __tablename__ = "benchmark_records"
+    __table_args__ = (Index("ix_benchmark_model_created", "model", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # "benchmark" (a CLI run) or "rolling" (workers' heartbeats)
+    source: Mapped[str] = mapped_column(String(16))
+    # the rows of one CLI run share it; a rolling row's is "rolling"
+    run_id: Mapped[str] = mapped_column(String(40), index=True)
+    # rolling rows only: what they are unique by (a hash of model, engine and device)
+    rolling_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    model: Mapped[str] = mapped_column(String(256))
+    capability: Mapped[str] = mapped_column(String(32))
+    engine: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64))
+    workers: Mapped[int] = mapped_column(Integer)
+    # the model's context window in tokens, where it has one
+    context_length: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # what each request held: input tokens (text) and output tokens asked for (chat)
+    input_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    output_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # requests per forward pass, from the workers' metrics over the run
+    batch_size: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # ``unit`` per second: tokens of input (embeddings, rerank, classify), completion
+    # tokens (chat), seconds of audio (speech)
+    units_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    unit: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    latency_p50_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p95_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p50_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    success_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sample_response: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    # a rolling row's last fold (a benchmark row's equals created_at)
+    updated_at: Mapped[int] = mapped_column(BigInteger)

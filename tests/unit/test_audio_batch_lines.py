@@ -11,23 +11,18 @@ fake engine that records what reached it.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy.orm import sessionmaker
 
-import tasks.store.db
 from configs.settings import Settings
 from tasks.contracts.audio import too_large
 from tasks.filestore import FileStore, get_file_store
 from tasks.media.audio_decode import NOT_ALLOWED
-from tasks.store.db import make_engine
 from tasks.store.files import create_file
-from tasks.store.models import Base
 from tests.audio_files import CLIPS, read_wav, write_wav
 from workers.audio import batch_executor
 from workers.audio_engine import SpeechResult, Submission
@@ -63,21 +58,14 @@ class Runtime:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
-    Base.metadata.create_all(engine)
-    monkeypatch.setattr(tasks.store.db, "_engine", engine)
-    monkeypatch.setattr(tasks.store.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
-    try:
-        yield Settings(
-            models=[TINY],
-            data_dir=tmp_path / "data",
-            file_store=str(tmp_path / "store"),
-            audio_max_bytes=MAX_BYTES,
-            audio_max_duration_s=MAX_S,
-        )
-    finally:
-        engine.dispose()
+def settings(tmp_path: Path, db: None) -> Settings:
+    return Settings(
+        models=[TINY],
+        data_dir=tmp_path / "data",
+        file_store=str(tmp_path / "store"),
+        audio_max_bytes=MAX_BYTES,
+        audio_max_duration_s=MAX_S,
+    )
 
 
 def user_file(store: FileStore, data: bytes, owner: str | None = "alice") -> str:

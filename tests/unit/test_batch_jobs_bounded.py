@@ -23,7 +23,7 @@ from tasks.batches.work import BatchWork
 from tasks.filestore import FileStore
 from tasks.store.models import BatchRow
 from tests.batch_rows import batch, jsonl, make_settings, new_batch
-from tests.unit.test_batch_logic import db, make_row  # noqa: F401  (db: a fixture)
+from tests.unit.test_batch_logic import make_row
 
 
 def work(store: FileStore, catalog: Catalog, **settings: Any) -> BatchWork:
@@ -39,7 +39,7 @@ def work(store: FileStore, catalog: Catalog, **settings: Any) -> BatchWork:
 
 
 def test_a_finalisation_that_breaks_every_time_fails_the_batch(
-    db: None,  # noqa: F811
+    db: None,
     store: FileStore,
     catalog: Catalog,
     monkeypatch: pytest.MonkeyPatch,
@@ -76,7 +76,7 @@ def test_a_finalisation_that_breaks_every_time_fails_the_batch(
 
 
 def test_a_job_that_raised_is_retried_after_a_pause_that_doubles(
-    db: None,  # noqa: F811
+    db: None,
     store: FileStore,
     catalog: Catalog,
     monkeypatch: pytest.MonkeyPatch,
@@ -102,7 +102,7 @@ def test_a_job_that_raised_is_retried_after_a_pause_that_doubles(
 
 
 def test_metrics_count_open_batches_each_scrape_and_finished_ones_seldom(
-    db: None,  # noqa: F811
+    db: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for status in (*OPEN_STATUSES, "completed", "completed", "failed"):

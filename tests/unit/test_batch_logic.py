@@ -9,16 +9,12 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import update
-from sqlalchemy.orm import sessionmaker
 
-import tasks.store.db
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.lifecycle import BatchJob, validate_batch
@@ -34,7 +30,7 @@ from tasks.batches.status import LEGAL, TIMESTAMP_FIELD, claim, transition
 from tasks.batches.validation import MAX_ERRORS_REPORTED, Validation, validate_input
 from tasks.errors import InvalidRequest, LanewayError, NotFound
 from tasks.filestore import FileStore, MissingPart
-from tasks.store.db import make_engine, session_scope
+from tasks.store.db import session_scope
 from tasks.store.files import (
     check_expires_after,
     create_file,
@@ -43,7 +39,7 @@ from tasks.store.files import (
     get_file,
     list_files,
 )
-from tasks.store.models import Base, BatchRow, ChunkRow, FileRow
+from tasks.store.models import BatchRow, ChunkRow, FileRow
 from tasks.store.pagination import page_object, paginate
 from tests.batch_rows import (
     ENDPOINT,
@@ -62,19 +58,6 @@ STATUSES = [*TIMESTAMP_FIELD, "validating"]
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """``tasks.store.db.session_scope`` bound to a fresh SQLite file with every table."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
-    Base.metadata.create_all(engine)
-    monkeypatch.setattr(tasks.store.db, "_engine", engine)
-    monkeypatch.setattr(tasks.store.db, "_sessions", sessionmaker(engine, expire_on_commit=False))
-    try:
-        yield
-    finally:
-        engine.dispose()
 
 
 def make_row(status: str, **kw: Any) -> str:

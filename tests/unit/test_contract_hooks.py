@@ -1,6 +1,7 @@
 """The hooks a capability's contract module declares and the generic code reads through the
 registry: ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, and the
-fields /v1/models shows). ``estimate_tokens`` is in test_token_estimate.py."""
+fields /v1/models shows), ``ROLLING`` (workers/rolling.py). ``estimate_tokens`` is in
+test_token_estimate.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from api.routes.models import router as models_router
 from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry, CatalogError, CatalogOptions, load_catalog
 from tasks.contracts.audio import AudioOptions
+from tasks.contracts.base import Rolling
 from tasks.contracts.chat import ChatOptions
 from tasks.contracts.embeddings import EmbeddingsOptions
 
@@ -188,3 +190,16 @@ def test_models_show_dimensions_only_where_the_options_publish_them() -> None:
         assert {"id", "object", "created", "owned_by"} <= set(cards[name])
     assert client.get(f"/v1/models/{EMBED}").json()["dimensions"] == 32
     assert "dimensions" not in client.get("/v1/models/whisper-1").json()
+
+
+def test_every_contract_says_what_its_engine_gives_rolling_records() -> None:
+    """``ROLLING``: a unit counter the engine really reports (one of its contract's
+    ``ENGINE_COUNTERS``), and a rate of requests or of units at least."""
+    for name, capability in REGISTRY.items():
+        contract = capability.contract_module()
+        rolling = contract.ROLLING
+        assert isinstance(rolling, Rolling), name
+        assert rolling.requests or rolling.unit, name
+        assert (rolling.unit_key is None) == (rolling.unit is None), name
+        if rolling.unit_key is not None:
+            assert rolling.unit_key in {c.key for c in contract.ENGINE_COUNTERS}, name
