@@ -17,6 +17,7 @@ from api.middleware import Gate
 from api.responses import SafeJSONResponse
 from api.routes import batches, benchmarks, files, models, ops
 from api.state import AppState
+from configs import tracing
 from configs.capabilities import REGISTRY
 from configs.catalog import load_catalog
 from configs.logs import configure as configure_logging
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not logging.getLogger().handlers:  # an API process uvicorn spawned (--workers N)
         configure_logging()
     settings = settings or get_settings()
+    tracing.setup("laneway-api")  # only when the OTEL_* variables ask for it
     catalog = load_catalog(settings.model_config_path)
     catalog.served(settings.models)  # fail fast on unknown ids
     keys = KeyRing(settings, load_records)

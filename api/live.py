@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from api.limits import charge, reserve
 from api.publisher import BoundedPublisher
 from api.registry import WorkerRegistry
+from configs import tracing
 from configs.logs import KEY_NAME, REQUEST_ID
 from configs.settings import Settings
 from tasks.errors import (
@@ -158,7 +159,7 @@ class LiveClient:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._enqueue(capability, self._message(capability, payload, request_id))
+            await self._publish(capability, payload, request_id)
             reply = await self._wait(request_id, future, disconnected, timeout)
         finally:
             self._pending.pop(request_id, None)
@@ -186,8 +187,7 @@ class LiveClient:
         wait = self.settings.stream_first_event_timeout_s
         first = asyncio.ensure_future(stream.next(wait))
         try:
-            message = self._message(capability, {**payload, "stream": True}, request_id)
-            await self._enqueue(capability, message)
+            await self._publish(capability, {**payload, "stream": True}, request_id)
             stream.first = await self._wait(request_id, first, disconnected, wait + 1)
         except BaseException:
             first.cancel()
@@ -198,7 +198,23 @@ class LiveClient:
             raise LanewayError.from_wire(stream.first.header.get("error", {}))
         return stream
 
-    def _message(self, capability: str, payload: dict[str, Any], request_id: str) -> str:
+    async def _publish(self, capability: str, payload: dict[str, Any], request_id: str) -> None:
+        """Put the request on the capability's live lane; with tracing on, inside a
+        producer span whose context the message carries to the worker."""
+        if tracing.TRACER is None:
+            await self._enqueue(capability, self._message(capability, payload, request_id))
+            return
+        with tracing.publish_span(queue_name(capability, LIVE), request_id):
+            message = self._message(capability, payload, request_id, tracing.inject())
+            await self._enqueue(capability, message)
+
+    def _message(
+        self,
+        capability: str,
+        payload: dict[str, Any],
+        request_id: str,
+        trace: dict[str, str] | None = None,
+    ) -> str:
         timeout = self.settings.request_timeout_s
         now = time.time()
         return celery_message(
@@ -217,6 +233,7 @@ class LiveClient:
             ],
             queue=queue_name(capability, LIVE),
             expires_s=timeout,
+            trace=trace,
         )
 
     async def _enqueue(self, capability: str, message: str) -> None:

@@ -33,6 +33,7 @@ from api.metrics import ERRORS, REQUEST_LATENCY, UNMATCHED_ROUTE, model_label, r
 from api.request_ids import HEADER, request_id_of
 from api.responses import dumps
 from api.state import AppState
+from configs import tracing
 from configs.logs import KEY_NAME, REQUEST_ID
 from tasks.errors import LanewayError, PayloadTooLarge
 
@@ -115,10 +116,38 @@ class Gate:
         token = REQUEST_ID.set(request_id)
         key_token = KEY_NAME.set(None)
         try:
-            await self._serve(scope, receive, send, headers, started)
+            if tracing.TRACER is None:
+                await self._serve(scope, receive, send, headers, started)
+            else:
+                await self._serve_traced(scope, receive, send, headers, started)
         finally:
             KEY_NAME.reset(key_token)
             REQUEST_ID.reset(token)
+
+    async def _serve_traced(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        started: float,
+    ) -> None:
+        """``_serve`` inside the request's server span: here, not in FastAPI, so that the
+        direct routes (``api/direct.py``) and refusals get one too."""
+        status = {"code": 500}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        method = str(scope.get("method", ""))
+        request_id = scope["state"]["request_id"]
+        with tracing.server_span(method, route_path(scope), headers, request_id) as span:
+            try:
+                await self._serve(scope, receive, send_status, headers, started)
+            finally:
+                tracing.http_done(span, method, route_label(scope), status["code"])
 
     async def _serve(
         self,

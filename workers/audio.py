@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from configs.catalog import CatalogEntry, load_catalog
+from configs.tracing import TRACE_KEY
 from tasks.batches.chunks import Executor
 from tasks.batches.lines import Outcome
 from tasks.contracts.audio import parse_body, served_entry, to_work, too_large
@@ -97,6 +98,7 @@ class SpeechLive:
                     request_id=r.get("id"),
                     deadline=r.get("deadline"),
                     sent_at=r.get("sent_at"),
+                    trace=r.get(TRACE_KEY),
                     emit=partial(_emit, sink, r) if r.get("stream") else None,
                 )
                 [future] = self.runtime.engine_as(str(r.get("model")), SpeechEngine).submit_many(

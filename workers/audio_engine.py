@@ -26,10 +26,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from configs import tracing
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.errors import InvalidRequest, LanewayError
@@ -38,6 +39,9 @@ from tasks.queue.names import BATCH, LIVE, Lane
 from workers.backends import load_backend
 from workers.backends.audio import SAMPLE_RATE, Segment, SpeechBackend, SpeechOptions, Transcript
 from workers.jobs import Dropped, ForwardStats, GoneCheck, JobMeta, Throttle, departed
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Submission:
     deadline: float | None = None
     sent_at: float | None = None
     emit: Emit | None = None
+    trace: Context | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(eq=False)
@@ -80,7 +85,8 @@ class SpeechJob:
     meta: JobMeta = field(init=False)
 
     def __post_init__(self) -> None:
-        self.meta = JobMeta(self.sub.request_id, self.sub.deadline, self.sub.sent_at)
+        sub = self.sub
+        self.meta = JobMeta(sub.request_id, sub.deadline, sub.sent_at, sub.trace)
 
     @property
     def opened(self) -> bool:
@@ -237,7 +243,11 @@ class SpeechEngine:
             for job in jobs:
                 self._fail(job, exc)
             return
-        self.stats.record(len(jobs), time.perf_counter() - began)
+        took = time.perf_counter() - began
+        self.stats.record(len(jobs), took)
+        if tracing.TRACER is not None:
+            parents = [job.meta.trace for job in jobs]
+            tracing.forward_spans(parents, took, len(jobs), model=self.entry.id)
         for job, (language, segments) in zip(jobs, results, strict=True):
             job.clip, job.language = None, language
             job.segments = list(segments)
@@ -261,7 +271,10 @@ class SpeechEngine:
             self._enter(job, window)
             self._start_window(job, window)
             return
-        self.stats.record(1, time.perf_counter() - began)  # one segment: the unit of work
+        took = time.perf_counter() - began
+        self.stats.record(1, took)  # one segment: the unit of work
+        if tracing.TRACER is not None:
+            tracing.forward_spans([job.meta.trace], took, 1, model=self.entry.id, name="segment")
         segment = segment.shifted(job.offset)
         job.segments.append(segment)
         if job.sub.emit is not None:

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from configs import tracing
 from configs.catalog import CatalogEntry
 from tasks.queue.names import BATCH, LIVE, Lane
 from workers.jobs import ForwardStats, GoneCheck, JobMeta, departed
@@ -255,7 +256,12 @@ class Batcher:
                 if part:
                     self._forward(part)
             return
-        self.stats.record(len(items), time.perf_counter() - began)
+        took = time.perf_counter() - began
+        self.stats.record(len(items), took)
+        if tracing.TRACER is not None:
+            jobs = {it.job: None for it in items}
+            parents = [job.meta.trace for job in jobs]
+            tracing.forward_spans(parents, took, len(items), model=self.backend.entry.id)
         for it, vec in zip(items, vectors, strict=True):
             job = it.job
             if job.future.done():

@@ -206,7 +206,7 @@ class ChatLive:
         todo = [
             Request(
                 r,
-                JobMeta(r["id"], r.get("deadline"), r.get("sent_at")),
+                JobMeta.of(r),
                 partial(_emit, sink, r) if r.get("stream") else None,
             )
             for r in requests
@@ -287,7 +287,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
             except LanewayError as exc:
                 refused[n] = exc
                 continue
-            todo.append(Request(work, JobMeta(rid)))
+            todo.append(Request(work, JobMeta.line(rid)))
         started = iter(submit_all(runtime, images, todo, lane=BATCH))
         futures = [
             failed(refused[n]) if n in refused else next(started) for n in range(len(bodies))

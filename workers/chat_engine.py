@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from configs import tracing
 from configs.catalog import CatalogEntry
 from configs.settings import Settings
 from tasks.contracts.chat import ChatLimits, check_context
@@ -421,7 +422,11 @@ class ChatEngine:
             log.exception("chat prefill failed for %s", self.entry.id)
             _fail(jobs, exc)
             return
-        self.stats.record(len(choices), time.perf_counter() - began)
+        took = time.perf_counter() - began
+        self.stats.record(len(choices), took)
+        if tracing.TRACER is not None:  # decode steps are not traced: a span per token
+            parents = [job.meta.trace for job in jobs]
+            tracing.forward_spans(parents, took, len(choices), model=self.entry.id, name="prefill")
         # running first: a merge that breaks fails them with the batch (``_fail_running``)
         self._running.extend(choices)
         self._state = merge(self._state, batch)

@@ -78,10 +78,7 @@ class EmbeddingsLive:
             except LanewayError as exc:
                 futures[n].set_exception(exc)
         for model, calls in by_model.items():
-            meta = [
-                JobMeta(requests[n]["id"], requests[n].get("deadline"), requests[n].get("sent_at"))
-                for n, _ in calls
-            ]
+            meta = [JobMeta.of(requests[n]) for n, _ in calls]
             try:
                 started = self.runtime.engine_as(model, EmbeddingEngine).submit(
                     [c for _, c in calls], lane=LIVE, meta=meta
@@ -135,6 +132,7 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
         outcomes: list[Outcome | None] = [None] * len(bodies)
         parsed: list[tuple[int, str]] = []
         calls: list[EmbedCall] = []
+        meta: list[JobMeta] = []
         for n, body in enumerate(bodies):
             try:
                 request = parse_body(body)
@@ -145,7 +143,9 @@ def batch_executor(runtime: WorkerRuntime) -> Executor:
                 continue
             parsed.append((n, request.encoding_format))
             calls.append(EmbedCall(items, request.dimensions))
-        results = runtime.engine_as(model, EmbeddingEngine).embed_many(calls, lane=BATCH)
+            meta.append(JobMeta.line(request_ids[n]))
+        engine = runtime.engine_as(model, EmbeddingEngine)
+        results = engine.embed_many(calls, lane=BATCH, meta=meta)
         for (n, encoding), result in zip(parsed, results, strict=True):
             outcomes[n] = _embedding_outcome(model, encoding, result, request_ids[n])
         return [o for o in outcomes if o is not None]

@@ -96,12 +96,16 @@ class EmbeddingEngine:
         return result
 
     def embed_many(
-        self, calls: Sequence[EmbedCall], *, lane: Lane = LIVE
+        self,
+        calls: Sequence[EmbedCall],
+        *,
+        lane: Lane = LIVE,
+        meta: Sequence[JobMeta] | None = None,
     ) -> list[EmbedResult | BaseException]:
         """Many requests, waited for: a bad request (a ``LanewayError`` before compute,
         or whatever broke its forward) fails alone."""
         outcomes: list[EmbedResult | BaseException] = []
-        for future in self.submit(calls, lane=lane):
+        for future in self.submit(calls, lane=lane, meta=meta):
             try:
                 outcomes.append(future.result())
             except Exception as exc:

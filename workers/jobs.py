@@ -16,9 +16,13 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from configs.tracing import TRACE_KEY, line_context
 from tasks.queue.names import LIVE, Lane
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,26 @@ class Dropped(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JobMeta:
-    """Who is waiting for a job: the request id (its "gone" flag) and its deadline."""
+    """Who is waiting for a job: the request id (its "gone" flag) and its deadline, and
+    the trace context its forward spans are children of (None: untraced)."""
 
     request_id: str | None = None
     deadline: float | None = None
     sent_at: float | None = None
+    trace: Context | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, request: dict[str, Any]) -> JobMeta:
+        """A live request's (as the live consumer handed it over, its consumer span's
+        context left under ``TRACE_KEY`` when traced)."""
+        return cls(
+            request["id"], request.get("deadline"), request.get("sent_at"), request.get(TRACE_KEY)
+        )
+
+    @classmethod
+    def line(cls, request_id: str) -> JobMeta:
+        """A batch line's (its span's context when traced: ``configs.tracing.LineSpans``)."""
+        return cls(request_id, trace=line_context(request_id))
 
 
 # -- numbers every engine reports -----------------------------------------------------------

@@ -15,6 +15,7 @@ from celery.signals import worker_shutdown
 from celery.worker.control import Panel, inspect_command
 from kombu import Exchange, Queue
 
+from configs import tracing
 from configs.capabilities import CAPABILITIES
 from configs.catalog import CatalogEntry, CatalogError, load_catalog
 from configs.settings import Settings, get_settings
@@ -54,6 +55,7 @@ def run_worker(
     settings: Settings | None = None,
 ) -> None:
     settings = settings or get_settings()
+    tracing.setup(f"laneway-worker-{capability}")  # only when the OTEL_* variables ask for it
     entries = capability_entries(capability, models, settings)
     device = pin_device(device)
     runtime = WorkerRuntime(settings, capability=capability, device=device, entries=entries)

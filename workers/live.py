@@ -23,6 +23,10 @@ stops popping and answers what it holds first.
 With ``LANEWAY_TASK_EVENTS`` on, the consumer sends Celery's task events (received,
 started, succeeded or failed) for each request, buffered and published once per round,
 so Flower lists live requests as tasks of this worker.
+
+With tracing on (``configs/tracing.py``), a request whose message carries a trace context
+gets a consumer span from its pop to its reply; the span's context rides to the engine on
+the request's ``JobMeta``, under which the engine times each forward the request rode in.
 """
 
 from __future__ import annotations
@@ -35,16 +39,20 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery import Celery
 
+from configs import tracing
 from tasks.errors import InternalError, LanewayError
 from tasks.queue.names import REPLY_TTL_S, reply_queue
 from tasks.queue.publish import MalformedMessage, TaskMessage, decode_message
 from tasks.queue.replies import DELTA, DONE, ERROR, encode_reply
 from workers.jobs import Dropped, failed
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 REQUESTS = logging.getLogger("laneway.requests")
@@ -79,6 +87,7 @@ class LiveRequest:
     message: TaskMessage
     started: float  # time.perf_counter() when it was taken off the queue
     taken_at: float = 0.0  # time.time() then (the log's queue wait)
+    span: Span | None = None  # its consumer span, when traced (ended with its reply)
 
     @property
     def request(self) -> dict[str, Any]:
@@ -272,6 +281,8 @@ class ReplyWriter:
         frame, status = self._encode(request, future)
         if REQUESTS.isEnabledFor(logging.INFO):  # JSON logs only (configs.logs)
             _log_request(request, status)
+        if request.span is not None:
+            tracing.finish(request.span, status)
         return frame
 
     def _encode(self, request: LiveRequest, future: Future[Any]) -> tuple[bytes | None, str]:
@@ -450,4 +461,13 @@ class LiveConsumer:
                 log.info("dropping %s: deadline passed before it was picked up", request["id"])
                 continue
             out.append(LiveRequest(message, started, now))
+        if tracing.TRACER is not None:
+            out = [self._traced(r) for r in out]
         return out
+
+    def _traced(self, request: LiveRequest) -> LiveRequest:
+        """``request`` with its consumer span started, when its message carries a trace."""
+        if request.message.trace is None:
+            return request
+        span = tracing.consume(request.request, request.message.trace, self.queue)
+        return LiveRequest(request.message, request.started, request.taken_at, span)

@@ -121,11 +121,15 @@ class ScoringEngine:
         return out
 
     def run_many(
-        self, jobs: Sequence[list[list[int]] | LanewayError], *, lane: Lane
+        self,
+        jobs: Sequence[list[list[int]] | LanewayError],
+        *,
+        lane: Lane,
+        meta: Sequence[JobMeta] | None = None,
     ) -> list[Scored | BaseException]:
         """``submit``, waited for: each request's result or what failed it."""
         results: list[Scored | BaseException] = []
-        for future in self.submit(jobs, lane=lane):
+        for future in self.submit(jobs, lane=lane, meta=meta):
             try:
                 results.append(future.result())
             except Exception as exc:
@@ -189,10 +193,7 @@ class ScoringLive:
                     futures[n] = failed(exc)
                 continue
             jobs = prepared(engine.backend, [requests[n] for n in indices], self.prepare)
-            meta = [
-                JobMeta(requests[n]["id"], requests[n].get("deadline"), requests[n].get("sent_at"))
-                for n in indices
-            ]
+            meta = [JobMeta.of(requests[n]) for n in indices]
             started = engine.submit(jobs, lane=LIVE, meta=meta)
             for n, future in zip(indices, started, strict=True):
                 futures[n] = future
@@ -245,7 +246,9 @@ class ScoringCapability(Generic[R]):
         ) -> list[Outcome]:
             engine = runtime.engine_as(model, ScoringEngine)
             lines = [checked(body) for body in bodies]
-            results = engine.run_many(prepared(engine.backend, lines, self.line), lane=BATCH)
+            jobs = prepared(engine.backend, lines, self.line)
+            meta = [JobMeta.line(request_id) for request_id in request_ids]
+            results = engine.run_many(jobs, lane=BATCH, meta=meta)
             return [
                 self._outcome(engine.backend, line, result, request_id)
                 for line, result, request_id in zip(lines, results, request_ids, strict=True)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from api.protocol.batches import CreateBatchRequest
+from configs import tracing
 from configs.settings import Settings
 from tasks.access.quotas import Quota
 from tasks.access.tenancy import Owner
@@ -46,6 +47,8 @@ def create(
             idempotency_key=idempotency_key,
             owner=owner,
             quota=quota,
+            # this request's span: the batch's validation, chunks and lines join its trace
+            trace_context=tracing.inject(),
         )
         obj = service.describe(s, row)
         capability = row.capability or ""

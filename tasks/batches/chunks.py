@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, update
 
+from configs import tracing
 from configs.settings import Settings
 from tasks.batches.leases import Heartbeat
 from tasks.batches.leftovers import parts_dir
@@ -58,6 +59,8 @@ class ChunkClaim:
     input_key: str
     model: str
     owner: str | None = None
+    # the W3C context of the request that made the batch: its spans' parent
+    trace_context: dict[str, str] | None = None
 
     @property
     def part_key(self) -> str:
@@ -128,6 +131,7 @@ def _try_claim(chunk_id: int, attempts: int, settings: Settings) -> ChunkClaim |
             input_key=input_row.storage_key if input_row is not None else "",
             model=batch.model or "",
             owner=batch.owner,
+            trace_context=batch.trace_context,
         )
 
 
@@ -192,8 +196,12 @@ def compute_chunk(
     ids = [request_id(claim.batch_id, claim.line_start + i) for i in range(len(requests))]
     if claim.attempt > settings.chunk_max_attempts:
         outcomes = _gave_up(claim, ids)
-    else:
+    elif tracing.TRACER is None:
         outcomes = execute(claim.model, [r["body"] for r in requests], ids, claim.owner)
+    else:  # a span per line, which the executor's jobs find by request id
+        with tracing.LineSpans(ids, claim.batch_id) as lines:
+            outcomes = execute(claim.model, [r["body"] for r in requests], ids, claim.owner)
+            lines.outcomes([o.status_code for o in outcomes])
     result = ChunkResult()
     out: list[bytes] = []
     err: list[bytes] = []
@@ -255,7 +263,19 @@ def run_chunk(
     claim: ChunkClaim, *, settings: Settings, store: FileStore, execute: Executor
 ) -> bool:
     """Compute and commit a claimed chunk, its lease renewed the whole time; returns
-    whether this run's results counted."""
+    whether this run's results counted. Traced, it is a span in the batch's trace."""
+    attributes = {
+        "laneway.batch_id": claim.batch_id,
+        "laneway.chunk": claim.index,
+        "laneway.attempt": claim.attempt,
+    }
+    with tracing.maybe("batch chunk", claim.trace_context, attributes):
+        return _run_chunk(claim, settings=settings, store=store, execute=execute)
+
+
+def _run_chunk(
+    claim: ChunkClaim, *, settings: Settings, store: FileStore, execute: Executor
+) -> bool:
     try:
         with Heartbeat(
             lambda: renew_chunk(claim, settings), settings.chunk_lease_s / 3, str(claim)

@@ -58,6 +58,8 @@ class BatchJob:
     status: str
     token: str
     attempt: int = 1  # this claim's number since the batch's last status move
+    # the W3C context of the request that made the batch: its spans' parent
+    trace_context: dict[str, str] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         what = "validation" if self.status == "validating" else "finalisation"
@@ -111,7 +113,7 @@ def claim_batch_job(*, settings: Settings, capability: str) -> BatchJob | None:
     )
     with session_scope() as s:
         rows = s.execute(
-            select(BatchRow.id, BatchRow.status)
+            select(BatchRow.id, BatchRow.status, BatchRow.trace_context)
             .where(
                 BatchRow.capability == capability,
                 or_(BatchRow.lease_until.is_(None), BatchRow.lease_until < t),
@@ -120,12 +122,12 @@ def claim_batch_job(*, settings: Settings, capability: str) -> BatchJob | None:
             .order_by(BatchRow.created_at, BatchRow.id)
             .limit(CLAIM_CANDIDATES)
         ).all()
-    for batch_id, batch_status in rows:
+    for batch_id, batch_status, trace_context in rows:
         with session_scope() as s:
             claimed = status.claim(s, batch_id, batch_status, settings.chunk_lease_s)
         if claimed is None:
             continue
-        job = BatchJob(batch_id, batch_status, *claimed)
+        job = BatchJob(batch_id, batch_status, *claimed, trace_context=trace_context)
         if job.attempt <= settings.chunk_max_attempts:
             return job
         give_up(job)

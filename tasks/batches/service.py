@@ -206,10 +206,11 @@ def create_batch(
     idempotency_key: str | None = None,
     owner: Owner = None,
     quota: Quota | None = None,
+    trace_context: dict[str, str] | None = None,
 ) -> tuple[BatchRow, bool]:
-    """A new batch in ``validating`` (or the one ``owner`` created earlier with the same
-    key), reading an input file of ``owner``'s, within the key's ``quota`` of open
-    batches and lines in flight. Returns (row, created)."""
+    """A new batch in ``validating`` (or ``owner``'s earlier one with the same key) of an
+    input file of ``owner``'s, within the key's ``quota`` of open batches and lines in
+    flight, keeping ``trace_context`` (its work joins the trace). Returns (row, created)."""
     quota = quota or Quota()
     idempotency_key = scoped_idempotency_key(idempotency_key, owner)
     if idempotency_key:
@@ -239,6 +240,7 @@ def create_batch(
         request_total=0,
         request_completed=0,
         request_failed=0,
+        trace_context=trace_context,
     )
     lock_owner(session, owner)
     session.add(row)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from configs import tracing
 from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.batches.chunks import ChunkClaim, Executor, claim_chunk, run_chunk
@@ -51,8 +52,11 @@ class BatchWork:
             run_chunk(job, settings=self.settings, store=self.store, execute=self.execute)
             advance(job.batch_id)  # the last chunk moves its batch to finalizing
             return
+        what = "batch validate" if job.status == "validating" else "batch finalize"
+        attributes = {"laneway.batch_id": job.batch_id, "laneway.attempt": job.attempt}
         try:
-            self._run_batch_job(job)
+            with tracing.maybe(what, job.trace_context, attributes):
+                self._run_batch_job(job)
         except Exception:
             back_off(job, self.settings)  # counted: give_up once it has failed too often
             raise

@@ -15,11 +15,14 @@ import base64
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+
+from configs.tracing import carrier_of
 
 ORIGIN = f"laneway-api{os.getpid()}@{socket.gethostname()}"
 
@@ -31,9 +34,17 @@ def celery_message(
     queue: str,
     expires_s: float | None = None,
     task_id: str | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> str:
-    """The JSON string kombu's Redis transport stores for ``send_task(task, args)``."""
+    """The JSON string kombu's Redis transport stores for ``send_task(task, args)``.
+
+    ``trace`` (W3C ``traceparent``/``tracestate``, only when tracing is on) goes into the
+    headers, where Celery's own OpenTelemetry instrumentation puts it: without it the
+    message is exactly Celery's."""
     task_id = task_id or str(uuid.uuid4())
+    headers = _headers(task, task_id, expires_s)
+    if trace:
+        headers.update(trace)
     body = orjson.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
@@ -41,7 +52,7 @@ def celery_message(
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": _headers(task, task_id, expires_s),
+        "headers": headers,
         "properties": _properties(task_id, queue, expires_s),
     }
     return orjson.dumps(envelope).decode()
@@ -106,12 +117,14 @@ class MalformedMessage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TaskMessage:
-    """What a consumer needs of one task message: its name, id, expiry and argument."""
+    """What a consumer needs of one task message: its name, id, expiry and argument, and
+    the trace context it carries (W3C headers; None without one)."""
 
     task: str
     task_id: str
     expires: str | None
     request: dict[str, Any]
+    trace: dict[str, str] | None = None
 
 
 def decode_message(raw: bytes | str) -> TaskMessage:
@@ -127,8 +140,9 @@ def decode_message(raw: bytes | str) -> TaskMessage:
         request = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(request, dict):
             raise TypeError(f"argument is {type(request).__name__}, not an object")
+        trace = carrier_of(headers) if "traceparent" in headers else None
         return TaskMessage(
-            str(headers["task"]), str(headers["id"]), headers.get("expires"), request
+            str(headers["task"]), str(headers["id"]), headers.get("expires"), request, trace
         )
     except (ValueError, TypeError, KeyError, IndexError, StopIteration) as exc:
         raise MalformedMessage(str(exc)) from None
