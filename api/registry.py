@@ -65,6 +65,15 @@ class WorkerRegistry:
         }
         return sorted(found)
 
+    async def devices(self, model: str) -> list[str]:
+        """The devices (``cpu``, ``cuda:0``, ...) ``model``'s live workers run on."""
+        found = {
+            str(info["device"])
+            for info in await self.workers()
+            if model in (info.get("models") or {}) and info.get("device")
+        }
+        return sorted(found)
+
     async def require_warm(self, capability: str, model: str) -> None:
         warm, live = await self.model_status(model)
         if warm:

@@ -27,6 +27,10 @@ class Capability:
     # registers what it adds to generic modules (error hints). Its hooks, which generic code
     # reads through this registry: ``estimate_tokens(payload)`` (api/limits.py),
     # ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, /v1/models),
+    # ``bench_request(model, *, input_tokens, output_tokens, clip, seq)`` (`laneway
+    # benchmark`, laneway/benchmark_cli/): the ``tasks.contracts.base.BenchRequest`` one
+    # benchmark request sends (path, body or form, streamed or not) and how its answer
+    # counts (the unit per second: input tokens, completion tokens, seconds of audio),
     # ``ROLLING`` (workers/rolling.py): what the engine's metrics give rolling records
     contract: str
     # the API's router module: ``router`` (FastAPI), optionally ``DIRECT`` (api/direct.py)

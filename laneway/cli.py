@@ -1,4 +1,4 @@
-"""`laneway up | api | worker | workers | migrate | flower | batch | keys`."""
+"""`laneway up | api | worker | workers | migrate | flower | batch | keys | benchmark`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from configs.capabilities import CAPABILITIES
 from configs.logs import configure as configure_logging
 from laneway.argtypes import whole
 from laneway.batch_cli import add_parser as add_batch_parser
+from laneway.benchmark_cli import add_parser as add_benchmark_parser
 from laneway.embedded_redis import redact_url
 from laneway.keys_cli import add_parser as add_keys_parser
 from laneway.stack import Processes
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_parser(sub)  # `laneway batch submit|status|list|cancel|download`
     add_keys_parser(sub)  # `laneway keys create|list|revoke`
+    add_benchmark_parser(sub)  # `laneway benchmark MODEL`
     return parser
 
 

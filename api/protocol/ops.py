@@ -9,6 +9,9 @@ from pydantic import BaseModel
 
 class ModelHealth(BaseModel):
     warm: bool
+    # what its live workers run it on: engines (``vllm``, a backend's class) and devices
+    engines: list[str] = []
+    devices: list[str] = []
     # which workers (host and pid): only for a caller the API key lets through
     workers: list[str] | None = None
     warm_workers: list[str] | None = None

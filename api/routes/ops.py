@@ -27,8 +27,9 @@ router = APIRouter()
 
 @router.get("/health", response_class=JSONResponse, responses=HEALTH_RESPONSES)
 async def health(state: StateDep, request: Request) -> JSONResponse:
-    """Whether every served model is warm; which workers serve each (host names and pids)
-    only for a caller the API key lets through (the gate marks it ``authenticated``)."""
+    """Whether every served model is warm; which workers serve each (host names and pids),
+    on which engines and devices, only for a caller the API key lets through (the gate
+    marks it ``authenticated``)."""
     detail = bool(request.scope.get("state", {}).get("authenticated"))
     models: dict[str, Any] = {}
     try:
@@ -38,6 +39,7 @@ async def health(state: StateDep, request: Request) -> JSONResponse:
             models[model] = {
                 "warm": bool(warm),
                 "engines": await state.live.registry.engines(model),
+                "devices": await state.live.registry.devices(model),
                 "workers": live,
                 "warm_workers": warm,
             }
@@ -45,7 +47,7 @@ async def health(state: StateDep, request: Request) -> JSONResponse:
     except (RedisError, OSError) as exc:
         broker = f"unreachable: {type(exc).__name__}"
         models = {
-            m: {"warm": False, "engines": [], "workers": [], "warm_workers": []}
+            m: {"warm": False, "engines": [], "devices": [], "workers": [], "warm_workers": []}
             for m in state.settings.models
         }
     ok = broker == "ok" and all(m["warm"] for m in models.values())

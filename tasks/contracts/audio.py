@@ -197,3 +197,35 @@ def to_work(
         "segments": "segment" in grains or not grains,
         "stream": request.stream,
     }
+
+
+# -- `laneway benchmark` ---------------------------------------------------------------------
+
+
+def _duration(answer: contract.Answer) -> float | None:
+    """The seconds of audio a ``verbose_json`` answer transcribed (to the millisecond;
+    ``usage.seconds`` is rounded up to whole seconds, as OpenAI bills)."""
+    return contract.number(answer.get("duration"))
+
+
+def _transcript(answer: contract.Answer) -> str:
+    text = answer.get("text")
+    return text if isinstance(text, str) else contract.json_text(answer)
+
+
+def bench_request(
+    model: str, *, input_tokens: int, output_tokens: int, clip: bytes | None, seq: int
+) -> contract.BenchRequest:
+    """`laneway benchmark`'s request: the clip, transcribed as ``verbose_json`` (its
+    ``duration`` is the seconds of audio); seconds of audio per second. Text lengths do
+    not apply; the same clip every time is fine (no cache keeps transcripts)."""
+    if clip is None:
+        raise ValueError("a speech benchmark needs a clip (a WAV file)")
+    return contract.BenchRequest(
+        path=TRANSCRIPTIONS,
+        unit="audio_seconds",
+        units=_duration,
+        form={"model": model, "response_format": "verbose_json"},
+        file=(f"clip{seq}.wav", clip, "audio/wav"),
+        text=_transcript,
+    )

@@ -32,7 +32,15 @@ from pydantic import (
 
 from configs.catalog import Catalog, CatalogEntry, CatalogError, CatalogOptions
 from configs.settings import Settings
-from tasks.contracts.base import EngineCounter, Rolling, text_tokens
+from tasks.contracts.base import (
+    Answer,
+    BenchRequest,
+    EngineCounter,
+    Rolling,
+    bench_text,
+    text_tokens,
+    usage_of,
+)
 from tasks.contracts.base import served_entry as _served_entry
 from tasks.errors import (
     ContextLengthExceeded,
@@ -668,3 +676,44 @@ def check_context(
             "completion). Please reduce the length of the messages or completion.",
             param=param,
         )
+
+
+# -- `laneway benchmark` ---------------------------------------------------------------------
+
+
+def _delta_text(chunk: Answer) -> str:
+    """The text one streamed chunk adds (its first choice's delta)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    delta = choices[0].get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def bench_request(
+    model: str, *, input_tokens: int, output_tokens: int, clip: bytes | None, seq: int
+) -> BenchRequest:
+    """`laneway benchmark`'s request: one user message of about ``input_tokens`` tokens,
+    different for every ``seq`` (no prefix cache answers it), ``output_tokens`` new tokens
+    at most, streamed with the usage chunk, so that the time to the first text is the TTFT
+    and the completion tokens per second are what the usage counts. Greedy, so that a run
+    is repeatable; a model may stop before ``max_tokens``, and the usage says so."""
+    completion_tokens = usage_of("completion_tokens")
+    return BenchRequest(
+        path=ENDPOINT,
+        unit="completion_tokens",
+        units=completion_tokens,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": bench_text(input_tokens, seq)}],
+            "max_tokens": output_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        stream=True,
+        input_tokens=usage_of("prompt_tokens"),
+        output_tokens=completion_tokens,
+        text=_delta_text,
+    )

@@ -115,3 +115,18 @@ def classification_body(
         "data": data,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
+
+
+def bench_request(
+    model: str, *, input_tokens: int, output_tokens: int, clip: bytes | None, seq: int
+) -> contract.BenchRequest:
+    """`laneway benchmark`'s request: one text of about ``input_tokens`` tokens, different
+    for every ``seq``; input tokens per second, as ``usage.prompt_tokens`` counts them."""
+    prompt_tokens = contract.usage_of("prompt_tokens")
+    return contract.BenchRequest(
+        path=ENDPOINT,
+        unit="tokens",
+        units=prompt_tokens,
+        json={"model": model, "input": contract.bench_text(input_tokens, seq)},
+        input_tokens=prompt_tokens,
+    )

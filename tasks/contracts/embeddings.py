@@ -165,3 +165,34 @@ def embedding_body(
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
+
+
+def _vector_text(answer: Mapping[str, Any]) -> str:
+    """A vector's first values and its size: the whole of it says nothing to a reader."""
+    data = answer.get("data") or [{}]
+    vector = data[0].get("embedding") if isinstance(data[0], dict) else None
+    if not isinstance(vector, list):
+        return contract.json_text(answer)
+    head = ", ".join(f"{x:.4f}" for x in vector[:8] if isinstance(x, int | float))
+    return f"[{head}, ...] ({len(vector)} dimensions)"
+
+
+def bench_request(
+    model: str, *, input_tokens: int, output_tokens: int, clip: bytes | None, seq: int
+) -> contract.BenchRequest:
+    """`laneway benchmark`'s request: one text of about ``input_tokens`` tokens, different
+    for every ``seq`` (the engine's cache must not answer repeats); input tokens per
+    second, as ``usage.prompt_tokens`` counts them."""
+    prompt_tokens = contract.usage_of("prompt_tokens")
+    return contract.BenchRequest(
+        path=ENDPOINT,
+        unit="tokens",
+        units=prompt_tokens,
+        json={
+            "model": model,
+            "input": contract.bench_text(input_tokens, seq),
+            "encoding_format": "float",
+        },
+        input_tokens=prompt_tokens,
+        text=_vector_text,
+    )

@@ -128,3 +128,33 @@ def rerank_body(
         "results": results,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
+
+
+BENCH_DOCUMENTS = 4  # documents per benchmark request
+BENCH_QUERY_TOKENS = 8
+
+
+def bench_request(
+    model: str, *, input_tokens: int, output_tokens: int, clip: bytes | None, seq: int
+) -> contract.BenchRequest:
+    """`laneway benchmark`'s request: a short query and ``BENCH_DOCUMENTS`` documents of
+    about ``input_tokens`` tokens together (each pair stays well inside the context),
+    different for every ``seq``; input tokens per second, as ``usage.prompt_tokens``
+    counts them (every pair's)."""
+    each = max(1, input_tokens // BENCH_DOCUMENTS)
+    documents = [
+        contract.bench_text(each, seq * BENCH_DOCUMENTS + i) for i in range(BENCH_DOCUMENTS)
+    ]
+    prompt_tokens = contract.usage_of("prompt_tokens")
+    return contract.BenchRequest(
+        path=ENDPOINT,
+        unit="tokens",
+        units=prompt_tokens,
+        json={
+            "model": model,
+            "query": contract.bench_text(BENCH_QUERY_TOKENS, seq),
+            "documents": documents,
+            "return_documents": False,
+        },
+        input_tokens=prompt_tokens,
+    )

@@ -1,10 +1,12 @@
 """The hooks a capability's contract module declares and the generic code reads through the
 registry: ``ENGINE_COUNTERS`` (api/metrics.py), ``OPTIONS`` (configs/catalog.py, and the
-fields /v1/models shows), ``ROLLING`` (workers/rolling.py). ``estimate_tokens`` is in
-test_token_estimate.py."""
+fields /v1/models shows), ``ROLLING`` (workers/rolling.py), ``bench_request`` (`laneway
+benchmark`; the bodies it makes are checked against each capability's schema in
+test_benchmark_cli.py). ``estimate_tokens`` is in test_token_estimate.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +23,7 @@ from api.routes.models import router as models_router
 from configs.capabilities import REGISTRY
 from configs.catalog import CatalogEntry, CatalogError, CatalogOptions, load_catalog
 from tasks.contracts.audio import AudioOptions
-from tasks.contracts.base import Rolling
+from tasks.contracts.base import BenchRequest, Rolling
 from tasks.contracts.chat import ChatOptions
 from tasks.contracts.embeddings import EmbeddingsOptions
 
@@ -190,6 +192,24 @@ def test_models_show_dimensions_only_where_the_options_publish_them() -> None:
         assert {"id", "object", "created", "owned_by"} <= set(cards[name])
     assert client.get(f"/v1/models/{EMBED}").json()["dimensions"] == 32
     assert "dimensions" not in client.get("/v1/models/whisper-1").json()
+
+
+# -- benchmark requests ------------------------------------------------------------------------
+
+
+def test_every_contract_makes_benchmark_requests_with_one_signature() -> None:
+    for name, capability in REGISTRY.items():
+        hook = capability.contract_module().bench_request
+        params = inspect.signature(hook).parameters
+        assert list(params) == ["model", "input_tokens", "output_tokens", "clip", "seq"], name
+        assert all(p.kind is p.KEYWORD_ONLY for p in list(params.values())[1:]), name
+        request = hook("me/x", input_tokens=16, output_tokens=4, clip=b"RIFF....", seq=3)
+        assert isinstance(request, BenchRequest), name
+        assert request.path.startswith("/v1/") and request.unit, name
+        assert (request.json is None) != (request.form is None), name  # exactly one body
+        body = request.json if request.json is not None else request.form
+        assert body is not None and body["model"] == "me/x", name
+        assert request.units({}) is None, name  # an answer without the count: unknown
 
 
 def test_every_contract_says_what_its_engine_gives_rolling_records() -> None:
