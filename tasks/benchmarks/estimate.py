@@ -44,9 +44,11 @@ class Rate:
             return self.units_per_s / self.requests_per_s
         return None
 
-    def line_seconds(self, *, input_tokens: float | None, output_tokens: float | None) -> float:
-        """Seconds of the model's time one line of this size takes (``math.inf`` when the
-        record holds no rate it can use)."""
+    def line_seconds(
+        self, *, input_tokens: float | None, output_tokens: float | None
+    ) -> float | None:
+        """Seconds of the model's time one line of this size takes; None when the record
+        holds no rate that fits (a rate of seconds of audio, for lines of unknown length)."""
         per_line = {"input_tokens": input_tokens, "output_tokens": output_tokens}.get(
             INPUT_UNITS.get(self.unit or "", "")
         )
@@ -54,7 +56,7 @@ class Rate:
             return per_line / self.units_per_s
         if self.requests_per_s:
             return 1.0 / self.requests_per_s
-        return math.inf
+        return None
 
 
 def choose(rows: Sequence[BenchmarkRow], *, workers: int | None = None) -> Rate | None:
@@ -73,7 +75,14 @@ def choose(rows: Sequence[BenchmarkRow], *, workers: int | None = None) -> Rate 
 
 
 def _usable(row: BenchmarkRow) -> bool:
-    return bool(row.requests_per_s or row.units_per_s) and (row.success_rate or 1.0) > 0
+    """A row with a rate to go by: a positive, finite one (and not a run that failed)."""
+    return (_positive(row.requests_per_s) or _positive(row.units_per_s)) and (
+        row.success_rate is None or row.success_rate > 0
+    )
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
 
 
 def _rate(source: str, rows: Sequence[BenchmarkRow], scale: float) -> Rate:
@@ -90,19 +99,22 @@ def _rate(source: str, rows: Sequence[BenchmarkRow], scale: float) -> Rate:
 
 
 def _mean(values: Sequence[float | None], scale: float) -> float | None:
-    known = [v for v in values if v]
+    known = [v for v in values if v is not None and _positive(v)]
     return sum(known) / len(known) * scale if known else None
 
 
 def seconds_for(
-    rate: Rate,
+    rate: Rate | None,
     lines: int,
     *,
     input_tokens: float | None = None,
     output_tokens: float | None = None,
-) -> float:
-    """Seconds the model takes for ``lines`` lines of this mean size."""
-    return lines * rate.line_seconds(input_tokens=input_tokens, output_tokens=output_tokens)
+) -> float | None:
+    """Seconds the model takes for ``lines`` lines of this mean size (None: unknown)."""
+    if rate is None:
+        return None
+    each = rate.line_seconds(input_tokens=input_tokens, output_tokens=output_tokens)
+    return None if each is None else lines * each
 
 
 @dataclass(frozen=True)
@@ -125,17 +137,19 @@ def completion_at(
     if progress.status not in ("validating", "in_progress"):
         return None
     remaining = max(progress.total - progress.done, 0)
-    own_s: float | None = None
     if progress.status == "in_progress" and progress.done > 0 and progress.in_progress_at:
         elapsed = max(now - progress.in_progress_at, 1e-3)
         own_s = remaining * elapsed / progress.done
-    if own_s is None:
-        if prior_s is None or not math.isfinite(prior_s):
-            return None
-        return round(now + prior_s + ahead_s)
-    share = progress.done / progress.total if progress.total else 1.0
-    weight = min(share / OWN_PACE_FROM, 1.0)
-    if prior_s is None or not math.isfinite(prior_s):
-        weight = 1.0
-    blended = weight * own_s + (1.0 - weight) * (prior_s or 0.0)
-    return round(now + blended)
+        if prior_s is None:
+            return _at(now + own_s)
+        share = progress.done / progress.total if progress.total else 1.0
+        weight = min(share / OWN_PACE_FROM, 1.0)
+        return _at(now + weight * own_s + (1.0 - weight) * prior_s)
+    if prior_s is None:
+        return None
+    return _at(now + prior_s + ahead_s)
+
+
+def _at(when: float) -> int | None:
+    """A time to answer: a record's rate is data, and data may be odd (a zero, a NaN)."""
+    return round(when) if math.isfinite(when) else None

@@ -94,13 +94,12 @@ def completions(
         model = str(row.model)
         rate = by_model[model]
         done = row.request_completed + row.request_failed
-        prior = seconds_for(rate, max(row.request_total - done, 0)) if rate else None
         ahead = lines_ahead(queues[model], row.created_at, row.id)
         out[row.id] = completion_at(
             Progress(row.status, row.request_total, done, row.in_progress_at),
             now=at,
-            prior_s=prior,
-            ahead_s=seconds_for(rate, ahead) if rate and ahead else 0.0,
+            prior_s=seconds_for(rate, max(row.request_total - done, 0)),
+            ahead_s=seconds_for(rate, ahead) or 0.0,
         )
     return out
 
@@ -123,8 +122,8 @@ def estimate(
     rate = rates(session, [shape.model], workers)[shape.model]
     ahead = sum(q.remaining for q in queued(session, [shape.model])[shape.model])
     sizes = {"input_tokens": shape.input_tokens, "output_tokens": shape.output_tokens}
-    own = seconds_for(rate, shape.lines, **sizes) if rate else None
-    before = seconds_for(rate, ahead) if rate else None
+    own = seconds_for(rate, shape.lines, **sizes)
+    before = seconds_for(rate, ahead)
     return {
         "object": "benchmark.estimate",
         "model": shape.model,

@@ -3,7 +3,6 @@ and a batch's estimated completion time."""
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any
 
@@ -96,9 +95,18 @@ def test_a_line_costs_its_size_at_the_units_rate_else_one_request() -> None:
     assert rate.line_seconds(input_tokens=None, output_tokens=200) == 2.0  # 200 tokens at 100/s
     assert rate.line_seconds(input_tokens=999, output_tokens=None) == 0.5  # per request
     assert seconds_for(rate, 10, output_tokens=50) == 5.0
-    assert math.isinf(
-        Rate(ROLLING, None, None, None, 0, ()).line_seconds(input_tokens=1, output_tokens=1)
+    assert (
+        Rate(ROLLING, None, None, None, 0, ()).line_seconds(input_tokens=1, output_tokens=1) is None
     )
+    # seconds of audio a second, for lines of unknown length: no estimate, never infinity
+    speech = Rate(ROLLING, None, 20.0, "audio_seconds", 0, ())
+    assert seconds_for(speech, 10) is None and seconds_for(None, 10) is None
+
+
+def test_odd_records_give_no_rate_rather_than_a_nan() -> None:
+    assert choose([row(requests_per_s=float("nan"))]) is None
+    assert choose([row(requests_per_s=0.0), row(id=2, units_per_s=-1.0, unit="tokens")]) is None
+    assert choose([row(requests_per_s=5.0, success_rate=0.0)]) is None
 
 
 # -- a batch's completion time --------------------------------------------------------------
@@ -120,6 +128,9 @@ def test_its_own_pace_takes_over_as_it_progresses() -> None:
     assert completion_at(at_5, now=1000.0, prior_s=10.0) == round(1000 + 0.5 * 95 + 0.5 * 10)
     # no records: its own pace alone
     assert completion_at(at_5, now=1000.0, prior_s=None) == 1095
+    # a running speech batch whose rate says nothing of its lines: its own pace
+    assert completion_at(at_20, now=1000.0, prior_s=seconds_for(None, 800)) == 1080
+    assert completion_at(at_5, now=1000.0, prior_s=float("nan")) is None
 
 
 # -- records --------------------------------------------------------------------------------
