@@ -31,7 +31,14 @@ class BenchStack:
     laneway.stack (the launcher `laneway up` and the tests use); each process logs under
     ``root/logs``."""
 
-    def __init__(self, root: Path, *, capability: str = "embeddings", **env: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        capability: str = "embeddings",
+        more_capabilities: tuple[str, ...] = (),
+        **env: str,
+    ) -> None:
         self.root = root
         base = {
             **os.environ,
@@ -48,11 +55,15 @@ class BenchStack:
         self.procs.migrate()
         self.port = free_port()
         self.worker = self.procs.worker(capability, device="cpu")
+        # one worker per further capability (a soak runs several)
+        self.workers = [self.worker] + [
+            self.procs.worker(c, device="cpu") for c in more_capabilities
+        ]
         self.api = self.procs.api(host="127.0.0.1", port=self.port)
         self.base = f"http://127.0.0.1:{self.port}"
 
         def alive() -> None:
-            for proc in (self.worker, self.api):
+            for proc in (*self.workers, self.api):
                 if not proc.alive():
                     raise RuntimeError(f"{proc.name} exited; logs in {root / 'logs'}")
 

@@ -29,15 +29,32 @@ def pytest_configure(config: pytest.Config) -> None:
     # also declared in pyproject.toml; repeated so the suite runs from any rootdir
     config.addinivalue_line("markers", "integration: real redis-server, worker, DB and model")
     config.addinivalue_line("markers", "e2e: drives `laneway up` with the official openai client")
+    config.addinivalue_line("markers", "faults: fault injection, run with LANEWAY_FAULT_TESTS=1")
+
+
+# fault-injection tests (marked ``faults``: a database restarted or down, a full file
+# store, a Redis failover, hosts partitioned) take minutes and root's powers (mounts,
+# network namespaces, a Postgres cluster of their own): they run in a CI stage of their own,
+# `LANEWAY_FAULT_TESTS=1 ./dev test -m faults`, where what they need missing is a failure
+FAULTS_ENV = "LANEWAY_FAULT_TESTS"
+
+
+def fault_tests_on() -> bool:
+    return os.environ.get(FAULTS_ENV) == "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip_faults = pytest.mark.skip(
+        reason=f"a fault-injection test: {FAULTS_ENV}=1 ./dev test -m faults (CI's own stage)"
+    )
     for item in items:
         parts = Path(str(item.fspath)).parts
         if "integration" in parts:
             item.add_marker(pytest.mark.integration)
         elif "e2e" in parts:
             item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("faults") is not None and not fault_tests_on():
+            item.add_marker(skip_faults)
 
 
 @pytest.hookimpl(hookwrapper=True)
