@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from configs.settings import Settings
 from tasks.access.keys import KeyRecord, hash_key
 from tasks.errors import AuthenticationFailed, ServiceUnavailable
+from tasks.store.db import describe_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class KeyRing:
     When they cannot be read, what was read before serves for up to
     ``LANEWAY_KEYS_MAX_STALE_S``; past that, database keys are refused (503) until a read
     succeeds: a key revoked meanwhile must not stay valid for as long as the database is
-    away. Static keys need no read at all."""
+    away. While reads fail, requests do not wait for the next one as long as what was read
+    before is within that bound (a read that hangs until the connect timeout would
+    otherwise delay every live request by it). Static keys need no read at all."""
 
     def __init__(
         self,
@@ -101,6 +104,7 @@ class KeyRing:
         self.stored: Mapping[str, KeyRecord] | None = None
         self.read_at = float("-inf")
         self.retry_at = float("-inf")  # after a failed read, when to try again
+        self.failing = False  # the last read failed (the database away)
         self._refreshing: asyncio.Task[None] | None = None
 
     async def authenticate(self, authorization: bytes | None) -> Principal | None:
@@ -138,7 +142,7 @@ class KeyRing:
         age = self.clock() - self.read_at
         if age >= self.refresh_s / 2 and self._refreshing is None and self.clock() >= self.retry_at:
             self._refreshing = asyncio.ensure_future(self._refresh())
-        if (self.stored is None or age >= self.refresh_s) and self._refreshing is not None:
+        if self._refreshing is not None and self._must_wait(age):
             await asyncio.shield(self._refreshing)  # too old to trust: wait for the read
         if self.stored is None:
             raise ServiceUnavailable(
@@ -154,12 +158,26 @@ class KeyRing:
             )
         return self.stored
 
+    def _must_wait(self, age: float) -> bool:
+        """Whether a request waits for the read under way: when nothing was read yet, or
+        what was read is older than the period, unless reads are failing and it is still
+        within ``max_stale_s`` (then the read would only add its timeout to the request)."""
+        if self.stored is None:
+            return True
+        if age < self.refresh_s:
+            return False
+        return not (self.failing and age <= self.max_stale_s)
+
     async def _refresh(self) -> None:
         try:
             self.stored = await asyncio.to_thread(self.load)
             self.read_at = self.clock()
+            self.failing = False
         except Exception as exc:  # keep serving what was read before, for a while
-            log.warning("could not re-read API keys from the database: %s", exc)
+            log.warning(
+                "could not re-read API keys from the database: %s", describe_unavailable(exc)
+            )
+            self.failing = True
             self.retry_at = self.clock() + self.refresh_s / 2  # soon, not per request
         finally:
             self._refreshing = None

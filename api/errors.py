@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -15,6 +16,7 @@ from api.responses import json_response
 from tasks.errors import (
     AuthenticationFailed,
     ClientGone,
+    DatabaseUnavailable,
     InternalError,
     LanewayError,
     QueueFull,
@@ -22,6 +24,7 @@ from tasks.errors import (
     invalid_request,
     unsourced,
 )
+from tasks.store.db import database_unavailable, describe_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,8 @@ _HTTP_TYPES = {
 
 def error_headers(exc: LanewayError) -> dict[str, str]:
     """The headers an error is answered with besides its body (the gate's too)."""
-    if isinstance(exc, QueueFull):  # a full queue, a key over its limits
-        return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, QueueFull | DatabaseUnavailable):  # a full queue, a key over
+        return {"Retry-After": str(exc.retry_after)}  # its limits, the database away
     if isinstance(exc, AuthenticationFailed):
         return {"WWW-Authenticate": "Bearer"}
     return {}
@@ -80,6 +83,18 @@ def install(app: FastAPI) -> None:
         # this answer, but it is counted as 499, not as a server error
         log.info("client hung up during %s %s", request.method, route_label(request.scope))
         return error_response(ClientGone("client closed the request"), request)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError) -> Response:
+        # the database down or restarting (batch and file routes need it): a 503 that
+        # says so, within the connect timeout (tasks/store/db.py), never a 500
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        route = route_label(request.scope)
+        log.warning(
+            "database unavailable on %s %s: %s", request.method, route, describe_unavailable(exc)
+        )
+        return error_response(DatabaseUnavailable(), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -126,6 +126,26 @@ class ServiceUnavailable(LanewayError):
     default_code = "model_not_ready"
 
 
+class StorageFull(ServiceUnavailable):
+    """The file store has no space left (ENOSPC, EDQUOT). Temporary: the operator frees
+    space, and the same request then succeeds; nothing was kept of the failed write."""
+
+    default_code = "storage_full"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database cannot be reached (down, restarting, cut off): the batch and file
+    routes answer this, with ``Retry-After``; live routes never need the database."""
+
+    default_code = "database_unavailable"
+    retry_after: ClassVar[int] = 5
+
+    def __init__(
+        self, message: str = "The database is unavailable; retry shortly.", **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+
+
 class GatewayTimeout(LanewayError):
     status_code = 504
     error_type = "timeout"

@@ -17,6 +17,7 @@ from tasks.batches.service import notify
 from tasks.batches.work import BatchWork
 from tasks.filestore import get_file_store
 from tasks.queue.names import BATCH, LIVE, queue_name, task_name
+from tasks.store.db import Backoff, database_unavailable, describe_unavailable
 from workers.batch_runner import BatchRunner
 from workers.live import LiveConsumer, LiveHandler, TaskEvents
 from workers.runtime import WorkerRuntime
@@ -77,13 +78,27 @@ def start_reaper(
     store = get_file_store(settings)
     sweep = Sweeper()
 
+    # after a failed pass (the database away) the next waits longer, up to this
+    backoff = Backoff(settings.reaper_interval_s, max(settings.reaper_interval_s, 15.0))
+
     def loop() -> None:
-        while not stop.wait(settings.reaper_interval_s):
+        pause = settings.reaper_interval_s
+        while not stop.wait(pause):
             try:
                 if reap(store=store, sweep=sweep):
                     runner.wake()
-            except Exception:
-                log.exception("reaper pass failed")
+                backoff.reset()
+                pause = settings.reaper_interval_s
+            except Exception as exc:
+                pause = backoff.next()
+                if database_unavailable(exc):
+                    log.warning(
+                        "reaper pass skipped: the database is unavailable (%s); again in %.2gs",
+                        describe_unavailable(exc),
+                        pause,
+                    )
+                else:
+                    log.exception("reaper pass failed")
 
     thread = threading.Thread(target=loop, name="reaper", daemon=True)
     thread.start()

@@ -24,7 +24,8 @@ DESCRIPTIONS = {
     429: "Live queue full, or the key is over its requests or tokens per minute; retry "
     "after Retry-After seconds",
     500: "Internal error: the message carries a request id",
-    503: "The model is not warm or no worker serves it",
+    503: "The model is not warm or no worker serves it; on batch and file routes, the "
+    "database is unavailable (code database_unavailable; retry after Retry-After seconds)",
     504: "No result within LANEWAY_REQUEST_TIMEOUT_S",
 }
 

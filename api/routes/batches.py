@@ -16,7 +16,7 @@ router = APIRouter()
 @router.post(
     "/v1/batches",
     response_model=None,
-    responses={200: {"model": Batch}, **error_responses(400, 401, 404, 413, 429)},
+    responses={200: {"model": Batch}, **error_responses(400, 401, 404, 413, 429, 503)},
 )
 async def create_batch(
     body: CreateBatchRequest,
@@ -31,7 +31,7 @@ async def create_batch(
 @router.get(
     "/v1/batches",
     response_model=None,
-    responses={200: {"model": BatchList}, **error_responses(400, 401, 429)},
+    responses={200: {"model": BatchList}, **error_responses(400, 401, 429, 503)},
 )
 async def list_batches(
     owner: OwnerDep,
@@ -48,7 +48,7 @@ async def list_batches(
 @router.get(
     "/v1/batches/{batch_id}",
     response_model=None,
-    responses={200: {"model": Batch}, **error_responses(401, 404, 429)},
+    responses={200: {"model": Batch}, **error_responses(401, 404, 429, 503)},
 )
 async def retrieve_batch(batch_id: str, owner: OwnerDep, state: StateDep) -> Any:
     workers = await state.live.registry.warm_counts()
@@ -58,7 +58,7 @@ async def retrieve_batch(batch_id: str, owner: OwnerDep, state: StateDep) -> Any
 @router.post(
     "/v1/batches/{batch_id}/cancel",
     response_model=None,
-    responses={200: {"model": Batch}, **error_responses(400, 401, 404, 429)},
+    responses={200: {"model": Batch}, **error_responses(400, 401, 404, 429, 503)},
 )
 async def cancel_batch(batch_id: str, owner: OwnerDep) -> Any:
     return await run_in_threadpool(serving.cancel, batch_id, owner)

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import OwnerDep, QuotaDep, SettingsDep
-from api.protocol.errors import error_responses
+from api.protocol.errors import DESCRIPTIONS, ErrorResponse, error_responses
 from api.protocol.files import UPLOAD_SCHEMA, FileDeleted, FileList, FileObject, Purpose
 from api.serving import files as serving
 from configs.settings import Settings
@@ -27,7 +27,15 @@ def body_limits(settings: Settings) -> dict[str, int]:
 @router.post(
     "/v1/files",
     response_model=None,
-    responses={200: {"model": FileObject}, **error_responses(400, 401, 413, 429)},
+    responses={
+        200: {"model": FileObject},
+        **error_responses(400, 401, 413, 429, 503),
+        503: {
+            "model": ErrorResponse,
+            "description": f"{DESCRIPTIONS[503]}; or the file store is full (code storage_full: "
+            "nothing of the upload was kept)",
+        },
+    },
     openapi_extra=UPLOAD_SCHEMA,
 )
 async def upload_file(
@@ -63,7 +71,7 @@ async def upload_file(
 @router.get(
     "/v1/files",
     response_model=None,
-    responses={200: {"model": FileList}, **error_responses(400, 401, 429)},
+    responses={200: {"model": FileList}, **error_responses(400, 401, 429, 503)},
 )
 async def list_files(
     owner: OwnerDep,
@@ -80,7 +88,7 @@ async def list_files(
 @router.get(
     "/v1/files/{file_id}",
     response_model=None,
-    responses={200: {"model": FileObject}, **error_responses(401, 404, 429)},
+    responses={200: {"model": FileObject}, **error_responses(401, 404, 429, 503)},
 )
 async def retrieve_file(file_id: str, owner: OwnerDep) -> Any:
     return await run_in_threadpool(serving.retrieve, file_id, owner)
@@ -104,7 +112,7 @@ def content_disposition(filename: str) -> str:
             },
             "description": "The file's bytes",
         },
-        **error_responses(401, 404, 429),
+        **error_responses(401, 404, 429, 503),
     },
 )
 async def file_content(file_id: str, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
@@ -119,7 +127,7 @@ async def file_content(file_id: str, settings: SettingsDep, owner: OwnerDep) -> 
 @router.delete(
     "/v1/files/{file_id}",
     response_model=None,
-    responses={200: {"model": FileDeleted}, **error_responses(401, 404, 429)},
+    responses={200: {"model": FileDeleted}, **error_responses(401, 404, 429, 503)},
 )
 async def delete_file(file_id: str, settings: SettingsDep, owner: OwnerDep) -> Any:
     return await run_in_threadpool(serving.delete, settings, file_id, owner)

@@ -8,27 +8,40 @@ to a worker that cannot start it, and none waits in a worker's thread. A claim b
 it, so a chunk run twice never adds an output line twice. The claimant renews the
 chunk's lease for the whole life of the run (``Heartbeat``); the reaper puts a running
 chunk back to pending only when that lease runs out (its worker died or froze).
+
+A run whose parts cannot be written because the file store is full (``StorageFull``)
+gives the chunk back with a pause (a pending chunk's ``lease_until`` is the time before
+which nobody claims it): a full store is not the chunk's fault, so its attempts are spent
+over minutes, time for an operator to free space, not in a burst. Its last attempt
+fails the batch with a ``storage_full`` error instead of failing its lines.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy.orm import Session
 
 from configs import tracing
 from configs.settings import Settings
 from tasks.batches.leases import Heartbeat
 from tasks.batches.leftovers import parts_dir
 from tasks.batches.lines import Outcome, iter_requests, output_line, request_id
-from tasks.batches.status import now
+from tasks.batches.status import now, transition
 from tasks.batches.usage import record_chunk_usage
-from tasks.errors import LanewayError
+from tasks.errors import LanewayError, StorageFull
 from tasks.filestore import FileStore
-from tasks.store.db import session_scope
+from tasks.store.db import (
+    database_unavailable,
+    describe_unavailable,
+    retry_unavailable,
+    session_scope,
+)
 from tasks.store.models import BatchRow, ChunkRow, FileRow
 from tasks.store.usage import Usage
 
@@ -39,6 +52,9 @@ UNFINISHED = ("pending", "running")
 FINISHED_CHUNK = ("done", "failed")  # committed, with results (failed: chunk_failed lines)
 # pending chunks looked at per claim: a few, in case another worker takes the first
 CLAIM_CANDIDATES = 8
+# the first pause after a full file store stopped a write; it doubles with each attempt,
+# up to LANEWAY_CHUNK_LEASE_S (the defaults: 15 s, 30 s, 60 s, 120 s, then the batch fails)
+STORE_FULL_PAUSE_S = 15.0
 
 # a capability's executor: (model, request bodies, their request ids, the batch's owner)
 # -> one Outcome each; the owner is whose files a line may name (audio's ``file``)
@@ -88,6 +104,8 @@ def claim_chunk(*, settings: Settings, capability: str, models: list[str]) -> Ch
                 BatchRow.capability == capability,
                 BatchRow.model.in_(models),
                 or_(BatchRow.expires_at.is_(None), BatchRow.expires_at > t),
+                # not paused (store_full_pause)
+                or_(ChunkRow.lease_until.is_(None), ChunkRow.lease_until <= t),
             )
             .order_by(BatchRow.created_at, BatchRow.id, ChunkRow.index)
             .limit(CLAIM_CANDIDATES)
@@ -156,10 +174,90 @@ def renew_chunk(claim: ChunkClaim, settings: Settings) -> bool:
     return _while_owned(claim, lease_until=now() + settings.chunk_lease_s)
 
 
-def release_chunk(claim: ChunkClaim) -> None:
-    """Give a claimed chunk back at once (its run broke): the next claim retries it, and
-    ``attempts`` keeps counting toward ``chunk_max_attempts``."""
-    _while_owned(claim, state="pending", lease_until=None)
+def release_chunk(claim: ChunkClaim, pause_s: float = 0.0) -> None:
+    """Give a claimed chunk back (its run broke): a claim after ``pause_s`` retries it,
+    and ``attempts`` keeps counting toward ``chunk_max_attempts``."""
+    _while_owned(claim, state="pending", lease_until=now() + pause_s if pause_s else None)
+
+
+def _give_back(claim: ChunkClaim, exc: Exception) -> None:
+    """After a run broke: the chunk back to pending for the next claim, or, when the
+    database cannot be told, to the reaper once the chunk's lease runs out."""
+    if database_unavailable(exc):
+        log.warning("%s: the database is unavailable (%s)", claim, describe_unavailable(exc))
+    else:
+        log.exception("%s failed; giving it back", claim)
+    try:
+        release_chunk(claim)
+    except Exception as again:
+        log.warning(
+            "%s: not given back (%s); it runs again once its lease runs out",
+            claim,
+            describe_unavailable(again),
+        )
+
+
+def store_full_pause(attempt: int, settings: Settings) -> float:
+    """How long work stopped by a full file store waits before its next attempt."""
+    return min(settings.chunk_lease_s, STORE_FULL_PAUSE_S * 2.0 ** (attempt - 1))
+
+
+def store_full_error(what: str, tries: int) -> dict[str, object]:
+    """The batch error (``errors.data[]``) of a batch given up on a full file store."""
+    return {
+        "code": "storage_full",
+        "line": None,
+        "message": f"the file store is full: {what} could not be written after {tries} "
+        "tries, so the batch is given up. Free space in the file store and submit it again",
+        "param": None,
+    }
+
+
+def _store_full(claim: ChunkClaim, settings: Settings, exc: StorageFull) -> None:
+    """The run's parts could not be written: pause the chunk, or, on its last attempt,
+    fail its batch saying why (its lines would otherwise fail as ``chunk_failed``, and
+    their error lines could not be written either)."""
+    if claim.attempt < settings.chunk_max_attempts:
+        pause = store_full_pause(claim.attempt, settings)
+        log.warning(
+            "%s: the file store is full (%s); runs again in %.0f s", claim, exc.__cause__, pause
+        )
+        release_chunk(claim, pause)
+    elif _fail_batch(claim, store_full_error(f"the results of chunk {claim.index}", claim.attempt)):
+        log.error(
+            "%s: the file store is full (%s); batch %s failed", claim, exc.__cause__, claim.batch_id
+        )
+    else:  # the batch is being cancelled or expired: its finaliser decides
+        release_chunk(claim)
+
+
+def _fail_batch(claim: ChunkClaim, error: dict[str, object]) -> bool:
+    """In one transaction, while this run owns the chunk and the batch is in progress:
+    the batch ``failed`` with ``error``, its unfinished chunks cancelled (a run still at
+    work cannot commit), the removal of its parts owed at once (``remove_owed``)."""
+    with session_scope() as s:
+        batch = s.get(BatchRow, claim.batch_id)
+        if batch is None or batch.status != "in_progress":
+            return False
+        mine = s.execute(
+            update(ChunkRow).where(*_owned(claim)).values(state="cancelled", lease_until=None)
+        ).rowcount  # type: ignore[attr-defined]
+        if mine != 1 or not transition(
+            s,
+            claim.batch_id,
+            "failed",
+            errors=[error],
+            lease_token=uuid.uuid4().hex,
+            lease_until=now(),
+        ):
+            s.rollback()
+            return False
+        s.execute(
+            update(ChunkRow)
+            .where(ChunkRow.batch_id == claim.batch_id, ChunkRow.state.in_(UNFINISHED))
+            .values(state="cancelled", lease_until=None)
+        )
+    return True
 
 
 # -- compute --------------------------------------------------------------------------------
@@ -233,7 +331,8 @@ def compute_chunk(
 
 def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) -> bool:
     """Record the run's results and add its counts to the batch, in one transaction,
-    only if this run still owns the chunk."""
+    only if this run still owns the chunk. Safe to repeat: when a try's answer was lost
+    (the database went away as it committed), the next finds it landed (``_landed``)."""
     with session_scope() as s:
         committed = s.execute(
             update(ChunkRow)
@@ -256,7 +355,16 @@ def commit_chunk(claim: ChunkClaim, result: ChunkResult, *, settings: Settings) 
                 )
             )
             record_chunk_usage(s, claim.batch_id, claim.index, result.usage)
+        else:
+            return _landed(s, claim)
     return bool(committed == 1)
+
+
+def _landed(s: Session, claim: ChunkClaim) -> bool:
+    """Whether this run's commit is the chunk's: only that commit points the chunk at
+    this run's parts (their key holds the attempt)."""
+    key = s.scalar(select(ChunkRow.result_key).where(ChunkRow.id == claim.chunk_id))
+    return key == claim.part_key
 
 
 def run_chunk(
@@ -276,15 +384,24 @@ def run_chunk(
 def _run_chunk(
     claim: ChunkClaim, *, settings: Settings, store: FileStore, execute: Executor
 ) -> bool:
+    committing = False
     try:
         with Heartbeat(
             lambda: renew_chunk(claim, settings), settings.chunk_lease_s / 3, str(claim)
         ):
             result = compute_chunk(claim, settings=settings, store=store, execute=execute)
-            committed = commit_chunk(claim, result, settings=settings)
-    except Exception:
-        log.exception("%s failed; giving it back", claim)
-        release_chunk(claim)
+            # the results are written: worth waiting for a database that went away
+            committing = True
+            committed = retry_unavailable(
+                lambda: commit_chunk(claim, result, settings=settings), f"commit of {claim}"
+            )
+    except StorageFull as exc:  # not the chunk's fault: paused, not failed
+        _store_full(claim, settings, exc)
+        committed = False
+    except Exception as exc:
+        _give_back(claim, exc)
+        if committing:  # the commit may have landed unanswered: its parts must stay (the
+            return False  # finaliser removes every part its batch does not count)
         committed = False
     if not committed:  # another run owns this chunk now (or ours broke): ours never counted
         log.info("%s: not committed; discarding its results", claim)

@@ -18,6 +18,8 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -26,7 +28,7 @@ from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.access.quotas import lines_error, lines_in_flight, lock_owner
 from tasks.batches import status
-from tasks.batches.chunks import FINISHED_CHUNK, UNFINISHED
+from tasks.batches.chunks import FINISHED_CHUNK, UNFINISHED, store_full_error, store_full_pause
 from tasks.batches.leases import Heartbeat
 from tasks.batches.leftovers import (
     CLEANUP_LEASE_S,
@@ -38,8 +40,9 @@ from tasks.batches.leftovers import (
 from tasks.batches.lines import expired_line, iter_requests
 from tasks.batches.status import now, transition
 from tasks.batches.validation import ChunkSpec, Validation, validate_input
+from tasks.errors import StorageFull
 from tasks.filestore import FileStore
-from tasks.store.db import session_scope
+from tasks.store.db import describe_unavailable, retry_unavailable, session_scope
 from tasks.store.files import put_output_file
 from tasks.store.models import BatchRow, ChunkRow, FileRow
 
@@ -134,14 +137,15 @@ def claim_batch_job(*, settings: Settings, capability: str) -> BatchJob | None:
     return None
 
 
-def give_up(job: BatchJob) -> bool:
+def give_up(job: BatchJob, error: dict[str, Any] | None = None) -> bool:
     """The job broke on every try (each claim is counted in the database, so a worker
     that crashes outright counts too): the batch becomes ``failed`` with an error saying
-    so, instead of being claimed again for the rest of its window. The removal of what
-    its chunks wrote is owed at once (the lapsed lease: ``leftovers.remove_owed``)."""
+    so (``error`` when the cause is known), instead of being claimed again for the rest
+    of its window. The removal of what its chunks wrote is owed at once (the lapsed
+    lease: ``leftovers.remove_owed``)."""
     tries = job.attempt - 1
     what = "validating its input file" if job.status == "validating" else "finalising it"
-    error = {
+    error = error or {
         "code": "batch_job_failed",
         "line": None,
         "message": f"{what} failed {tries} times; the batch is given up (the workers' logs "
@@ -163,13 +167,32 @@ def give_up(job: BatchJob) -> bool:
     return moved
 
 
-def back_off(job: BatchJob, settings: Settings) -> None:
+def back_off(job: BatchJob, settings: Settings, pause: float | None = None) -> None:
     """A job that raised: its lease now runs out after a short pause that doubles with
     each attempt (a crash that repeats reaches ``give_up`` in about a minute, a passing
     fault is retried soon), instead of after the full lease."""
-    pause = min(settings.chunk_lease_s, 2.0**job.attempt)
+    if pause is None:
+        pause = min(settings.chunk_lease_s, 2.0**job.attempt)
     with session_scope() as s:
         status.renew(s, job.batch_id, job.token, pause)
+
+
+def store_full(job: BatchJob, settings: Settings, exc: StorageFull) -> None:
+    """The job could not write its files: the file store is full. Nothing it wrote
+    counted (``finalize`` removed it), and the batch's status is as it was, so it is
+    never completed with a short output. Not the batch's fault: the next try waits
+    longer than ``back_off``'s (``store_full_pause``), its attempts still counted; the
+    last one fails the batch with an error that says the store is full."""
+    if job.attempt < settings.chunk_max_attempts:
+        pause = store_full_pause(job.attempt, settings)
+        log.warning(
+            "%s: the file store is full (%s); tried again in %.0f s", job, exc.__cause__, pause
+        )
+        back_off(job, settings, pause)
+    elif give_up(job, store_full_error("the batch's output and error files", job.attempt)):
+        log.error(
+            "%s: the file store is full (%s); batch %s failed", job, exc.__cause__, job.batch_id
+        )
 
 
 def _heartbeat(job: BatchJob, settings: Settings) -> Heartbeat:
@@ -190,16 +213,11 @@ def validate_batch(
     the new status, or None when the job was no longer ours (cancelled, expired, or
     taken over)."""
     with _heartbeat(job, settings):
-        with session_scope() as s:
-            batch = s.get(BatchRow, job.batch_id)
-            if batch is None:
-                return None
-            file_row = s.get(FileRow, batch.input_file_id)
-            endpoint, owner, lines_quota = batch.endpoint, batch.owner, batch.lines_quota
-            # also when deleted or expired for the API since the batch was created
-            found = file_row is not None and not file_row.deleted
-            key, size = (file_row.storage_key, file_row.bytes) if found and file_row else ("", 0)
-        if found:
+        read = retry_unavailable(lambda: _batch_input(job), f"{job}: reading its batch")
+        if read is None:
+            return None
+        endpoint, owner, lines_quota, key, size = read
+        if key is not None:
             v = validate_input(
                 settings=settings,
                 catalog=catalog,
@@ -211,8 +229,41 @@ def validate_batch(
         else:
             v = Validation()
             v.error("file_not_found", None, "the input file was deleted before validation")
-        with session_scope() as s:
-            return _record_validation(s, job, v, owner, lines_quota)
+        return retry_unavailable(
+            lambda: _record_once(job, v, owner, lines_quota), f"{job}: recording it"
+        )
+
+
+def _batch_input(job: BatchJob) -> tuple[str, str | None, int, str | None, int] | None:
+    """The batch's endpoint, owner and lines quota, and its input file's storage key
+    (None when the file was deleted) and size; None when the batch is gone."""
+    with session_scope() as s:
+        batch = s.get(BatchRow, job.batch_id)
+        if batch is None:
+            return None
+        file_row = s.get(FileRow, batch.input_file_id)
+        # also when deleted or expired for the API since the batch was created
+        found = file_row is not None and not file_row.deleted
+        key, size = (file_row.storage_key, file_row.bytes) if found and file_row else (None, 0)
+        return batch.endpoint, batch.owner, batch.lines_quota, key, size
+
+
+def _holds(s: Session, job: BatchJob, status_now: str | None = None) -> bool:
+    """Whether the batch is in ``status_now`` (the job's own by default) under the job's
+    token: the job still holds it, or (a finaliser's final status) its commit landed."""
+    row = s.execute(
+        select(BatchRow.status, BatchRow.lease_token).where(BatchRow.id == job.batch_id)
+    ).first()
+    return row is not None and tuple(row) == (status_now or job.status, job.token)
+
+
+def _record_once(job: BatchJob, v: Validation, owner: str | None, lines_quota: int) -> str | None:
+    """``_record_validation`` while the job still holds the batch: a try whose answer was
+    lost (the database went away as it committed) may have moved it already."""
+    with session_scope() as s:
+        if not _holds(s, job):
+            return None
+        return _record_validation(s, job, v, owner, lines_quota)
 
 
 def _record_validation(
@@ -363,9 +414,12 @@ def _commit_finalisation(
 ) -> list[str] | None:
     """Point the File rows at the new files and move the batch, in one fenced
     transaction; returns the storage keys the rows pointed at before (to delete), or None
-    when the batch was no longer ours."""
+    when the batch was no longer ours. Safe to repeat: a try whose answer was lost is
+    found landed (what it superseded then goes with the batch's other leftovers)."""
     superseded: list[str] = []
     with session_scope() as s:
+        if _holds(s, job, to):
+            return superseded
         for kind, (file_id, key, size) in written.files.items():
             old = put_output_file(
                 s,
@@ -404,15 +458,21 @@ def finalize(job: BatchJob, *, store: FileStore, settings: Settings) -> bool:
     written = _Written()
     plan: _Plan | None = None
     superseded: list[str] | None = None
+    committing = False
     try:
         with _heartbeat(job, settings) as beat:
-            plan = _plan(job, to)
+            plan = retry_unavailable(lambda: _plan(job, to), f"{job}: reading its chunks")
             if plan is not None:
                 written = _write_files(store, job, to, plan)
                 if not beat.lost:
-                    superseded = _commit_finalisation(job, to, plan, written)
+                    committing = True  # until it answers, the commit may have landed
+                    commit = partial(_commit_finalisation, job, to, plan, written)
+                    superseded = retry_unavailable(commit, f"{job}: committing it")
+                    committing = False
     finally:
-        if superseded is None:  # lost, taken over or broken: what we wrote never counted
+        # lost, taken over or broken: what we wrote never counted (unless a commit that
+        # never answered landed: then the next finaliser's cleanup removes it)
+        if superseded is None and not committing:
             for key in written.storage_keys():
                 store.delete(key)
     if superseded is None or plan is None:
@@ -421,7 +481,10 @@ def finalize(job: BatchJob, *, store: FileStore, settings: Settings) -> bool:
     for key in superseded:
         store.delete(key)
     remove_leftovers(store, job.batch_id, keep=written.storage_keys())
-    release(job.batch_id, job.token)
+    try:
+        release(job.batch_id, job.token)
+    except Exception as exc:  # the cleanup is done; a reaper will only redo it
+        log.warning("%s: cleanup lease not released (%s)", job, describe_unavailable(exc))
     log.info(
         "batch %s %s: %d completed, %d failed",
         job.batch_id,

@@ -9,7 +9,9 @@ fenced lease a validator or finaliser holds while it works.
         └──────────> cancelling ──> cancelled
 
     and from in_progress, finalizing or cancelling to failed: the job that status needs
-    (a finalisation) broke ``LANEWAY_CHUNK_MAX_ATTEMPTS`` times (lifecycle.give_up)
+    (a finalisation) broke ``LANEWAY_CHUNK_MAX_ATTEMPTS`` times (lifecycle.give_up), or
+    a chunk could not write its results to a full file store in as many tries
+    (chunks.py: the batch fails with ``storage_full``)
 
 Validation and finalisation are claimed with a lease: ``claim()`` writes a fresh
 ``lease_token`` and ``lease_until``; the holder renews ``lease_until`` while it works

@@ -22,9 +22,12 @@ from tasks.batches.lifecycle import (
     back_off,
     claim_batch_job,
     finalize,
+    store_full,
     validate_batch,
 )
+from tasks.errors import StorageFull
 from tasks.filestore import FileStore
+from tasks.store.db import database_unavailable, describe_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,29 @@ class BatchWork:
     def run(self, job: Job) -> None:
         if isinstance(job, ChunkClaim):
             run_chunk(job, settings=self.settings, store=self.store, execute=self.execute)
-            advance(job.batch_id)  # the last chunk moves its batch to finalizing
+            try:
+                advance(job.batch_id)  # the last chunk moves its batch to finalizing
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                log.warning(
+                    "batch %s not advanced (%s); a reaper will",
+                    job.batch_id,
+                    describe_unavailable(exc),
+                )
             return
         what = "batch validate" if job.status == "validating" else "batch finalize"
         attributes = {"laneway.batch_id": job.batch_id, "laneway.attempt": job.attempt}
         try:
             with tracing.maybe(what, job.trace_context, attributes):
                 self._run_batch_job(job)
+        except StorageFull as exc:  # paused longer, or the batch fails saying why
+            store_full(job, self.settings, exc)
         except Exception:
-            back_off(job, self.settings)  # counted: give_up once it has failed too often
+            try:  # counted: give_up once it has failed too often
+                back_off(job, self.settings)
+            except Exception as exc:  # the database away: the lease runs out instead
+                log.warning("%s: not backed off (%s)", job, describe_unavailable(exc))
             raise
 
     def _run_batch_job(self, job: BatchJob) -> None:

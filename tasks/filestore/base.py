@@ -3,18 +3,40 @@ local file handed to code that needs a path, the error for a missing part."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, TypeVar
 
+from tasks.errors import StorageFull
+
 COPY_CHUNK = 1024 * 1024
+# what a full disk (or a user's full quota on it) says to a write
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class MissingPart(FileNotFoundError):
     """A part to assemble is not in the store: the whole would be short, so nothing is
     written."""
+
+
+@contextlib.contextmanager
+def full_is_storage_full() -> Iterator[None]:
+    """A write's ``OSError`` for a full store becomes ``StorageFull``: the one error every
+    caller (an upload, a chunk's parts, a finalisation) knows to be temporary and not the
+    data's fault; other errors pass as they are. The message names no key: a client may
+    read it (a live upload's answer)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        raise StorageFull(
+            f"the file store is full ({exc.strerror}); retry once space has been freed"
+        ) from exc
 
 
 def check_key(key: str) -> str:

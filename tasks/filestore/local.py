@@ -18,6 +18,7 @@ from tasks.filestore.base import (
     MissingPart,
     SecondLook,
     check_key,
+    full_is_storage_full,
 )
 
 
@@ -41,14 +42,16 @@ class LocalFileStore(FileStore):
     @contextlib.contextmanager
     def _replacing(self, key: str) -> Iterator[BinaryIO]:
         """A file that becomes ``key`` when the block ends without an error (renamed into
-        place, so a reader never sees half of it); after an error ``key`` is as it was."""
-        tmp = self._tmp(key)
-        try:
-            with tmp.open("wb") as out:
-                yield out
-            os.replace(tmp, self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
+        place, so a reader never sees half of it); after an error ``key`` is as it was,
+        and no temporary is left. A full disk raises ``StorageFull``."""
+        with full_is_storage_full():
+            tmp = self._tmp(key)
+            try:
+                with tmp.open("wb") as out:
+                    yield out
+                os.replace(tmp, self.path(key))
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def write_from(self, key: str, source: BinaryIO, *, limit: int | None = None) -> int:
         """Copy a stream into ``key`` in 1 MiB pieces; returns the bytes written."""

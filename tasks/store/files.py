@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, BinaryIO, Literal
@@ -18,12 +19,14 @@ from tasks.access.quotas import (
     stored_bytes_exceeded,
 )
 from tasks.access.tenancy import Owner, owned_by, scoped_idempotency_key
-from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, quote
+from tasks.errors import InvalidRequest, NotFound, PayloadTooLarge, StorageFull, quote
 from tasks.filestore import FileStore
 from tasks.store.db import session_scope
 from tasks.store.models import BatchRow, FileRow
 from tasks.store.pagination import paginate
 from tasks.store.safety import is_id, text_problem
+
+log = logging.getLogger(__name__)
 
 UPLOAD_PURPOSES = ("batch", "user_data", "fine-tune", "assistants", "vision", "evals")
 OUTPUT_PURPOSE = "batch_output"
@@ -133,8 +136,9 @@ def create_file(
     No database transaction is open while the bytes are copied (up to ``max_bytes``, or
     what the owner's ``quota`` has room for): the copy comes first, then the row in one
     short transaction, which also checks the quota with the row counted. A copy that
-    fails leaves no blob (the store writes to a temporary name); a row that cannot be
-    written, or does not fit the quota, takes its blob with it."""
+    fails leaves no blob (the store writes to a temporary name), a full store included
+    (``StorageFull``, a 503); a row that cannot be written, or does not fit the quota,
+    takes its blob with it."""
     quota = quota or Quota()
     filename, idempotency_key = check_upload(
         filename=filename, purpose=purpose, idempotency_key=idempotency_key, owner=owner
@@ -153,6 +157,13 @@ def create_file(
         if limit < max_bytes:
             raise stored_bytes_exceeded(quota) from None
         raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
+    except StorageFull as exc:  # the store kept nothing of it, and no row was written
+        log.error("upload %s not stored: %s", file_id, exc)
+        raise StorageFull(
+            "the file store is full: the file could not be stored. Nothing of it was kept; "
+            "retry once space has been freed",
+            param="file",
+        ) from None
     row = _new_row(file_id, filename, purpose, size, key, expires_after_s, owner)
     row.idempotency_key = idempotency_key
     try:

@@ -10,13 +10,15 @@ test_batch_load.py.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from sqlalchemy import update
@@ -899,3 +901,139 @@ def test_output_files_expire_relative_to_their_own_creation(
             info = get_file(s, file_id or "")
             assert info.expires_at == info.created_at + 3600
             assert info.created_at > row.created_at
+
+
+# -- a full file store ---------------------------------------------------------------------------
+
+
+class FullStore(LocalFileStore):
+    """A directory store whose writes under ``full_under`` fail as a full disk's do: the
+    bytes go out, then the disk says ENOSPC (the store's own handling turns it into
+    ``StorageFull`` and removes the temporary)."""
+
+    full_under: str | None = None
+
+    @contextlib.contextmanager
+    def _replacing(self, key: str) -> Iterator[BinaryIO]:
+        with super()._replacing(key) as out:
+            yield out
+            if self.full_under is not None and key.startswith(self.full_under):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def files_under(self, prefix: str) -> list[Path]:
+        return [p for p in self.path(prefix).rglob("*") if p.is_file()]
+
+
+def let_pauses_pass(batch_id: str) -> None:
+    with session_scope() as s:
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(lease_until=0))
+        s.execute(
+            update(ChunkRow)
+            .where(ChunkRow.batch_id == batch_id, ChunkRow.state == "pending")
+            .values(lease_until=0)
+        )
+
+
+def drain_until_finished(w: BatchWork, batch_id: str, pause_s: float) -> BatchRow:
+    for _ in range(50):
+        w.drain()
+        if batch(batch_id).status in status.FINISHED_STATUSES:
+            return batch(batch_id)
+        time.sleep(pause_s)
+    raise AssertionError(f"batch {batch_id} never finished: {batch(batch_id).status}")
+
+
+def test_a_full_store_pauses_chunks_and_the_batch_finishes_once_space_returns(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    store = FullStore(tmp_path / "full")
+    settings = make_settings(chunk_lines=2, chunk_max_attempts=3)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(4, fail={1}))
+    w.drain(limit=1)  # validated
+    store.full_under = "batches/"
+    w.drain()  # each chunk runs once, cannot write its parts, and is paused
+    paused = chunks(batch_id)
+    assert [(c.state, c.attempts) for c in paused] == [("pending", 1), ("pending", 1)]
+    for chunk in paused:  # the first pause: 15 s (LANEWAY_CHUNK_LEASE_S is 120 s here)
+        assert chunk.lease_until is not None and 14 < chunk.lease_until - time.time() <= 15
+    assert w.drain() == 0  # nobody claims a paused chunk
+    assert store.files_under("batches") == []  # nothing of the failed runs is kept
+    assert batch(batch_id).status == "in_progress"
+
+    store.full_under = None  # the operator freed space
+    let_pauses_pass(batch_id)
+    w.drain()
+    row = batch(batch_id)
+    assert (row.status, row.request_completed, row.request_failed) == ("completed", 3, 1)
+    assert_counts_match_files(store, row)
+    assert [c.attempts for c in chunks(batch_id)] == [2, 2]
+
+
+def test_a_store_that_stays_full_fails_the_batch_saying_so(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    store = FullStore(tmp_path / "full")
+    settings = make_settings(chunk_lines=2, chunk_max_attempts=2, chunk_lease_s=0.05)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(4))
+    w.drain(limit=1)
+    store.full_under = "batches/"
+    row = drain_until_finished(w, batch_id, 0.06)
+    assert row.status == "failed" and row.output_file_id is None
+    assert row.errors is not None and [e["code"] for e in row.errors] == ["storage_full"]
+    assert row.errors[0]["message"].startswith("the file store is full: the results of chunk")
+    assert all(c.state == "cancelled" and c.attempts <= 2 for c in chunks(batch_id))
+    assert row.lease_token is not None and (row.lease_until or 0) <= time.time()  # cleanup owed
+
+
+def test_a_full_store_at_finalisation_never_completes_a_short_batch(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    store = FullStore(tmp_path / "full")
+    settings = make_settings(chunk_lines=2, chunk_max_attempts=3)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(5, fail={1}))
+    store.full_under = "results/"
+    w.drain()  # validated, every chunk done, the finalisation cannot write the output
+    row = batch(batch_id)
+    assert (row.status, row.output_file_id, row.error_file_id) == ("finalizing", None, None)
+    assert row.job_attempts == 1 and 14 < (row.lease_until or 0) - time.time() <= 15  # paused
+    assert store.files_under("results") == []
+    assert len(store.listdir(f"batches/{batch_id}")) == 6  # the parts wait for the next try
+    assert w.drain() == 0
+
+    store.full_under = None
+    let_pauses_pass(batch_id)
+    w.drain()
+    row = batch(batch_id)
+    assert (row.status, row.request_completed, row.request_failed) == ("completed", 4, 1)
+    assert_counts_match_files(store, row)
+    assert not store.path(f"batches/{batch_id}").exists()
+
+
+def test_a_finalisation_on_a_store_that_stays_full_fails_the_batch_saying_so(
+    db: TestDatabase, tmp_path: Path, catalog: Catalog
+) -> None:
+    store = FullStore(tmp_path / "full")
+    settings = make_settings(chunk_lines=2, chunk_max_attempts=2, chunk_lease_s=0.05)
+    w = work(settings, store, catalog)
+    batch_id = new_batch(settings, store, jsonl(4))
+    store.full_under = "results/"
+    row = drain_until_finished(w, batch_id, 0.06)
+    assert row.status == "failed" and row.output_file_id is None
+    assert row.errors == [
+        {
+            "code": "storage_full",
+            "line": None,
+            "message": "the file store is full: the batch's output and error files could not "
+            "be written after 2 tries, so the batch is given up. Free space in the file store "
+            "and submit it again",
+            "param": None,
+        }
+    ]
+    assert store.files_under("results") == []
+    with session_scope() as s:  # the reaper's removal of the parts is owed at once
+        s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(lease_until=0))
+    assert leftovers.remove_owed(store) == 1
+    assert not store.path(f"batches/{batch_id}").exists()

@@ -6,6 +6,7 @@ on SQLite and Postgres."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import time
@@ -28,7 +29,7 @@ from tasks.batches.service import (
 )
 from tasks.batches.status import LEGAL, TIMESTAMP_FIELD, claim, transition
 from tasks.batches.validation import MAX_ERRORS_REPORTED, Validation, validate_input
-from tasks.errors import InvalidRequest, LanewayError, NotFound
+from tasks.errors import InvalidRequest, LanewayError, NotFound, StorageFull
 from tasks.filestore import FileStore, MissingPart
 from tasks.store.db import session_scope
 from tasks.store.files import (
@@ -478,6 +479,50 @@ def test_file_idempotency_key(db: None, store: FileStore) -> None:
 
     assert make("k") == make("k")
     assert make("k") != make("other")
+
+
+class _FullDisk(io.BytesIO):
+    """An upload whose copy into the store meets a full disk after its first piece."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().read(4)
+
+
+def test_an_upload_to_a_full_store_is_a_503_and_leaves_nothing(db: None, store: FileStore) -> None:
+    with pytest.raises(StorageFull) as caught:
+        create_file(
+            store=store,
+            source=_FullDisk(b"a\nbcdef\n"),
+            filename="a",
+            purpose="batch",
+            max_bytes=100,
+            idempotency_key="k",
+        )
+    assert caught.value.body() == {
+        "error": {
+            "message": "the file store is full: the file could not be stored. Nothing of it "
+            "was kept; retry once space has been freed",
+            "type": "service_unavailable",
+            "param": "file",
+            "code": "storage_full",
+        }
+    }
+    assert caught.value.status_code == 503
+    assert [p for p in store.path("").rglob("*") if p.is_file()] == []
+    with session_scope() as s:
+        assert s.query(FileRow).count() == 0
+    # once space returns, the same upload (same key) is stored
+    made = create_file(
+        store=store,
+        source=io.BytesIO(b"a\n"),
+        filename="a",
+        purpose="batch",
+        max_bytes=100,
+        idempotency_key="k",
+    )
+    assert store.path(f"files/{made['id']}").read_bytes() == b"a\n"
 
 
 # -- the file store ----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ ALL = [
     errors.QueueFull,
     errors.ClientGone,
     errors.ServiceUnavailable,
+    errors.StorageFull,
+    errors.DatabaseUnavailable,
     errors.GatewayTimeout,
 ]
 
@@ -55,6 +57,8 @@ def test_default_code_survives(cls: type[LanewayError]) -> None:
         (errors.QueueFull, 429),
         (errors.ClientGone, 499),
         (errors.ServiceUnavailable, 503),
+        (errors.StorageFull, 503),
+        (errors.DatabaseUnavailable, 503),
         (errors.GatewayTimeout, 504),
         (errors.LanewayError, 500),
     ],

@@ -5,14 +5,20 @@ tests/integration/test_filestore.py."""
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+import tasks.filestore.local
 from configs.settings import S3Location, Settings
+from tasks.errors import StorageFull
 from tasks.filestore import FileStore, LocalFile, LocalFileStore, get_file_store
 
 
@@ -120,3 +126,51 @@ def test_a_local_file_of_a_local_store_is_the_file_itself(tmp_path: Path) -> Non
     temporary.close()
     assert not temporary.path.exists()
     temporary.close()  # twice is fine
+
+
+def _full(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_store_says_so_and_keeps_nothing_of_the_write(tmp_path: Path, code: int) -> None:
+    store = LocalFileStore(tmp_path)
+    store.write_lines("a/b", iter([b"old\n"]))
+
+    def lines() -> Iterator[bytes]:  # the disk fills up in the middle of the write
+        yield b"new\n"
+        raise _full(code)
+
+    with pytest.raises(StorageFull) as caught:
+        store.write_lines("a/b", lines())
+    assert (caught.value.status_code, caught.value.code) == (503, "storage_full")
+    assert caught.value.message.startswith("the file store is full")
+    assert (tmp_path / "a" / "b").read_bytes() == b"old\n"  # as it was
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b"]  # no temporary left
+
+
+def test_a_full_store_at_the_rename_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalFileStore(tmp_path)
+
+    def replace(*_: object) -> None:  # a directory that cannot grow: its entry is not made
+        raise _full(errno.ENOSPC)
+
+    monkeypatch.setattr(tasks.filestore.local.os, "replace", replace)
+    with pytest.raises(StorageFull):
+        store.write_from("files/x", io.BytesIO(b"x" * 10))
+    assert list((tmp_path / "files").iterdir()) == []
+
+
+def test_other_write_errors_pass_as_they_are(tmp_path: Path) -> None:
+    store = LocalFileStore(tmp_path)
+
+    def lines() -> Iterator[bytes]:
+        yield b"x"
+        raise _full(errno.EIO)
+
+    with pytest.raises(OSError) as caught:
+        store.write_lines("a/b", lines())
+    assert not isinstance(caught.value, StorageFull) and caught.value.errno == errno.EIO
+    assert list((tmp_path / "a").iterdir()) == []

@@ -155,6 +155,32 @@ def test_a_failed_re_read_keeps_the_keys_read_before() -> None:
     assert loader.reads == 2  # the failed read is not retried on every request
 
 
+def test_while_reads_fail_requests_do_not_wait_for_the_next() -> None:
+    """The database away (a read that hangs until the connect timeout): requests answer
+    from the keys read before, within LANEWAY_KEYS_MAX_STALE_S, without waiting."""
+    loader, clock = Loader({hash_key("k"): KeyRecord("k", "k")}), Clock()
+    keys = ring(loader, clock, keys_max_stale_s=30)
+    assert auth(keys, b"Bearer k") is not None
+    loader.fail, clock.now = True, 10.0
+    assert auth(keys, b"Bearer k") is not None  # the first failed read: waited for
+    release = asyncio.Event()
+
+    async def go() -> Principal | None:
+        async def slow_refresh() -> None:
+            await release.wait()  # a read that does not come back
+
+        clock.now = 20.0
+        keys.retry_at = float("-inf")
+        keys._refresh = slow_refresh  # type: ignore[method-assign]
+        principal = await asyncio.wait_for(keys.authenticate(b"Bearer k"), timeout=1)
+        assert keys._refreshing is not None  # a read is under way; nobody waits for it
+        release.set()
+        await keys._refreshing
+        return principal
+
+    assert asyncio.run(go()) == Principal("k", "k")
+
+
 def test_keys_unreadable_past_the_bound_are_refused_until_read_again() -> None:
     """Fail closed: past LANEWAY_KEYS_MAX_STALE_S without a read, database keys are 503
     (a key revoked meanwhile must not pass); static keys need no read and still pass."""
