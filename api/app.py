@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api import docs, errors, openapi
@@ -23,6 +22,7 @@ from configs.catalog import load_catalog
 from configs.logs import configure as configure_logging
 from configs.settings import Settings, get_settings
 from tasks.access.keys import load_records
+from tasks.queue.redis_client import async_client
 from tasks.store.db import get_engine
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         get_engine(settings)
-        redis = aioredis.Redis.from_url(
+        redis = async_client(
             settings.effective_redis_url, socket_timeout=10, health_check_interval=10
         )
         live = LiveClient(settings, redis)

@@ -44,7 +44,8 @@ from tasks.errors import (
 )
 from tasks.queue.names import LIVE, cancelled_key, queue_name, reply_queue, task_name
 from tasks.queue.publish import celery_message
-from tasks.queue.replies import DONE, ERROR, Reply, decode_reply
+from tasks.queue.redis_client import FOLLOW_S, async_client, current_master, is_sentinel
+from tasks.queue.replies import DONE, ERROR, Reply, decode_reply, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,17 @@ class LiveClient:
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         # its own connection: the blocking pop must not hold one the requests need
-        self._listen_client = aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool.from_url(
-                settings.effective_redis_url,
-                socket_timeout=BLOCK_S + 5,
-                socket_keepalive=True,
-                max_connections=1,
-            )
+        self._listen_client = async_client(
+            settings.effective_redis_url,
+            socket_timeout=BLOCK_S + 5,
+            socket_keepalive=True,
+            max_connections=1,
         )
+        self._master: tuple[str, int] | None = None  # behind Sentinel: the one last used
+        # behind Sentinel the listener looks where the master is between pops (a pop
+        # blocked on a master that was just replaced would hear nothing for its length)
+        sentinel = is_sentinel(settings.effective_redis_url)
+        self._block_s = FOLLOW_S if sentinel else BLOCK_S
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="laneway-replies")
@@ -93,12 +97,14 @@ class LiveClient:
         while True:
             try:
                 await self._listen_client.ping()
+                self._check_master()
                 self._listening.set()
                 backoff = 0.1
                 while True:
                     frames = await self._pop()
                     for frame in frames:
                         self._deliver(frame)
+                    self._check_master()  # the pop may have followed the master elsewhere
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -107,12 +113,40 @@ class LiveClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    def _check_master(self) -> None:
+        """After a Sentinel failover, answer every request still waiting with a 503.
+
+        What the old master took after the new one was promoted (messages, replies) is
+        gone when it rejoins as a replica; nothing tells which waiting requests lost
+        theirs, and waiting out ``LANEWAY_REQUEST_TIMEOUT_S`` for them is the hang a
+        failover must not cause. A reply that still comes later is dropped as unmatched;
+        the caller's retry goes to the new master."""
+        master = current_master(self._listen_client)
+        if master is None or master == self._master:
+            return
+        if self._master is not None:
+            waiting = [*self._pending, *self._streams]
+            log.warning(
+                "the Redis master moved from %s:%d to %s:%d; failing %d waiting requests",
+                *self._master,
+                *master,
+                len(waiting),
+            )
+            failed = ServiceUnavailable(
+                "the queue broker failed over while the request was in flight; retry it",
+                code="broker_failover",
+            ).to_wire()
+            for request_id in waiting:
+                self._deliver(encode_reply(request_id, ERROR, error=failed))
+        self._master = master
+
     async def _pop(self) -> list[bytes]:
         """What is on the reply list now, or (when empty) the next reply to arrive."""
         frames = await self._listen_client.lpop(self.replies, POP_MAX)
         if frames:
             return cast(list[bytes], frames)
-        got = await self._listen_client.blpop([self.replies], timeout=BLOCK_S)
+        self._check_master()  # before blocking: that pop may have followed a failover
+        got = await self._listen_client.blpop([self.replies], timeout=self._block_s)
         return [cast(bytes, got[1])] if got else []
 
     def _deliver(self, frame: bytes) -> None:

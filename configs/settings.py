@@ -386,6 +386,18 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: str | None) -> str | None:
+        """redis://, rediss://, unix:// or a complete sentinel:// URL, checked at start-up
+        (a sentinel URL without its master_name would fail only at the first command)."""
+        if value:
+            # imported here: the URL forms live with the client factory that reads them
+            from tasks.queue.redis_client import check_url
+
+            check_url(value)
+        return value
+
     @field_validator("flower_basic_auth")
     @classmethod
     def _user_password_pairs(cls, value: str | None) -> str | None:

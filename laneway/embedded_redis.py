@@ -41,13 +41,26 @@ def free_port() -> int:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) shown as ``***``, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with its password (if any) shown as ``***``, for logs and messages; a
+    ``sentinel://`` list has each of its URLs redacted, and its ``sentinel_password``."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    head, mark, query = url.partition("?")
+    if mark:  # redis-py and laneway take passwords as options too (?password=...)
+        query = "&".join(_redact_option(item) for item in query.split("&"))
+    parts = urlsplit(head)
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        head = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return head + mark + query
+
+
+def _redact_option(item: str) -> str:
+    key, equals, _ = item.partition("=")
+    return f"{key}=***" if equals and key.lower().endswith("password") else item
 
 
 def _quoted(value: str) -> str:

@@ -33,6 +33,7 @@ import redis
 from laneway.embedded_redis import free_port
 from laneway.stack import Proc, Processes, get_health, stop_order
 from tasks.queue.names import LIVE, WORKERS_KEY, Lane, queue_name
+from tasks.queue.redis_client import sync_client
 
 # test settings must not leak in from the developer's shell
 _SCRUBBED_PREFIX = "LANEWAY_"
@@ -170,6 +171,7 @@ class Stack:
         env: Mapping[str, str] | None = None,
         database_url: str | None = None,
         capability: str = "embeddings",
+        redis_url: str | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,9 @@ class Stack:
         self.db: TestDatabase | None = None
         self.redis_proc: Proc | None = None
         self.redis_port: int | None = None
-        self.redis_url: str | None = None
+        # an external Redis (e.g. a sentinel:// URL): the stack starts none of its own
+        self.external_redis = redis_url is not None
+        self.redis_url: str | None = redis_url
         self.workers: list[Proc] = []
         self.other_apis: list[Proc] = []  # start_another_api
         self.api: Proc | None = None
@@ -196,7 +200,8 @@ class Stack:
 
     def start(self, *, migrate: bool = True) -> Stack:
         """Redis and the database (migrated); workers and the API start separately."""
-        self.start_redis()
+        if not self.external_redis:
+            self.start_redis()
         self.db = TestDatabase(self.root / "db", self.server_url)
         if migrate:
             self.migrate()
@@ -242,7 +247,7 @@ class Stack:
 
     def redis(self) -> redis.Redis:
         assert self.redis_url, "call start() first"
-        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        return sync_client(self.redis_url, socket_timeout=10)
 
     def flush_redis(self) -> None:
         with contextlib.closing(self.redis()) as r:

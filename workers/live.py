@@ -270,7 +270,7 @@ class ReplyWriter:
             try:
                 pipe.execute()
                 self.replies += sum(len(b) for b in frames.values())
-            except redis.RedisError as exc:  # their callers time out (504)
+            except (redis.RedisError, OSError) as exc:  # their callers time out (504)
                 log.warning("could not deliver %d live replies: %s", len(items), exc)
         self.events.flush()
         if finished:

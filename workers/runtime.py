@@ -33,6 +33,7 @@ from tasks.queue.names import (
     queue_name,
     worker_metrics_key,
 )
+from tasks.queue.redis_client import sync_client
 from workers.rolling import RollingRates, fold
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class WorkerRuntime:
         self.device = device
         self.entries = {e.id: e for e in entries}
         self.worker_id = f"{capability}-{os.getpid()}@{socket.gethostname()}"
-        self.redis = redis.Redis.from_url(settings.effective_redis_url, socket_timeout=10)
+        self.redis = sync_client(settings.effective_redis_url, socket_timeout=10)
         self.engines: dict[str, Engine] = {}
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -140,7 +141,7 @@ class WorkerRuntime:
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
                 self.publish_readiness()
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError) as exc:  # the next beat tries again
                 log.warning("heartbeat failed: %s", exc)
             if self.settings.rolling_every_s and (
                 time.monotonic() - folded >= self.settings.rolling_every_s

@@ -7,11 +7,13 @@ from celery import Celery
 from configs.capabilities import CAPABILITIES
 from configs.settings import Settings, get_settings
 from tasks.queue.names import LANES, queue_name, task_name
+from tasks.queue.redis_client import celery_broker
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    url = settings.effective_redis_url
+    # a sentinel:// URL becomes kombu's form plus its transport options (master_name)
+    url, sentinel_options = celery_broker(settings.effective_redis_url)
     # no result backend: live replies go to the caller's reply list (tasks/queue/replies.py) and
     # batch results to the database, and a Redis backend would subscribe per sent task
     app = Celery("laneway", broker=url, set_as_current=True)
@@ -47,6 +49,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "ack_emulation": False,
             "socket_keepalive": True,
             "health_check_interval": 10,
+            **sentinel_options,
         },
         broker_pool_limit=32,
     )
