@@ -28,10 +28,14 @@ REGION = "us-east-1"
 
 
 class MotoServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        """``host``/``port``: where it listens (another address than loopback for a
+        network namespace of the test's own, tests/netns.py: start it from a thread in
+        that namespace)."""
         self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
         self.log_path = root / "moto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -44,7 +48,7 @@ class MotoServer:
         self.root.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
