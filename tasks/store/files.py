@@ -150,20 +150,7 @@ def create_file(
         room = room_to_store(s, owner, quota)
     file_id = new_file_id()
     key = f"files/{file_id}"
-    limit = max_bytes if room is None else min(max_bytes, room)
-    try:
-        size = store.write_from(key, source, limit=limit)
-    except OverflowError:
-        if limit < max_bytes:
-            raise stored_bytes_exceeded(quota) from None
-        raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
-    except StorageFull as exc:  # the store kept nothing of it, and no row was written
-        log.error("upload %s not stored: %s", file_id, exc)
-        raise StorageFull(
-            "the file store is full: the file could not be stored. Nothing of it was kept; "
-            "retry once space has been freed",
-            param="file",
-        ) from None
+    size = _copy(store, key, source, max_bytes=max_bytes, room=room, quota=quota)
     row = _new_row(file_id, filename, purpose, size, key, expires_after_s, owner)
     row.idempotency_key = idempotency_key
     try:
@@ -183,6 +170,33 @@ def create_file(
     except BaseException:
         store.delete(key)
         raise
+
+
+def _copy(
+    store: FileStore,
+    key: str,
+    source: BinaryIO,
+    *,
+    max_bytes: int,
+    room: int | None,
+    quota: Quota,
+) -> int:
+    """An upload's bytes into the store under ``key`` (at most ``max_bytes``, or the
+    ``room`` the owner's quota leaves); its size. A copy that fails keeps nothing."""
+    limit = max_bytes if room is None else min(max_bytes, room)
+    try:
+        return store.write_from(key, source, limit=limit)
+    except OverflowError:
+        if limit < max_bytes:
+            raise stored_bytes_exceeded(quota) from None
+        raise PayloadTooLarge(f"files may be at most {max_bytes} bytes", param="file") from None
+    except StorageFull as exc:  # the store kept nothing of it, and no row was written
+        log.error("upload to %s not stored: %s", key, exc)
+        raise StorageFull(
+            "the file store is full: the file could not be stored. Nothing of it was kept; "
+            "retry once space has been freed",
+            param="file",
+        ) from None
 
 
 def get_file(session: Session, file_id: str, *, owner: Owner = None) -> FileRow:

@@ -10,8 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
 from tests.harness import Stack
+from tests.integration.batch_support import db_engine
 from tests.s3_server import MotoServer
 
 
@@ -35,3 +37,13 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(stack: Stack) -> Iterator[Engine]:
+    """An engine on the module's stack's database, to read what the API does not show."""
+    engine = db_engine(stack)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

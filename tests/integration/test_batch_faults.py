@@ -26,7 +26,6 @@ from tests.integration.batch_support import (
     FAKE,
     assert_exactly_once,
     assert_input_order,
-    db_engine,
     requests,
     results,
     slow_fake_stack,
@@ -56,15 +55,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.close()
-
-
-@pytest.fixture(scope="module")
-def engine(stack: Stack) -> Iterator[Engine]:
-    engine = db_engine(stack)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from tests.integration.batch_support import (
     FINISHED,
     assert_exactly_once,
     assert_input_order,
-    db_engine,
     fake_entry,
     jsonl,
     requests,
@@ -96,15 +95,6 @@ def api_key(stack: Stack) -> str:
         "the API to read its first database key",
     )
     return key
-
-
-@pytest.fixture(scope="module")
-def engine(stack: Stack) -> Iterator[Engine]:
-    engine = db_engine(stack)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def client(stack: Stack, api_key: str) -> Any:

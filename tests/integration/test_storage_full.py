@@ -37,7 +37,6 @@ from tests.integration.batch_support import (
     FAKE,
     assert_exactly_once,
     assert_input_order,
-    db_engine,
     fake_entry,
     fake_stack,
     jsonl,
@@ -99,15 +98,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stack.close()
     finally:
         unmount(store)
-
-
-@pytest.fixture(scope="module")
-def engine(stack: Stack) -> Iterator[Engine]:
-    engine = db_engine(stack)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 class Filler:
