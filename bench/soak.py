@@ -243,16 +243,25 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
 
 
 def report(samples: list[tuple[float, dict[str, float]]], warmup_s: float) -> None:
+    """First and last value and slope per hour of each series after the warm-up, and the
+    slope over the second half alone: a cache or pool filling up flattens there, a leak
+    does not."""
     kept = [(t, s) for t, s in samples if t >= warmup_s] or samples
+    half = kept[len(kept) // 2 :]
     print(f"\n{len(kept)} samples from {kept[0][0] / 60:.1f} to {kept[-1][0] / 60:.1f} min")
-    print(f"{'series':<34} {'first':>10} {'last':>10} {'slope/h':>10} {'% of mean/h':>12}")
+    head = f"{'series':<34} {'first':>10} {'last':>10} {'slope/h':>10} {'% of mean/h':>12}"
+    print(f"{head} {'2nd half/h':>11}")
     for name in kept[-1][1]:
         points = [(t, s[name]) for t, s in kept if name in s]
+        late = [(t, s[name]) for t, s in half if name in s]
         slope = slope_per_hour(points) if len(points) > 1 else 0.0
+        slope_late = slope_per_hour(late) if len(late) > 1 else 0.0
         mean = sum(v for _, v in points) / len(points)
         share = f"{100 * slope / mean:+.1f}" if mean else "-"
+        first, last = points[0][1], points[-1][1]
         print(
-            f"{name:<34} {points[0][1]:>10.1f} {points[-1][1]:>10.1f} {slope:>+10.2f} {share:>12}"
+            f"{name:<34} {first:>10.1f} {last:>10.1f} {slope:>+10.2f} {share:>12} "
+            f"{slope_late:>+11.2f}"
         )
 
 
