@@ -13,7 +13,7 @@ from configs.catalog import Catalog
 from configs.settings import Settings
 from tasks.access.tenancy import Owner
 from tasks.benchmarks import records
-from tasks.benchmarks.service import Shape, basis, estimate, file_shape, rates
+from tasks.benchmarks.service import Shape, basis, estimate, file_shape, rates_of
 from tasks.errors import ModelNotFound, quote
 from tasks.filestore import get_file_store
 from tasks.store.db import session_scope
@@ -58,7 +58,7 @@ def _cards(
     s: Session, names: Sequence[str], served: Sequence[str], workers: Workers
 ) -> list[dict[str, Any]]:
     found = records.for_models(s, names)
-    chosen = rates(s, names, workers)
+    chosen = rates_of(found, workers)  # from the rows just read, not a second query
     return [
         {
             "object": "benchmark.model",

@@ -4,7 +4,7 @@ ahead of a batch, a running batch's completion time, and the shape of an input f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from tasks.benchmarks import records
 from tasks.benchmarks.estimate import Progress, Rate, choose, completion_at, seconds_for
 from tasks.errors import InvalidRequest
 from tasks.filestore import FileStore
-from tasks.store.models import BatchRow, FileRow
+from tasks.store.models import BatchRow, BenchmarkRow, FileRow
 from tasks.store.safety import parse_json
 
 # batches whose lines are still to run: what is queued ahead of a new one
@@ -35,7 +35,13 @@ def rates(
 ) -> dict[str, Rate | None]:
     """The rate each model's estimates go by (``estimate.choose``); ``workers``: the
     warm workers serving each model now."""
-    rows = records.for_models(session, models)
+    return rates_of(records.for_models(session, models), workers)
+
+
+def rates_of(
+    rows: Mapping[str, Sequence[BenchmarkRow]], workers: Mapping[str, int] | None = None
+) -> dict[str, Rate | None]:
+    """``rates`` from each model's rows already read (``records.for_models``)."""
     counts = workers or {}
     return {m: choose(found, workers=counts.get(m)) for m, found in rows.items()}
 
