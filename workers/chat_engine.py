@@ -4,8 +4,12 @@ Requests (``ChatJob``, one sequence per choice) wait in two queues, live and bat
 scheduler thread per model loops:
 
 1. **admit** waiting jobs between decode steps: live jobs first, in arrival order; a
-   batch job only while no live job waits (so no batch sequence is admitted ahead of a
-   live one), within ``max_running`` sequences and the token budget. The budget counts
+   batch job only while no live job waits or starts (so no batch sequence is admitted
+   ahead of a live one, nor prefilled beside it to delay its first token), at most
+   ``batch_prefill_tokens`` prompt tokens of them per step (a wave of finished batch
+   rows refills over a few steps, and a live request that arrives meanwhile waits for
+   one small prefill, not for the whole wave), within ``max_running`` sequences and the
+   token budget. The budget counts
    the cache the batch may grow to: the cache is left-padded, so every row is as wide
    as the widest, and that is rows x the largest prompt plus ``max_tokens``. A live job
    that finds no room preempts running batch jobs, newest first, but only when that
@@ -127,6 +131,13 @@ class ChatJob:
         """Whether a token of it has come (``workers.jobs.departed``: its deadline no
         longer applies)."""
         return any(c.generated for c in self.choices)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """The tokens its start prefills: each unfinished choice's prompt and what it had
+        generated before a preemption."""
+        prompt = len(self.prompt.ids)
+        return sum(prompt + len(c.generated) for c in self.choices if c.finish_reason is None)
 
     @property
     def width(self) -> int:
@@ -329,13 +340,18 @@ class ChatEngine:
         preempt: list[ChatJob] = []
         taken: list[ChatJob] = []
         for queue in (self._live, self._batch):
-            if queue is self._batch and self._live:
-                break  # a live job still waits for room: nothing is admitted ahead of it
+            if queue is self._batch and (self._live or taken):
+                break  # live jobs wait for room, or prefill alone: no batch job delays them
+            prefill = 0  # prompt tokens of the batch jobs taken
             while queue:
                 job = queue[0]
                 if job.future.done():  # dropped or cancelled while it waited
                     queue.popleft()
                     continue
+                if queue is self._batch:
+                    prefill += job.prefill_tokens
+                    if prefill > self.limits.batch_prefill_tokens and taken:
+                        break  # the rest start after the next decode step
                 if not self._fits(held, job):
                     victims = self._victims(held, job) if queue is self._live else []
                     if not victims:

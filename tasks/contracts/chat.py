@@ -69,6 +69,7 @@ MAX_TOP_LOGPROBS = 20
 # chat defaults of a catalog entry (its ``defaults:`` mapping) when it names none
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_RUNNING = 32
+DEFAULT_BATCH_PREFILL_TOKENS = 256
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ImageDetail = Literal["auto", "low", "high"]
@@ -420,6 +421,8 @@ class ChatOptions(CatalogOptions):
     engine: Engine = "auto"
     # sequence slots batch work never takes (none given: a quarter of max_running, at least 1)
     live_reserve: Annotated[StrictInt, Field(ge=0)] | None = None
+    # own engine: prompt tokens of batch jobs started per decode step (at least one job)
+    batch_prefill_tokens: PositiveInt = DEFAULT_BATCH_PREFILL_TOKENS
     vllm_args: dict[StrictStr, Any] = Field(default_factory=dict)  # vLLM's AsyncEngineArgs
 
     @field_validator("engine", mode="before")
@@ -453,6 +456,9 @@ class ChatLimits:
     # sequence slots batch work never takes, so live work finds one free without
     # preempting (0: batch may take every slot, and live work preempts it)
     live_reserve: int = 1
+    # own engine: prompt tokens of batch jobs prefilled between two decode steps (a job
+    # alone may have more): a live request that arrives meanwhile waits for no longer
+    batch_prefill_tokens: int = DEFAULT_BATCH_PREFILL_TOKENS
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM's AsyncEngineArgs
 
     @classmethod
@@ -475,6 +481,7 @@ class ChatLimits:
             supports_images=options.supports_images,
             engine=options.engine,
             live_reserve=min(reserve, max(running - 1, 0)),
+            batch_prefill_tokens=options.batch_prefill_tokens,
             vllm_args=dict(options.vllm_args),
         )
 

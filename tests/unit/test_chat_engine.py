@@ -307,6 +307,46 @@ def test_batch_jobs_leave_the_live_reserve_free_so_live_work_preempts_nothing(
     assert max(backend.decodes) == 4  # three batch rows and the live one, never more
 
 
+def test_a_live_job_is_prefilled_without_batch_jobs_beside_it(make: Any) -> None:
+    """A live job and batch jobs that could all start in the same turn: the live job's
+    prefill holds it alone (batch prompts beside it would delay its first token), and the
+    batch jobs start in a later one."""
+    engine, backend = make(max_running=8, live_reserve=1)
+    backend.gate.clear()  # the running job's first decode step waits
+    first = engine.submit(work("running", 4), lane=BATCH)
+    while not backend.prefills:
+        time.sleep(0.01)
+    batch = [engine.submit(work(f"batch {i}", 3), lane=BATCH) for i in range(3)]
+    live = engine.submit(work("live one", 3), lane=LIVE)
+    backend.gate.set()
+    for f in [first, *batch, live]:
+        f.result(10)
+    live_ids = backend.render([{"content": "live one"}], []).ids
+    [with_live] = [call for call in backend.prefills if live_ids in call]
+    assert with_live == [live_ids], with_live
+
+
+def test_batch_prefills_hold_at_most_batch_prefill_tokens_per_step(make: Any) -> None:
+    """Eight 20-token batch prompts with a 50-token prefill budget: they start two at a
+    time, a decode step between, and all finish as they would have at once."""
+    engine, backend = make(max_running=16, batch_prefill_tokens=50)
+    texts = [f"batch prompt {i:02d} abcdef" for i in range(8)]
+    assert {len(backend.render([{"content": t}], []).ids) for t in texts} == {22}
+    expected = [alone(engine, t, 6) for t in texts]
+    backend.prefills.clear()
+    backend.gate.clear()
+    futures = [engine.submit(work(t, 6), lane=BATCH) for t in texts]
+    backend.gate.set()
+    assert [f.result(10).choices[0]["text"] for f in futures] == expected
+    sizes = [len(call) for call in backend.prefills]
+    assert sum(sizes) == 8 and max(sizes) <= 2, sizes
+    # a single job over the budget still starts (alone)
+    backend.prefills.clear()
+    long_text = "x" * 80
+    assert engine.submit(work(long_text, 2), lane=BATCH).result(10).completion_tokens == 2
+    assert [len(call) for call in backend.prefills] == [1]
+
+
 def test_one_request_that_does_not_fit_alone_fails_instead_of_hanging(make: Any) -> None:
     """Out of memory with a single request running (its n=3 choices): no other request
     can make room, so it fails (before, half of its choices were dropped: a hang)."""
