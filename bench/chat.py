@@ -17,7 +17,9 @@ server, and prints, from one run:
    ``--requests`` concurrent ``POST /v1/chat/completions`` (non-streamed, temperature 0):
    completion tokens/s and the ratio to raw. Time to first token (``stream: true``: the
    first SSE chunk whose ``delta.content`` is not empty) p50 and p99 of ``--ttft-requests``
-   probes from ``--ttft-clients`` streaming clients, idle. Then co-serving: a
+   probes from ``--ttft-clients`` streaming clients, idle, each probe after a random pause
+   (exponential, mean ``--probe-gap-ms``) so that probes reach a busy engine at any point
+   of its decode step, as callers do. Then co-serving: a
    ``--batch-lines`` chat batch (``POST /v1/files``, ``POST /v1/batches``) runs alone for
    ``--quiet-s`` (its tokens/s), then the same probes run beside it for at least
    ``--live-s`` (TTFT p50/p99 and the batch's tokens/s meanwhile); the batch is
@@ -35,9 +37,9 @@ p50 <= 1.2 x the peer's. Beside the batch (either engine): TTFT p50 <= 1.5 x idl
 p99 <= 3 x idle p99, the batch's tokens/s with live traffic >= 0.8 x without.
 
     .venv/bin/python bench/chat.py [--engine own] [--requests 16] [--max-tokens 64]
-        [--ttft-requests 20] [--ttft-clients 1] [--batch-lines 2000] [--quiet-s 25]
-        [--live-s 20] [--max-running 16] [--peer transformers|vllm|none | --no-peer]
-        [--only-peer] [--peer-port 8900]
+        [--ttft-requests 20] [--ttft-clients 1] [--probe-gap-ms 200] [--batch-lines 2000]
+        [--quiet-s 25] [--live-s 20] [--max-running 16]
+        [--peer transformers|vllm|none | --no-peer] [--only-peer] [--peer-port 8900]
     ./dev bench chat [same options]
     ./dev vllm bench chat --engine vllm [--live-reserve 4] [--peer vllm] [same options]
 
@@ -58,6 +60,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -291,17 +294,32 @@ async def _prober(
     bodies: Iterator[dict[str, Any]],
     done: Callable[[], bool],
     out: list[Probe],
+    pause: Callable[[], float],
 ) -> None:
-    """One client: a streamed probe at a time until ``done()``."""
+    """One client: a streamed probe at a time until ``done()``, each after ``pause()``
+    seconds."""
     while not done():
+        await asyncio.sleep(pause())
         ttft = await _first_token(http, next(bodies))
         out.append(Probe(ttft, time.perf_counter()))
 
 
 async def _probes(
-    base: str, model: str, kind: str, n: int, min_s: float, clients: int, warmup: int
+    base: str,
+    model: str,
+    kind: str,
+    n: int,
+    min_s: float,
+    clients: int,
+    warmup: int,
+    gap_s: float,
 ) -> list[Probe]:
     bodies = (chat_body(model, i, PROBE_TOKENS, kind) for i in itertools.count())
+    rng = random.Random(f"{kind}-{n}-{clients}")  # the same pauses in every run
+
+    def pause() -> float:
+        return rng.expovariate(1 / gap_s) if gap_s > 0 else 0.0
+
     async with _session(base, clients) as http:
         for _ in range(warmup):
             await _first_token(http, next(bodies))
@@ -311,7 +329,7 @@ async def _probes(
         def done() -> bool:
             return len(out) >= n and time.perf_counter() - t0 >= min_s
 
-        await asyncio.gather(*(_prober(http, bodies, done, out) for _ in range(clients)))
+        await asyncio.gather(*(_prober(http, bodies, done, out, pause) for _ in range(clients)))
     return out
 
 
@@ -324,11 +342,15 @@ def probe_window(
     min_s: float = 0.0,
     clients: int = 1,
     warmup: int = 3,
+    gap_s: float = 0.0,
 ) -> list[Probe]:
     """``clients`` streaming clients, each sending ``PROBE_TOKENS``-token streamed requests
     one after another on a kept-alive connection, after ``warmup`` unmeasured ones, until
-    ``n`` are answered and ``min_s`` has passed."""
-    return asyncio.run(_probes(base, model, kind, n, min_s, clients, warmup))
+    ``n`` are answered and ``min_s`` has passed. Before each, a client pauses for a random
+    time (exponential, mean ``gap_s``; none when 0): a probe sent the moment the last one
+    ended reaches a busy engine just as its next decode step begins, so it always waits a
+    whole step, which a caller arriving at a random time does not."""
+    return asyncio.run(_probes(base, model, kind, n, min_s, clients, warmup, gap_s))
 
 
 def warm_up(base: str, model: str, concurrency: int) -> None:
@@ -401,7 +423,14 @@ def serve_load(base: str, model: str, name: str, args: argparse.Namespace) -> Se
     bodies = [chat_body(model, i, args.max_tokens) for i in range(args.requests)]
     load = concurrent(base, bodies)
     step(f"{name}: {args.ttft_requests} streamed requests, idle ...")
-    idle = probe_window(base, model, "idle", args.ttft_requests, clients=args.ttft_clients)
+    idle = probe_window(
+        base,
+        model,
+        "idle",
+        args.ttft_requests,
+        clients=args.ttft_clients,
+        gap_s=args.probe_gap_ms / 1e3,
+    )
     return Served(name, load, [p.ttft for p in idle])
 
 
@@ -660,6 +689,7 @@ def co_serve(stack: ChatStack, served: Served, args: argparse.Namespace) -> Serv
                 min_s=args.live_s,
                 clients=args.ttft_clients,
                 warmup=0,
+                gap_s=args.probe_gap_ms / 1e3,
             )
             t2 = time.perf_counter()
             after = progress()
@@ -943,6 +973,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--ttft-clients", type=int, default=1, help="streaming clients probing at once"
+    )
+    parser.add_argument(
+        "--probe-gap-ms",
+        type=float,
+        default=200.0,
+        help="mean random pause before each probe (0: each right after the last)",
     )
     parser.add_argument("--batch-lines", type=int, default=2000, help="0: no batch phase")
     parser.add_argument(
