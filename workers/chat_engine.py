@@ -14,8 +14,9 @@ scheduler thread per model loops:
    as the widest, and that is rows x the largest prompt plus ``max_tokens``. A live job
    that finds no room preempts running batch jobs, newest first, but only when that
    makes it fit; otherwise it waits and nothing is preempted;
-2. **prefill** the admitted sequences in one forward and merge their cache into the
-   running batch (``workers.backends.chat.merge``);
+2. **prefill** the admitted sequences in one forward; their cache joins the running
+   batch's (``workers.backends.chat.merge``, a copy of the whole cache) only after step 3
+   has sent their first tokens;
 3. **sample** one token per running sequence, batched on the logits' device (penalties,
    temperature, top-p, log-probabilities: ``workers.chat_sampling``) and read back in
    one copy: greedy at temperature 0, else a draw with a generator on that device, a
@@ -164,6 +165,8 @@ class ChatEngine:
         self._batch: deque[ChatJob] = deque()
         self._running: list[Choice] = []  # in the order of the batch's rows
         self._state: Batch | None = None
+        # the last prefill's cache: merged into ``_state`` once its first tokens are out
+        self._joining: Batch | None = None
         self._logits: torch.Tensor | None = None  # the running rows' next-token logits
         self._generators: dict[torch.device, torch.Generator] = {}  # unseeded draws'
         self._cap = self.limits.max_running
@@ -396,6 +399,7 @@ class ChatEngine:
     def _preempt(self, jobs: list[ChatJob]) -> list[int]:
         """Take ``jobs`` out of the running batch and put them back first in their queue
         (each resumes later by prefilling what it had generated). The rows kept."""
+        assert self._joining is None  # merged by the step that followed its prefill
         gone = set(jobs)
         keep = [i for i, c in enumerate(self._running) if c.job not in gone]
         for choice in self._running:
@@ -443,13 +447,15 @@ class ChatEngine:
         if tracing.TRACER is not None:  # decode steps are not traced: a span per token
             parents = [job.meta.trace for job in jobs]
             tracing.forward_spans(parents, took, len(choices), model=self.entry.id, name="prefill")
-        # running first: a merge that breaks fails them with the batch (``_fail_running``)
+        # running first: a merge that breaks fails them with the batch (``_fail_running``);
+        # the merge copies the whole running cache, so it waits until ``_step`` has sent
+        # these jobs' first tokens
         self._running.extend(choices)
-        self._state = merge(self._state, batch)
+        self._joining = batch if self._joining is None else merge(self._joining, batch)
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
     def _step(self) -> None:
-        assert self._logits is not None and self._state is not None
+        assert self._logits is not None
         tokens, on_device, logprobs = self._sample(self._logits)
         for row, choice in enumerate(self._running):
             self._advance(choice, tokens[row], logprobs[row] if logprobs else None)
@@ -458,6 +464,9 @@ class ChatEngine:
             emitted |= self._publish(job)
         if emitted:
             time.sleep(0)  # let the reply writer send them before the next forward
+        if self._joining is not None:  # the new rows' cache, after their first tokens
+            self._state, self._joining = merge(self._state, self._joining), None
+        assert self._state is not None
         self._drop_gone([c.job for c in self._running])
         keep = [i for i, c in enumerate(self._running) if c.finish_reason is None]
         for choice in self._running:
@@ -608,7 +617,7 @@ class ChatEngine:
     def _fail_running(self, exc: BaseException) -> None:
         """Fail every running job and empty the batch (its cache may be half updated)."""
         _fail({c.job: None for c in self._running}, exc)
-        self._running, self._state, self._logits = [], None, None
+        self._running, self._state, self._logits, self._joining = [], None, None, None
 
 
 def _fail(jobs: Iterable[ChatJob], exc: BaseException) -> None:

@@ -326,6 +326,39 @@ def test_a_live_job_is_prefilled_without_batch_jobs_beside_it(make: Any) -> None
     assert with_live == [live_ids], with_live
 
 
+def test_a_new_sequence_streams_its_first_token_before_its_cache_is_merged(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Merging copies the whole running cache: a live job that joins a running batch gets
+    its first token out first, and its continuation is still its own."""
+    import workers.chat_engine as chat_engine
+
+    engine, backend = make(max_running=8)
+    expected = alone(engine, "live one", 4)
+    events: list[str] = []
+    real_merge = chat_engine.merge
+
+    def merge(a: Any, b: Any) -> Any:
+        events.append("merge")
+        return real_merge(a, b)
+
+    monkeypatch.setattr(chat_engine, "merge", merge)
+    backend.delay_s = 0.01
+    running = engine.submit(work("running batch job", 40), lane=BATCH)
+    while len(backend.decodes) < 3:
+        time.sleep(0.01)
+    events.clear()
+
+    def emit(deltas: list[dict[str, Any]]) -> None:
+        if any(d.get("text") for d in deltas):
+            events.append("token")
+
+    [live] = engine.submit_many([Submission(work("live one", 4), emit=emit)], lane=LIVE)
+    assert live.result(10).choices[0]["text"] == expected
+    assert events[:2] == ["token", "merge"], events
+    assert running.result(10).completion_tokens == 40
+
+
 def test_batch_prefills_hold_at_most_batch_prefill_tokens_per_step(make: Any) -> None:
     """Eight 20-token batch prompts with a 50-token prefill budget: they start two at a
     time, a decode step between, and all finish as they would have at once."""
