@@ -26,6 +26,7 @@ directory on its PYTHONPATH (shared/PEERS.md).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -148,22 +149,41 @@ def main() -> None:
         (root / "laneway").mkdir()
         mine = run_laneway(model_dir, args, root / "laneway")
         theirs = run_peer(model_dir, args, root)
+        for who, numbers, logs in (
+            ("laneway", mine, [root / "laneway" / "harness-laneway.log"]),
+            ("the peer", theirs, [root / "harness-peer.log", root / "peer.log"]),
+        ):
+            if not numbers.get("ok"):  # the logs go with the temporary directory
+                print(f"\n{who} completed no request; the end of its logs:")
+                for log in logs:
+                    print(f"--- {log.name}\n{tail(log)}")
     name = "vllm serve" if args.peer == "vllm" else "transformers serve"
     print()
     for who, numbers in ((f"laneway ({args.engine})", mine), (name, theirs)):
         shown = ", ".join(f"{k} {v:g}" for k, v in numbers.items())
         print(f"{who}: {shown}")
-    tps = mine["out_tps"] / theirs["out_tps"]
-    ttft = mine["ttft_p50"] / theirs["ttft_p50"]
-    tpot = mine["tpot_p50"] / theirs["tpot_p50"]
+    tps = ratio(mine["out_tps"], theirs["out_tps"])
+    ttft = ratio(mine["ttft_p50"], theirs["ttft_p50"])
+    tpot = ratio(mine["tpot_p50"], theirs["tpot_p50"])
     print_summary(
         [
             Goal("output tokens/s vs peer", ">= 0.9", f"{tps:.2f}", tps >= 0.9),
             Goal("TTFT p50 vs peer", "<= 1.2", f"{ttft:.2f}", ttft <= 1.2),
-            Goal("TPOT p50 vs peer", "(shown)", f"{tpot:.2f}", True),
+            Goal("TPOT p50 vs peer", "(shown)", f"{tpot:.2f}", not math.isnan(tpot)),
             Goal("failed requests", "0", f"{mine.get('failed', 0):g}", not mine.get("failed")),
         ]
     )
+
+
+def ratio(mine: float, theirs: float) -> float:
+    """``mine / theirs``; NaN (every goal on it missed) when the peer has no number."""
+    return mine / theirs if theirs else float("nan")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no such file)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 if __name__ == "__main__":
