@@ -17,6 +17,14 @@ d. preemption: 2 x ``max_running`` batch requests of ``--long-tokens`` (temperat
    alone first (the reference), then again, and once the batch holds every slot it may
    (own engine: all of them; vLLM: all but ``live_reserve``) ``live_reserve`` + 1 live
    requests: the engine's ``preempted`` grows and every batch result equals the reference.
+e. co-serving: ``--coserve-probes`` live probes (8 tokens, each after a random pause) idle,
+   then a stream of batch requests alone for ``--coserve-s`` and beside the same probes:
+   TTFT p50 and p99 beside the batch against idle (goals 1.5x and 3x) and the batch's
+   tokens/s beside the probes against alone (goal 0.8). A live arrival waits for the
+   decode step under way: where a step's cost grows with its rows (bench/chat.py's model
+   on two CPU cores: 20 ms at 1 row, 61 ms at 12) the TTFT goals are missed; where it
+   does not (a GPU, bound by memory reads; this script's small CPU model) they should be
+   met, and this phase says (it runs after b, on the measuring load).
 
 Greedy output is not batch-invariant in bfloat16 (a resumed sequence prefills what it had
 decoded: other kernels, other rounding, and a random model's top logits are close), so
@@ -47,6 +55,7 @@ import gc
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -104,6 +113,33 @@ class Engine(Protocol):
 
 
 @dataclass
+class CoServe:
+    """Live TTFT (s) idle and beside a running batch; the batch's tokens/s alone and
+    beside the live probes."""
+
+    idle: list[float]
+    busy: list[float]
+    batch_alone: float
+    batch_beside: float
+
+    def line(self) -> str:
+        idle, busy = pct(self.idle, 50), pct(self.busy, 50)
+        idle99, busy99 = pct(self.idle, 99), pct(self.busy, 99)
+        kept = self.batch_beside / self.batch_alone if self.batch_alone else float("nan")
+        return (
+            f"co-serving TTFT p50 {busy * 1e3:.1f} ms ({busy / idle:.2f} x idle, goal <= 1.5), "
+            f"p99 {busy99 * 1e3:.1f} ms ({busy99 / idle99:.2f} x idle, goal <= 3), "
+            f"batch kept {kept:.2f} (goal >= 0.8)"
+        )
+
+
+def pct(samples: list[float], q: int) -> float:
+    """The ``q``-th percentile, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@dataclass
 class Report:
     engine: str
     device: str
@@ -111,6 +147,7 @@ class Report:
     check_dtype: str
     tokens_per_s: float | None = None
     ttft_p50_s: float | None = None
+    coserve: CoServe | None = None
     preempted: int | None = None
     sampling_ok: bool | None = None
     preemption_ok: bool | None = None
@@ -129,6 +166,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda:0" if cuda else "cpu")
     p.add_argument("--engines", default="own,vllm", help="comma-separated: own, vllm")
     p.add_argument("--ttft-requests", type=int, default=8)
+    p.add_argument(
+        "--coserve-probes", type=int, default=30, help="e: live probes idle and beside a batch"
+    )
+    p.add_argument("--coserve-s", type=float, default=8.0, help="e: the batch-alone window")
     p.add_argument("--check-dtype", default="float32", help="for checks c and d")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM, CUDA")
     p.add_argument("--seed", type=int, default=0, help="the model's random weights")
@@ -331,6 +372,65 @@ def ttft(engine: Engine, args: argparse.Namespace) -> float:
     return p50
 
 
+# -- e: co-serving ----------------------------------------------------------------------------
+
+
+def paused_probes(engine: Engine, n: int, kind: str, rng: random.Random) -> list[float]:
+    """``n`` single streamed live requests of 8 tokens, each after a random pause
+    (exponential, mean 0.2 s), so that each reaches a busy engine anywhere in its step."""
+    samples = []
+    for i in range(n):
+        time.sleep(rng.expovariate(5.0))
+        samples.append(first_token_s(engine, work(i, 8, kind)))
+    return samples
+
+
+def co_serving(engine: Engine, args: argparse.Namespace) -> CoServe:
+    """Live probes idle, then a stream of batch requests (``--max-tokens`` each, twice
+    ``--max-running`` waiting) alone for ``--coserve-s`` and then beside the same probes:
+    what the issue's co-serving goals compare (the stack bench, ``bench/chat.py``, does the
+    same through the API)."""
+    step(f"  e. co-serving: {args.coserve_probes} live probes idle, then beside a batch ...")
+    rng = random.Random(args.seed)
+    idle = paused_probes(engine, args.coserve_probes, "idle", rng)
+    stop = threading.Event()
+
+    def feed() -> None:
+        pending: list[Future[ChatResult]] = []
+        i = 0
+        while not stop.is_set():
+            pending = [f for f in pending if not f.done()]
+            more = 2 * args.max_running - len(pending)
+            if more > 0:
+                works = [work(100_000 + i + k, args.max_tokens, "batch") for k in range(more)]
+                pending += engine.submit_many([Submission(w) for w in works], lane=BATCH)
+                i += more
+            time.sleep(0.02)
+        for f in pending:
+            f.cancel()
+
+    feeder = threading.Thread(target=feed, name="batch-feeder", daemon=True)
+    feeder.start()
+    try:
+        time.sleep(2.0)  # the batch fills its slots
+        t0, c0 = time.perf_counter(), engine.metrics()["completion_tokens"]
+        time.sleep(args.coserve_s)
+        t1, c1 = time.perf_counter(), engine.metrics()["completion_tokens"]
+        busy = paused_probes(engine, args.coserve_probes, "busy", rng)
+        t2, c2 = time.perf_counter(), engine.metrics()["completion_tokens"]
+    finally:
+        stop.set()
+        feeder.join(timeout=WAIT_S)
+    result = CoServe(
+        idle,
+        busy,
+        (c1 - c0) / (t1 - t0),
+        (c2 - c1 - 8 * len(busy)) / (t2 - t1),  # less the probes' own tokens
+    )
+    step(f"     {result.line()}")
+    return result
+
+
 # -- c, d: sampling and preemption checks ----------------------------------------------------
 
 
@@ -482,6 +582,7 @@ def run_engine(kind: str, model: Path, args: argparse.Namespace) -> Report:
     def measure(engine: Engine) -> None:
         report.tokens_per_s = attempt(report, "throughput", lambda: throughput(engine, args))
         report.ttft_p50_s = attempt(report, "ttft", lambda: ttft(engine, args))
+        report.coserve = attempt(report, "co-serving", lambda: co_serving(engine, args))
         if cuda and kind == "own":
             report.peak_bytes = torch.cuda.max_memory_allocated(torch.device(args.device))
         if not separate:
@@ -511,6 +612,8 @@ def summary_line(r: Report) -> str:
     )
     if r.peak_bytes is not None:
         line += f", peak memory {r.peak_bytes / 2**30:.2f} GiB"
+    if r.coserve is not None:
+        line += f"\n  {r.engine}: {r.coserve.line()}"
     return line + ("" if not r.problems else f" [{len(r.problems)} problem(s)]")
 
 
