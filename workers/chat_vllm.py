@@ -10,8 +10,7 @@ not evict a running request when every sequence slot is full (vLLM issue 40004),
   sequence and a preempted choice resumes alone;
 - live sequences are submitted at once, at priority 0;
 - batch sequences wait here and hold at most ``max_running - live_reserve`` slots (and
-  never a slot a live sequence holds), at priority 1; at most ``batch_prefill_tokens``
-  prompt tokens of them prefill at once (more start as those get their first token);
+  never a slot a live sequence holds), at priority 1;
 - when live sequences would find no free slot, the newest running batch sequences are
   aborted and wait again first in line. They resume as prompt + the tokens generated so
   far (vLLM's prefix cache makes that prefill cheap) for the tokens still missing, so a
@@ -149,8 +148,6 @@ class VllmChatEngine:
         self._live: set[_Seq] = set()  # submitted to vLLM, not finished
         self._batch: list[_Seq] = []  # submitted to vLLM, in start order
         self._waiting: deque[_Seq] = deque()  # batch sequences for a free slot
-        # batch sequences submitted whose first token has not come: their prefill tokens
-        self._starting: dict[_Seq, int] = {}
         self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -267,23 +264,14 @@ class VllmChatEngine:
 
     def _admit_batch(self) -> None:
         """Batch sequences into free slots: at most ``batch_slots``, never one a live
-        sequence holds; and while earlier ones still prefill (no token yet), no more than
-        ``batch_prefill_tokens`` prompt tokens of them at once, so that a wave of batch
-        sequences that ended together does not refill in one long vLLM step that a live
-        request arriving meanwhile would wait for."""
+        sequence holds."""
         while self._waiting and not self._stopped:
             room = min(self.batch_slots, self.max_seqs - len(self._live))
             if len(self._batch) >= room:
                 return
-            seq = self._waiting[0]
-            tokens = len(seq.job.prompt_ids) + len(seq.generated)
-            starting = sum(self._starting.values())
-            if starting and starting + tokens > self.limits.batch_prefill_tokens:
-                return  # more start when these have their first token
-            self._waiting.popleft()
+            seq = self._waiting.popleft()
             if seq.job.future.done():
                 continue
-            self._starting[seq] = tokens
             self._launch(seq)
 
     def _make_room(self) -> None:
@@ -303,7 +291,6 @@ class VllmChatEngine:
         seq.task = asyncio.create_task(self._run(seq))
 
     def _release(self, seq: _Seq) -> None:
-        self._starting.pop(seq, None)
         if seq.job.lane == BATCH:
             if seq in self._batch:
                 self._batch.remove(seq)
@@ -322,8 +309,6 @@ class VllmChatEngine:
                 priority=BATCH_PRIORITY if job.lane == BATCH else LIVE_PRIORITY,
             ):
                 self._take(seq, out.outputs[0])
-                if self._starting.pop(seq, None) is not None:  # its prefill is done
-                    self._admit_batch()
         except asyncio.CancelledError:
             self._release(seq)
             if seq.preempting and not job.future.done():

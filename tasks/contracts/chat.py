@@ -421,7 +421,7 @@ class ChatOptions(CatalogOptions):
     engine: Engine = "auto"
     # sequence slots batch work never takes (none given: a quarter of max_running, at least 1)
     live_reserve: Annotated[StrictInt, Field(ge=0)] | None = None
-    # prompt tokens of batch jobs prefilled at once, either engine (at least one job)
+    # own engine: prompt tokens of batch jobs started per decode step (at least one job)
     batch_prefill_tokens: PositiveInt = DEFAULT_BATCH_PREFILL_TOKENS
     vllm_args: dict[StrictStr, Any] = Field(default_factory=dict)  # vLLM's AsyncEngineArgs
 
@@ -456,9 +456,8 @@ class ChatLimits:
     # sequence slots batch work never takes, so live work finds one free without
     # preempting (0: batch may take every slot, and live work preempts it)
     live_reserve: int = 1
-    # prompt tokens of batch jobs prefilled at once (a job alone may have more): a live
-    # request that arrives meanwhile waits for no longer (own engine: per decode step;
-    # vLLM: until the started ones have their first token)
+    # own engine: prompt tokens of batch jobs prefilled between two decode steps (a job
+    # alone may have more): a live request that arrives meanwhile waits for no longer
     batch_prefill_tokens: int = DEFAULT_BATCH_PREFILL_TOKENS
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM's AsyncEngineArgs
 

@@ -261,10 +261,9 @@ def test_live_requests_preempt_batch_sequences_whose_output_stays_the_same(
     wait_until(lambda: worker_metrics(stack).get("running_batch", 0) >= 3, 120, "batch running")
     assert worker_metrics(stack)["running_batch"] == 3  # max_running 4 less live_reserve 1
     # bursts until one overlaps enough to need a batch slot: on a loaded machine a burst's
-    # requests may reach the worker one by one, each done before the next arrives, and a
-    # batch sequence may still wait for its turn to prefill (batch_prefill_tokens), not
-    # holding a slot; six live requests together need more than the four slots, so a
-    # batch sequence running beside them is preempted
+    # requests may reach the worker one by one, each done before the next arrives; six
+    # live requests together need more than the four slots, so a batch sequence running
+    # beside them is preempted
     while (
         worker_metrics(stack)["preempted"] <= before
         and client.batches.retrieve(batch.id).status == "in_progress"

@@ -85,8 +85,6 @@ class FakeLLM:
     priorities: dict[str, int] = field(default_factory=dict)
     fail_on: list[int] | None = None  # a prompt whose generation breaks after a token
     shut: bool = False
-    starting: dict[str, int] = field(default_factory=dict)  # prefill tokens, no token yet
-    most_starting: int = 0
 
     async def generate(
         self, prompt: dict[str, Any], params: Params, request_id: str, *, priority: int
@@ -95,12 +93,9 @@ class FakeLLM:
         self.priorities[request_id] = priority
         self.running.add(request_id)
         self.most_running = max(self.most_running, len(self.running))
-        self.starting[request_id] = len(ids)
-        self.most_starting = max(self.most_starting, sum(self.starting.values()))
         try:
             for k in range(params.max_tokens):
                 await asyncio.sleep(STEP_S)
-                self.starting.pop(request_id, None)
                 if k == 1 and prompt["prompt_token_ids"] == self.fail_on:
                     raise RuntimeError("the engine broke")
                 token = (sum(ids) * 31 + len(ids) + (params.seed or 0)) % VOCAB
@@ -112,7 +107,6 @@ class FakeLLM:
             raise
         finally:
             self.running.discard(request_id)
-            self.starting.pop(request_id, None)
 
     def shutdown(self) -> None:
         self.shut = True
@@ -370,27 +364,3 @@ def test_image_parts_reach_vllm_decoded_in_their_order() -> None:
     assert first["image_pil"].size == (16, 16) and second["image_pil"].size == (48, 48)
     assert first["image_pil"].mode == "RGB"
     assert all("url" not in str(part) for m in out[1:] for part in m["content"] or [])
-
-
-def test_batch_sequences_prefill_at_most_batch_prefill_tokens_at_once() -> None:
-    """Six 5-token batch prompts, seven free slots, a 10-token prefill budget: two start,
-    and the next ones only as those have their first token; all finish unchanged."""
-    fake = FakeLLM()
-
-    async def start() -> VllmApi:
-        return VllmApi(fake, Params, "delta", None, None, Tokenizer())
-
-    options = {"max_running": 8, "live_reserve": 1, "batch_prefill_tokens": 10}
-    eng = VllmChatEngine(entry(**options), Settings(), model_path="/", device="cpu", start=start)
-    try:
-        prompts = [f"batch prompt {i} five words" for i in range(6)]
-        alone = [eng.submit(work(p, 6), lane=BATCH).result(5) for p in prompts]
-        fake.most_starting = fake.most_running = 0
-        futures = [eng.submit(work(p, 6), lane=BATCH) for p in prompts]
-        assert texts([f.result(5) for f in futures]) == texts(alone)
-        assert fake.most_starting == 10  # two 5-token prompts at once, never three
-        assert fake.most_running > 2  # the slots still fill: one starts as one ends
-        # a single prompt over the budget still starts
-        assert eng.submit(work("x " * 12, 3), lane=BATCH).result(5).completion_tokens == 3
-    finally:
-        eng.stop()
