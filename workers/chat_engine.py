@@ -451,7 +451,8 @@ class ChatEngine:
         # the merge copies the whole running cache, so it waits until ``_step`` has sent
         # these jobs' first tokens
         self._running.extend(choices)
-        self._joining = batch if self._joining is None else merge(self._joining, batch)
+        assert self._joining is None  # the last turn's step merged it
+        self._joining = batch
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
     def _step(self) -> None:
